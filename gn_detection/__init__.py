@@ -1,0 +1,1 @@
+"""Group Normalization for Mask R-CNN in Detectron2."""
