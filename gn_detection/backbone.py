@@ -1,0 +1,145 @@
+"""ResNet and ResNet-FPN backbones whose GN layers follow MODEL.GN.
+
+Built from Detectron2's own ResNet, BasicStem, BasicBlock, BottleneckBlock and FPN modules, so the module
+tree (and thus every checkpoint key) is the same as Detectron2's ``build_resnet_fpn_backbone``; only the
+GN layers differ, and only when MODEL.GN asks for something other than Detectron2's G=32.
+"""
+from typing import Sequence
+
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY
+from detectron2.modeling.backbone import FPN, ResNet
+from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock
+
+from .group_norm import GroupNormSpec, NormSetting, gn_layer_context, resolve_norm
+
+BLOCKS_PER_STAGE = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+
+
+def make_resnet(
+    depth: int,
+    *,
+    norm: NormSetting = "GN",
+    gn: GroupNormSpec = GroupNormSpec(),
+    in_channels: int = 3,
+    stem_out_channels: int = 64,
+    res2_out_channels: int = 256,
+    num_groups: int = 1,
+    width_per_group: int = 64,
+    stride_in_1x1: bool = False,
+    res5_dilation: int = 1,
+    out_features: Sequence[str] = ("res2", "res3", "res4", "res5"),
+    freeze_at: int = 0,
+) -> ResNet:
+    """A ResNet (BasicBlock for depth 18/34, BottleneckBlock for 50+) with GN layers from ``gn`` wherever
+    ``norm`` is ``"GN"``. Widths double per stage from ``res2_out_channels``, as in Detectron2."""
+    if depth not in BLOCKS_PER_STAGE:
+        raise ValueError(f"MODEL.RESNETS.DEPTH must be one of {sorted(BLOCKS_PER_STAGE)}, got {depth}")
+    if res5_dilation not in (1, 2):
+        raise ValueError(f"MODEL.RESNETS.RES5_DILATION must be 1 or 2, got {res5_dilation}")
+    basic = depth < 50
+    if basic and (res2_out_channels != 64 or num_groups != 1 or res5_dilation != 1):
+        raise ValueError(
+            f"ResNet-{depth} uses BasicBlocks: set MODEL.RESNETS.RES2_OUT_CHANNELS 64 (got "
+            f"{res2_out_channels}), NUM_GROUPS 1 (got {num_groups}), RES5_DILATION 1 (got {res5_dilation})"
+        )
+    norm = resolve_norm(norm, gn)
+    with gn_layer_context(f"the ResNet stem (MODEL.RESNETS.STEM_OUT_CHANNELS={stem_out_channels})"):
+        stem = BasicStem(in_channels, stem_out_channels, norm=norm)
+
+    stages, stage_in = [], stem_out_channels
+    for index, num_blocks in enumerate(BLOCKS_PER_STAGE[depth]):
+        scale = 2**index
+        stage_out = res2_out_channels * scale
+        dilation = res5_dilation if index == 3 else 1
+        first_stride = 1 if index == 0 or dilation == 2 else 2
+        if basic:
+            block_args = {"block_class": BasicBlock}
+            widths = f"{stage_out}"
+        else:
+            bottleneck = num_groups * width_per_group * scale
+            block_args = {
+                "block_class": BottleneckBlock,
+                "bottleneck_channels": bottleneck,
+                "stride_in_1x1": stride_in_1x1,
+                "dilation": dilation,
+                "num_groups": num_groups,
+            }
+            widths = f"{bottleneck} and {stage_out}"
+        where = (
+            f"ResNet stage res{index + 2} (GN layers of {widths} channels, set by "
+            f"MODEL.RESNETS.RES2_OUT_CHANNELS, NUM_GROUPS and WIDTH_PER_GROUP)"
+        )
+        with gn_layer_context(where):
+            stages.append(
+                ResNet.make_stage(
+                    num_blocks=num_blocks,
+                    stride_per_block=[first_stride] + [1] * (num_blocks - 1),
+                    in_channels=stage_in,
+                    out_channels=stage_out,
+                    norm=norm,
+                    **block_args,
+                )
+            )
+        stage_in = stage_out
+    return ResNet(stem, stages, out_features=list(out_features), freeze_at=freeze_at)
+
+
+def make_resnet_fpn(
+    bottom_up: ResNet,
+    *,
+    in_features: Sequence[str],
+    out_channels: int,
+    norm: NormSetting = "GN",
+    gn: GroupNormSpec = GroupNormSpec(),
+    fuse_type: str = "sum",
+) -> FPN:
+    """An FPN (P2-P6, P6 by max-pooling P5) over ``bottom_up`` with GN in its lateral and output convs."""
+    with gn_layer_context(f"the FPN lateral and output convs (MODEL.FPN.OUT_CHANNELS={out_channels})"):
+        return FPN(
+            bottom_up=bottom_up,
+            in_features=list(in_features),
+            out_channels=out_channels,
+            norm=resolve_norm(norm, gn),
+            top_block=LastLevelMaxPool(),
+            fuse_type=fuse_type,
+        )
+
+
+@BACKBONE_REGISTRY.register()
+def build_gn_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
+    """ResNet from ``cfg.MODEL.RESNETS``, with GN from ``cfg.MODEL.GN`` where ``RESNETS.NORM`` is "GN"."""
+    r = cfg.MODEL.RESNETS
+    if any(r.DEFORM_ON_PER_STAGE):
+        raise ValueError(
+            "MODEL.RESNETS.DEFORM_ON_PER_STAGE is not supported by build_gn_resnet_backbone: deformable "
+            "convolution needs Detectron2's compiled _C extension; set it to [False, False, False, False]"
+        )
+    return make_resnet(
+        r.DEPTH,
+        norm=r.NORM,
+        gn=GroupNormSpec.from_config(cfg),
+        in_channels=input_shape.channels,
+        stem_out_channels=r.STEM_OUT_CHANNELS,
+        res2_out_channels=r.RES2_OUT_CHANNELS,
+        num_groups=r.NUM_GROUPS,
+        width_per_group=r.WIDTH_PER_GROUP,
+        stride_in_1x1=r.STRIDE_IN_1X1,
+        res5_dilation=r.RES5_DILATION,
+        out_features=r.OUT_FEATURES,
+        freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
+    )
+
+
+@BACKBONE_REGISTRY.register()
+def build_gn_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
+    """ResNet-FPN from ``cfg.MODEL.RESNETS`` and ``cfg.MODEL.FPN``, with GN from ``cfg.MODEL.GN``."""
+    return make_resnet_fpn(
+        build_gn_resnet_backbone(cfg, input_shape),
+        in_features=cfg.MODEL.FPN.IN_FEATURES,
+        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+        norm=cfg.MODEL.FPN.NORM,
+        gn=GroupNormSpec.from_config(cfg),
+        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+    )

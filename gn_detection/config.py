@@ -1,0 +1,17 @@
+"""Config keys added by gn_detection."""
+from detectron2.config import CfgNode as CN
+
+
+def add_gn_config(cfg: CN) -> None:
+    """Add gn_detection's keys, with their defaults, to a Detectron2 config (in place)."""
+    cfg.MODEL.GN = CN()
+    # Groups per GN layer, the paper's G (32 in all its main results); 1 gives LayerNorm-like GN.
+    cfg.MODEL.GN.NUM_GROUPS = 32
+    # If > 0, use channels // CHANNELS_PER_GROUP groups instead of NUM_GROUPS; 1 gives InstanceNorm-like GN.
+    cfg.MODEL.GN.CHANNELS_PER_GROUP = 0
+    # Added to each group's variance before the square root.
+    cfg.MODEL.GN.EPS = 1e-5
+    # After evaluation, draw predictions on this many images of the first test dataset (0 = none).
+    cfg.TEST.VIS_NUM_IMAGES = 0
+    # Score threshold for the predictions drawn on those images.
+    cfg.TEST.VIS_SCORE_THRESH = 0.5
