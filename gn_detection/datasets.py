@@ -1,0 +1,80 @@
+"""Dataset registration (the synthetic shapes splits) and checks that give clear errors for missing or
+broken dataset files before any training starts."""
+import json
+import os
+from typing import Dict, Iterable, List
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import load_coco_json
+
+from .shapes import SHAPE_CLASSES, split_paths
+
+SHAPES_HINT = "Generate it with: python datasets/prepare_shapes.py (or run `make demo`)."
+COCO_HINT = (
+    "Detectron2 looks for COCO under $DETECTRON2_DATASETS/coco (now {root}/coco); see datasets/README.md "
+    "for the expected layout. To try gn_detection without COCO, run the synthetic demo: `make demo`."
+)
+
+
+def datasets_root() -> str:
+    """Detectron2's dataset root: ``$DETECTRON2_DATASETS``, default ``datasets``."""
+    return os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
+
+
+def read_coco_json(json_file: str) -> Dict:
+    """Parse a COCO instances JSON, with errors that name the file and what is wrong in it."""
+    try:
+        with open(json_file) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{json_file}: malformed annotation JSON (line {e.lineno}, column {e.colno}: {e.msg}). "
+            "Fix or regenerate the file."
+        ) from None
+    missing = [key for key in ("images", "annotations", "categories") if key not in data]
+    if not isinstance(data, dict) or missing:
+        raise ValueError(f"{json_file}: not a COCO instances file, it lacks the key(s) {missing}")
+    return data
+
+
+def load_checked_coco_json(json_file: str, image_root: str, dataset_name: str) -> List[Dict]:
+    """Detectron2's ``load_coco_json``, after checking that the JSON parses and every image it names
+    exists under ``image_root`` (a missing image otherwise surfaces mid-training)."""
+    data = read_coco_json(json_file)
+    missing = [
+        im["file_name"] for im in data["images"] if not os.path.isfile(os.path.join(image_root, im["file_name"]))
+    ]
+    if missing:
+        raise FileNotFoundError(
+            f"{json_file} names {len(missing)} image file(s) that do not exist under {image_root}, "
+            f"e.g. {os.path.join(image_root, missing[0])}. Restore them or regenerate the dataset."
+        )
+    return load_coco_json(json_file, image_root, dataset_name)
+
+
+def register_shapes(root: str, prefix: str = "shapes") -> None:
+    """Register ``{prefix}_train`` and ``{prefix}_val`` from ``root`` (made by datasets/prepare_shapes.py)."""
+    for split in ("train", "val"):
+        name = f"{prefix}_{split}"
+        json_file, image_root = split_paths(root, split)
+        DatasetCatalog.register(
+            name, lambda j=json_file, i=image_root, n=name: load_checked_coco_json(j, i, n)
+        )
+        MetadataCatalog.get(name).set(
+            json_file=json_file,
+            image_root=image_root,
+            evaluator_type="coco",
+            thing_classes=list(SHAPE_CLASSES),
+            missing_hint=SHAPES_HINT,
+        )
+
+
+def check_dataset_files(names: Iterable[str]) -> None:
+    """Raise a clear FileNotFoundError for the first dataset whose annotation file or image directory
+    is missing, naming the expected path and how to get it. Datasets without files are skipped."""
+    for name in names:
+        metadata = MetadataCatalog.get(name)
+        hint = metadata.get("missing_hint") or COCO_HINT.format(root=datasets_root())
+        for what, path in (("annotation file", metadata.get("json_file")), ("image directory", metadata.get("image_root"))):
+            if path and not os.path.exists(path):
+                raise FileNotFoundError(f"Dataset '{name}': its {what} {path} does not exist. {hint}")
