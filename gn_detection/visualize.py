@@ -1,0 +1,69 @@
+"""Pictures of a run: predictions beside ground truth on dataset images, and the training loss curve."""
+import json
+import os
+from typing import List
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
+from detectron2.data import detection_utils  # noqa: E402
+from detectron2.data import transforms as T  # noqa: E402
+from detectron2.utils.visualizer import Visualizer  # noqa: E402
+
+
+def draw_predictions(
+    model: torch.nn.Module, cfg, dataset_name: str, out_dir: str, num_images: int, score_thresh: float
+) -> List[str]:
+    """Run ``model`` on the first ``num_images`` images of ``dataset_name`` and save, for each, a PNG
+    with the ground truth (left) beside the predictions scoring at least ``score_thresh`` (right).
+    Returns the written paths."""
+    metadata = MetadataCatalog.get(dataset_name)
+    resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+    os.makedirs(out_dir, exist_ok=True)
+    paths, was_training = [], model.training
+    model.eval()
+    try:
+        for record in DatasetCatalog.get(dataset_name)[:num_images]:
+            image = detection_utils.read_image(record["file_name"], format=cfg.INPUT.FORMAT)
+            rgb = image[:, :, ::-1] if cfg.INPUT.FORMAT == "BGR" else image
+            resized = resize.get_transform(image).apply_image(image)
+            tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+            with torch.no_grad():
+                output = model([{"image": tensor, "height": image.shape[0], "width": image.shape[1]}])[0]
+            instances = output["instances"].to("cpu")
+            instances = instances[instances.scores >= score_thresh]
+            truth = Visualizer(rgb, metadata).draw_dataset_dict(record).get_image()
+            predicted = Visualizer(rgb, metadata).draw_instance_predictions(instances).get_image()
+            path = os.path.join(out_dir, f"{os.path.splitext(os.path.basename(record['file_name']))[0]}.png")
+            plt.imsave(path, np.concatenate([truth, predicted], axis=1))
+            paths.append(path)
+    finally:
+        model.train(was_training)
+    return paths
+
+
+def plot_loss_curve(metrics_file: str, out_png: str) -> str:
+    """Plot every ``*loss*`` series in Detectron2's ``metrics.json`` against the iteration."""
+    with open(metrics_file) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    rows = [r for r in rows if "total_loss" in r]
+    if not rows:
+        raise ValueError(f"{metrics_file} holds no training losses to plot")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for key in sorted({k for r in rows for k in r if "loss" in k}):
+        points = [(r["iteration"], r[key]) for r in rows if key in r]
+        ax.plot(*zip(*points), label=key, linewidth=2.5 if key == "total_loss" else 1)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss (median over the logging window)")
+    ax.set_yscale("log")
+    ax.set_title(os.path.basename(os.path.dirname(os.path.abspath(metrics_file))))
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png

@@ -1,0 +1,90 @@
+#!/usr/bin/env python
+"""Train or evaluate a GN Mask R-CNN with Detectron2's trainer and COCO evaluation.
+
+    python tools/train_net.py --config-file configs/mask_rcnn_R50_FPN_gn.yaml --num-gpus 8
+    python tools/train_net.py --config-file configs/shapes/mask_rcnn_R18_FPN_gn_scratch.yaml
+    python tools/train_net.py --config-file CONFIG --eval-only MODEL.WEIGHTS model_final.pth
+
+Detectron2's usual flags apply (--resume, --num-machines, --machine-rank, --dist-url, KEY VALUE ...).
+"""
+import logging
+import os
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
+
+from gn_detection import add_gn_config
+from gn_detection.datasets import check_dataset_files
+from gn_detection.visualize import draw_predictions, plot_loss_curve
+
+
+class Trainer(DefaultTrainer):
+    """Detectron2's trainer with COCO (box and mask AP) evaluation."""
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        return COCOEvaluator(dataset_name, output_dir=output_folder or os.path.join(cfg.OUTPUT_DIR, "inference"))
+
+
+def setup(args):
+    """Config from gn_detection's defaults, the file and the command-line overrides; checks that the
+    device and the datasets it names are there before any work starts."""
+    cfg = get_cfg()
+    add_gn_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"MODEL.DEVICE is '{cfg.MODEL.DEVICE}' but no CUDA GPU is visible; add `MODEL.DEVICE cpu` to the "
+            "command line to run on the CPU."
+        )
+    check_dataset_files(cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN + cfg.DATASETS.TEST)
+    default_setup(cfg, args)
+    return cfg
+
+
+def save_pictures(cfg, model) -> None:
+    """Loss curve (after training) and predictions on the first test images, in OUTPUT_DIR."""
+    logger = logging.getLogger("gn_detection")
+    metrics = os.path.join(cfg.OUTPUT_DIR, "metrics.json")
+    if os.path.exists(metrics):
+        logger.info("Loss curve: %s", plot_loss_curve(metrics, os.path.join(cfg.OUTPUT_DIR, "loss_curve.png")))
+    if cfg.TEST.VIS_NUM_IMAGES and cfg.DATASETS.TEST:
+        out_dir = os.path.join(cfg.OUTPUT_DIR, "predictions")
+        paths = draw_predictions(
+            model, cfg, cfg.DATASETS.TEST[0], out_dir, cfg.TEST.VIS_NUM_IMAGES, cfg.TEST.VIS_SCORE_THRESH
+        )
+        logger.info("Predictions on %d images (ground truth | prediction): %s", len(paths), out_dir)
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        results = Trainer.test(cfg, model)
+    else:
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+        results = trainer.train()
+        model = trainer.model
+    if comm.is_main_process():
+        save_pictures(cfg, getattr(model, "module", model))  # unwrap DistributedDataParallel
+    return results
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
