@@ -14,6 +14,8 @@ from detectron2.data import detection_utils  # noqa: E402
 from detectron2.data import transforms as T  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
+MIN_PICTURE_SIDE = 480  # pixels; smaller images are drawn enlarged
+
 
 def draw_predictions(
     model: torch.nn.Module, cfg, dataset_name: str, out_dir: str, num_images: int, score_thresh: float
@@ -36,8 +38,9 @@ def draw_predictions(
                 output = model([{"image": tensor, "height": image.shape[0], "width": image.shape[1]}])[0]
             instances = output["instances"].to("cpu")
             instances = instances[instances.scores >= score_thresh]
-            truth = Visualizer(rgb, metadata).draw_dataset_dict(record).get_image()
-            predicted = Visualizer(rgb, metadata).draw_instance_predictions(instances).get_image()
+            scale = max(1.0, MIN_PICTURE_SIDE / max(rgb.shape[:2]))  # small images: labels stay legible
+            truth = Visualizer(rgb, metadata, scale=scale).draw_dataset_dict(record).get_image()
+            predicted = Visualizer(rgb, metadata, scale=scale).draw_instance_predictions(instances).get_image()
             path = os.path.join(out_dir, f"{os.path.splitext(os.path.basename(record['file_name']))[0]}.png")
             plt.imsave(path, np.concatenate([truth, predicted], axis=1))
             paths.append(path)

@@ -18,12 +18,21 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 
 from gn_detection import add_gn_config
+from gn_detection.checkpoint import AtomicCheckpointer
 from gn_detection.datasets import check_dataset_files
 from gn_detection.visualize import draw_predictions, plot_loss_curve
 
 
 class Trainer(DefaultTrainer):
     """Detectron2's trainer with COCO (box and mask AP) evaluation."""
+
+    def build_hooks(self):
+        # Swap in the atomic checkpointer before the checkpoint hooks capture it.
+        old = self.checkpointer
+        self.checkpointer = AtomicCheckpointer(
+            old.model, old.save_dir, save_to_disk=old.save_to_disk, **old.checkpointables
+        )
+        return super().build_hooks()
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -1,0 +1,49 @@
+import os
+import subprocess
+import sys
+
+import pytest
+from detectron2.config import get_cfg
+
+import gn_detection
+from gn_detection.shapes import ShapesSplitSpec, generate_split
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO, "configs")
+SHAPES_CONFIG = os.path.join(CONFIGS, "shapes", "mask_rcnn_R18_FPN_gn_scratch.yaml")
+
+# A small, fast variant of the demo config: narrow FPN/heads, 128-pixel images, 2 images per iteration.
+TINY_OVERRIDES = [
+    "MODEL.FPN.OUT_CHANNELS", 32, "MODEL.ROI_BOX_HEAD.CONV_DIM", 32, "MODEL.ROI_BOX_HEAD.FC_DIM", 64,
+    "MODEL.ROI_MASK_HEAD.CONV_DIM", 32, "MODEL.GN.NUM_GROUPS", 8,
+    "INPUT.MIN_SIZE_TRAIN", (128,), "INPUT.MAX_SIZE_TRAIN", 128, "INPUT.MIN_SIZE_TEST", 128,
+    "INPUT.MAX_SIZE_TEST", 128, "SOLVER.IMS_PER_BATCH", 2, "DATALOADER.NUM_WORKERS", 0,
+]
+
+
+def make_cfg(config_file: str, *opts):
+    """A gn_detection config from a file and KEY VALUE overrides, as tools/train_net.py builds it."""
+    cfg = get_cfg()
+    gn_detection.add_gn_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    cfg.MODEL.DEVICE = "cpu"
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_shapes_root(tmp_path_factory):
+    """A small shapes dataset (128-pixel images) under ``<tmp>/shapes``, registered as tiny_shapes_*."""
+    root = tmp_path_factory.mktemp("datasets")
+    for split, count in (("train", 48), ("val", 12)):
+        generate_split(str(root / "shapes"), ShapesSplitSpec(split, count, image_size=128, max_objects=3),
+                       progress=False)
+    gn_detection.register_shapes(str(root / "shapes"), prefix="tiny_shapes")
+    return root
+
+
+def run_tool(args, env_extra, timeout=600):
+    """Run a tools/ script as a user would, in a fresh process; returns the CompletedProcess."""
+    env = {**os.environ, **env_extra}
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)

@@ -1,0 +1,44 @@
+import os
+
+import pytest
+import torch
+
+from gn_detection.checkpoint import AtomicCheckpointer
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint_and_tag(tmp_path, monkeypatch):
+    model = torch.nn.Linear(4, 3)
+    checkpointer = AtomicCheckpointer(model, str(tmp_path))
+    checkpointer.save("model_final", iteration=10)
+    good = (tmp_path / "model_final.pth").read_bytes()
+    assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
+
+    real_save = torch.save
+
+    def dies_mid_write(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # the run is killed while writing
+
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    monkeypatch.setattr(torch, "save", dies_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointer.save("model_final", iteration=20)
+    monkeypatch.setattr(torch, "save", real_save)
+
+    assert (tmp_path / "model_final.pth").read_bytes() == good
+    assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_final.pth"]
+
+
+def test_completed_save_replaces_and_loads(tmp_path):
+    model = torch.nn.Linear(4, 3)
+    checkpointer = AtomicCheckpointer(model, str(tmp_path))
+    checkpointer.save("model_0000009", iteration=9)
+    expected = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.zero_()
+    assert checkpointer.has_checkpoint()
+    assert checkpointer.resume_or_load("", resume=True)["iteration"] == 9
+    torch.testing.assert_close(model.weight, expected)
+    assert not any(name.endswith(".partial") or ".partial." in name for name in os.listdir(tmp_path))

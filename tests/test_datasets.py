@@ -1,0 +1,114 @@
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from detectron2.data import DatasetCatalog
+from pycocotools import mask as mask_util
+
+import gn_detection
+from gn_detection.datasets import check_dataset_files, load_checked_coco_json
+from gn_detection.shapes import SHAPE_CLASSES, ShapesSplitSpec, draw_image, generate_split, split_paths
+
+
+def test_images_are_deterministic_per_seed_and_differ_across_seeds_and_splits():
+    spec = ShapesSplitSpec("train", 10, image_size=96)
+    a, objects_a = draw_image(spec, 3)
+    b, objects_b = draw_image(spec, 3)
+    assert np.array_equal(a, b) and len(objects_a) == len(objects_b)
+    assert all(np.array_equal(x["mask"], y["mask"]) for x, y in zip(objects_a, objects_b))
+    assert not np.array_equal(a, draw_image(ShapesSplitSpec("train", 10, image_size=96, seed=1), 3)[0])
+    assert not np.array_equal(a, draw_image(ShapesSplitSpec("val", 10, image_size=96), 3)[0])
+
+
+def test_split_is_valid_coco_with_varied_objects(tiny_shapes_root):
+    json_file, image_dir = split_paths(str(tiny_shapes_root / "shapes"), "train")
+    coco = json.load(open(json_file))
+    assert [c["name"] for c in coco["categories"]] == list(SHAPE_CLASSES)
+    assert len(coco["images"]) == 48 and all(os.path.isfile(os.path.join(image_dir, im["file_name"]))
+                                             for im in coco["images"])
+    per_image = {}
+    for ann in coco["annotations"]:
+        per_image.setdefault(ann["image_id"], []).append(ann)
+        x, y, w, h = ann["bbox"]
+        assert ann["area"] > 0 and w > 0 and h > 0 and x >= 0 and y >= 0 and x + w <= 128 and y + h <= 128
+        assert mask_util.area(ann["segmentation"]) == ann["area"]
+    assert {a["category_id"] for a in coco["annotations"]} == {1, 2, 3, 4}
+    assert max(len(v) for v in per_image.values()) > 1  # several objects per image occur
+    areas = [a["area"] for a in coco["annotations"]]
+    assert max(areas) > 4 * min(areas)  # sizes vary
+
+
+def test_overlapping_objects_are_annotated_by_their_visible_part():
+    spec = ShapesSplitSpec("train", 200, image_size=96)
+    for index in range(200):
+        _, objects = draw_image(spec, index)
+        masks = [o["mask"] for o in objects]
+        total = sum(m.astype(int) for m in masks) if masks else 0
+        assert np.max(total) <= 1  # no pixel belongs to two instances
+        assert all(m.sum() > 0 for m in masks)
+
+
+def test_generate_split_skips_a_complete_split_and_regenerates_a_changed_one(tmp_path):
+    spec = ShapesSplitSpec("val", 3, image_size=64)
+    json_file = generate_split(str(tmp_path), spec, progress=False)
+    stamp = os.stat(json_file).st_mtime_ns
+    generate_split(str(tmp_path), spec, progress=False)
+    assert os.stat(json_file).st_mtime_ns == stamp
+    generate_split(str(tmp_path), ShapesSplitSpec("val", 4, image_size=64), progress=False)
+    assert len(json.load(open(json_file))["images"]) == 4
+    assert not os.path.exists(json_file + ".partial")
+
+
+def test_registered_split_loads_through_detectron2(tiny_shapes_root):
+    records = DatasetCatalog.get("tiny_shapes_val")
+    assert len(records) == 12
+    assert all(len(r["annotations"]) >= 1 for r in records)
+    assert records[0]["annotations"][0]["segmentation"]["size"] == [128, 128]
+
+
+@pytest.fixture
+def copied_split(tiny_shapes_root, tmp_path):
+    root = tmp_path / "shapes"
+    shutil.copytree(tiny_shapes_root / "shapes", root)
+    return split_paths(str(root), "val")
+
+
+def test_malformed_json_error_names_the_file_and_position(copied_split):
+    json_file, image_dir = copied_split
+    text = open(json_file).read()
+    open(json_file, "w").write(text[: len(text) // 2])
+    with pytest.raises(ValueError) as e:
+        load_checked_coco_json(json_file, image_dir, "broken")
+    assert json_file in str(e.value) and "malformed annotation JSON" in str(e.value) and "line 1" in str(e.value)
+
+
+def test_json_without_coco_keys_is_named(copied_split):
+    json_file, image_dir = copied_split
+    json.dump({"images": []}, open(json_file, "w"))
+    with pytest.raises(ValueError, match="lacks the key"):
+        load_checked_coco_json(json_file, image_dir, "broken")
+
+
+def test_missing_image_error_names_the_image(copied_split):
+    json_file, image_dir = copied_split
+    os.remove(os.path.join(image_dir, "000005.png"))
+    with pytest.raises(FileNotFoundError) as e:
+        load_checked_coco_json(json_file, image_dir, "broken")
+    assert os.path.join(image_dir, "000005.png") in str(e.value) and json_file in str(e.value)
+
+
+def test_missing_coco_error_names_expected_path_readme_and_demo():
+    # Detectron2 registers COCO under $DETECTRON2_DATASETS (default "datasets"), which holds no COCO here
+    with pytest.raises(FileNotFoundError) as e:
+        check_dataset_files(["coco_2017_train"])
+    message = str(e.value)
+    assert "coco_2017_train" in message and os.path.join("coco", "annotations", "instances_train2017.json") in message
+    assert "datasets/README.md" in message and "make demo" in message
+
+
+def test_missing_shapes_error_says_how_to_generate(tmp_path):
+    gn_detection.register_shapes(str(tmp_path / "nowhere"), prefix="absent_shapes")
+    with pytest.raises(FileNotFoundError, match="prepare_shapes.py"):
+        check_dataset_files(["absent_shapes_train"])

@@ -1,0 +1,163 @@
+"""Registration, config keys, every shipped config building, and key-for-key compatibility with
+Detectron2's own GN Mask R-CNN."""
+import glob
+import os
+
+import pytest
+import torch
+from detectron2 import model_zoo
+from detectron2.config import get_cfg
+from detectron2.modeling import BACKBONE_REGISTRY, ROI_BOX_HEAD_REGISTRY, ROI_MASK_HEAD_REGISTRY, build_model
+from torch import nn
+
+import gn_detection
+from gn_detection.group_norm import GroupNormChannelsError
+
+from .conftest import CONFIGS, SHAPES_CONFIG, make_cfg
+
+ALL_CONFIGS = sorted(glob.glob(os.path.join(CONFIGS, "**", "*.yaml"), recursive=True))
+
+
+def test_components_are_registered():
+    assert "build_gn_resnet_fpn_backbone" in BACKBONE_REGISTRY
+    assert "build_gn_resnet_backbone" in BACKBONE_REGISTRY
+    assert "GNConvFCHead" in ROI_BOX_HEAD_REGISTRY
+    assert "GNMaskRCNNConvUpsampleHead" in ROI_MASK_HEAD_REGISTRY
+
+
+def test_config_keys_and_defaults():
+    cfg = get_cfg()
+    gn_detection.add_gn_config(cfg)
+    assert (cfg.MODEL.GN.NUM_GROUPS, cfg.MODEL.GN.CHANNELS_PER_GROUP, cfg.MODEL.GN.EPS) == (32, 0, 1e-5)
+    assert cfg.TEST.VIS_NUM_IMAGES == 0
+
+
+def gn_layers(model):
+    return [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: os.path.relpath(p, CONFIGS))
+def test_every_config_builds(path):
+    cfg = make_cfg(path)
+    if "syncbn" in path:  # SyncBN needs a process group at run time only; it builds anywhere
+        assert cfg.MODEL.RESNETS.NORM == "SyncBN"
+    model = build_model(cfg)
+    has_gn = bool(gn_layers(model))
+    assert has_gn == (cfg.MODEL.RESNETS.NORM == "GN")
+    assert all(m.num_groups == 32 for m in gn_layers(model))
+
+
+def test_gn_everywhere_means_backbone_fpn_and_both_heads():
+    model = build_model(make_cfg(SHAPES_CONFIG))
+    names = {n.split(".")[0] + "." + n.split(".")[1] for n, m in model.named_modules() if isinstance(m, nn.GroupNorm)}
+    assert names == {"backbone.bottom_up", "backbone.fpn_lateral2", "backbone.fpn_lateral3", "backbone.fpn_lateral4",
+                     "backbone.fpn_lateral5", "backbone.fpn_output2", "backbone.fpn_output3", "backbone.fpn_output4",
+                     "backbone.fpn_output5", "roi_heads.box_head", "roi_heads.mask_head"}
+    box_head = model.roi_heads.box_head
+    assert len(box_head.conv_norm_relus) == 4 and len(box_head.fcs) == 1  # 4conv1fc
+    assert len(model.roi_heads.mask_head.conv_norm_relus) == 4
+
+
+@pytest.mark.parametrize(
+    "opts, expect_groups",
+    [
+        (["MODEL.GN.NUM_GROUPS", 1], lambda m: m.num_groups == 1),  # LayerNorm-like
+        (["MODEL.GN.CHANNELS_PER_GROUP", 1], lambda m: m.num_groups == m.num_channels),  # InstanceNorm-like
+        (["MODEL.GN.CHANNELS_PER_GROUP", 16], lambda m: m.num_groups == m.num_channels // 16),
+        (["MODEL.GN.NUM_GROUPS", 8, "MODEL.GN.EPS", 1e-3], lambda m: m.num_groups == 8 and m.eps == 1e-3),
+    ],
+)
+def test_every_gn_layer_follows_model_gn(opts, expect_groups):
+    layers = gn_layers(build_model(make_cfg(SHAPES_CONFIG, *opts)))
+    assert len(layers) == 36 and all(expect_groups(m) for m in layers)  # R-18: 20, FPN: 8, heads: 4 + 4
+
+
+@pytest.mark.parametrize(
+    "opts, names",
+    [
+        (["MODEL.FPN.OUT_CHANNELS", 48], ["FPN", "MODEL.FPN.OUT_CHANNELS=48", "48 channels", "NUM_GROUPS=32"]),
+        (["MODEL.ROI_BOX_HEAD.CONV_DIM", 40], ["box head", "ROI_BOX_HEAD.CONV_DIM", "40 channels"]),
+        (["MODEL.ROI_MASK_HEAD.CONV_DIM", 40], ["mask head", "ROI_MASK_HEAD.CONV_DIM", "40 channels"]),
+        (["MODEL.RESNETS.STEM_OUT_CHANNELS", 48], ["stem", "STEM_OUT_CHANNELS=48", "48 channels"]),
+        (["MODEL.RESNETS.DEPTH", 50, "MODEL.RESNETS.RES2_OUT_CHANNELS", 256, "MODEL.RESNETS.WIDTH_PER_GROUP", 48],
+         ["ResNet stage res2", "48 and 256 channels", "WIDTH_PER_GROUP", "NUM_GROUPS=32"]),
+        (["MODEL.GN.CHANNELS_PER_GROUP", 48], ["ResNet stem", "64 channels", "CHANNELS_PER_GROUP=48"]),
+    ],
+)
+def test_indivisible_width_fails_at_build_naming_layer_channels_and_setting(opts, names):
+    with pytest.raises(GroupNormChannelsError) as e:
+        build_model(make_cfg(SHAPES_CONFIG, *opts))
+    for name in names:
+        assert name in str(e.value)
+
+
+def test_deformable_conv_is_refused_with_the_key():
+    cfg = make_cfg(SHAPES_CONFIG, "MODEL.RESNETS.DEPTH", 50, "MODEL.RESNETS.RES2_OUT_CHANNELS", 256,
+                   "MODEL.RESNETS.DEFORM_ON_PER_STAGE", [False, True, True, True])
+    with pytest.raises(ValueError, match="MODEL.RESNETS.DEFORM_ON_PER_STAGE"):
+        build_model(cfg)
+
+
+def detectron2_cfg(zoo_config, *opts):
+    cfg = get_cfg()
+    cfg.merge_from_file(model_zoo.get_config_file(zoo_config))
+    cfg.merge_from_list(list(opts))
+    cfg.MODEL.DEVICE = "cpu"
+    return cfg
+
+
+def state_shapes(model):
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "ours, theirs, opts",
+    [
+        ("mask_rcnn_R50_FPN_gn.yaml", "Misc/mask_rcnn_R_50_FPN_3x_gn.yaml", []),
+        ("scratch_mask_rcnn_R50_FPN_gn_3x.yaml", "Misc/scratch_mask_rcnn_R_50_FPN_3x_gn.yaml", []),
+        ("mask_rcnn_R101_FPN_gn.yaml", "Misc/mask_rcnn_R_50_FPN_3x_gn.yaml", ["MODEL.RESNETS.DEPTH", 101]),
+    ],
+)
+def test_same_keys_shapes_and_frozen_params_as_detectron2_gn(ours, theirs, opts):
+    our_model = build_model(make_cfg(os.path.join(CONFIGS, ours)))
+    their_model = build_model(detectron2_cfg(theirs, *opts))
+    assert state_shapes(our_model) == state_shapes(their_model)
+    trainable = lambda m: {n for n, p in m.named_parameters() if p.requires_grad}  # noqa: E731
+    assert trainable(our_model) == trainable(their_model)
+
+
+def test_detectron2_gn_weights_load_and_give_identical_outputs():
+    torch.manual_seed(0)
+    opts = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0, "INPUT.MIN_SIZE_TEST", 256, "INPUT.MAX_SIZE_TEST", 320]
+    theirs = build_model(detectron2_cfg("Misc/mask_rcnn_R_50_FPN_3x_gn.yaml", *opts)).eval()
+    ours = build_model(make_cfg(os.path.join(CONFIGS, "mask_rcnn_R50_FPN_gn_3x.yaml"), *opts)).eval()
+    # perturb GN affine parameters so a misplaced GN weight would show in the outputs
+    with torch.no_grad():
+        for m in theirs.modules():
+            if isinstance(m, nn.GroupNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    incompatible = ours.load_state_dict(theirs.state_dict(), strict=True)
+    assert not incompatible.missing_keys and not incompatible.unexpected_keys
+    image = torch.randint(0, 255, (3, 256, 320), dtype=torch.uint8)
+    inputs = [{"image": image, "height": 256, "width": 320}]
+    with torch.no_grad():
+        a, b = theirs(inputs)[0]["instances"], ours(inputs)[0]["instances"]
+        features_a = theirs.backbone(theirs.preprocess_image(inputs).tensor)
+        features_b = ours.backbone(ours.preprocess_image(inputs).tensor)
+    for level in features_a:
+        torch.testing.assert_close(features_a[level], features_b[level], rtol=0, atol=0)
+    assert len(a) > 0
+    torch.testing.assert_close(a.pred_boxes.tensor, b.pred_boxes.tensor, rtol=0, atol=0)
+    torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=0)
+    torch.testing.assert_close(a.pred_masks, b.pred_masks, rtol=0, atol=0)
+
+
+def test_frozen_bn_baseline_matches_detectron2_builder():
+    ours = build_model(make_cfg(os.path.join(CONFIGS, "mask_rcnn_R50_FPN_frozenbn_4conv1fc.yaml")))
+    theirs = build_model(detectron2_cfg(
+        "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml",
+        "MODEL.ROI_BOX_HEAD.NUM_CONV", 4, "MODEL.ROI_BOX_HEAD.NUM_FC", 1,
+    ))
+    assert state_shapes(ours) == state_shapes(theirs)
+    assert not gn_layers(ours)

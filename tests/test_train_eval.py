@@ -1,0 +1,87 @@
+"""Training and evaluation end to end on the synthetic dataset, through Detectron2's trainer and
+COCOEvaluator, as a user runs them (tools/train_net.py in a fresh process)."""
+import json
+import os
+
+import pytest
+import torch
+
+from .conftest import SHAPES_CONFIG, TINY_OVERRIDES, run_tool
+
+ITERS = 40
+
+
+def train_net(datasets_root, output_dir, *extra):
+    opts = [str(v) for v in TINY_OVERRIDES]
+    return run_tool(
+        ["tools/train_net.py", "--config-file", SHAPES_CONFIG, *extra, *opts, "OUTPUT_DIR", str(output_dir),
+         "SOLVER.MAX_ITER", str(ITERS), "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "5",
+         "SOLVER.CHECKPOINT_PERIOD", str(ITERS), "TEST.VIS_NUM_IMAGES", "2", "TEST.VIS_SCORE_THRESH", "0.0"],
+        {"DETECTRON2_DATASETS": str(datasets_root)},
+    )
+
+
+def read_metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.json")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_shapes_root, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("train")
+    result = train_net(tiny_shapes_root, output_dir)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return output_dir, result
+
+
+def test_training_loss_falls(trained):
+    output_dir, _ = trained
+    losses = [row["total_loss"] for row in read_metrics(output_dir) if "total_loss" in row]
+    assert len(losses) >= 2 and losses[-1] < 0.8 * losses[0], losses
+
+
+def test_training_writes_checkpoint_logs_tensorboard_and_pictures(trained):
+    output_dir, _ = trained
+    files = os.listdir(output_dir)
+    assert "model_final.pth" in files and "last_checkpoint" in files and "log.txt" in files
+    assert any(f.startswith("events.out.tfevents") for f in files)
+    assert os.path.getsize(output_dir / "loss_curve.png") > 1000
+    pictures = os.listdir(output_dir / "predictions")
+    assert len(pictures) == 2 and all(p.endswith(".png") for p in pictures)
+
+
+def test_evaluation_reports_box_and_mask_ap_from_coco_evaluator(trained):
+    output_dir, result = trained
+    final = [row for row in read_metrics(output_dir) if "bbox/AP" in row][-1]
+    for task in ("bbox", "segm"):
+        assert 0.0 <= final[f"{task}/AP"] <= 100.0 and f"{task}/AP50" in final and f"{task}/APs" in final
+    assert "Evaluation results for segm" in result.stdout + result.stderr
+    assert os.path.isfile(output_dir / "inference" / "coco_instances_results.json")
+
+
+def test_eval_only_reproduces_the_trained_models_ap(trained, tiny_shapes_root, tmp_path):
+    output_dir, _ = trained
+    final = [row for row in read_metrics(output_dir) if "bbox/AP" in row][-1]
+    result = train_net(tiny_shapes_root, tmp_path, "--eval-only", "MODEL.WEIGHTS", str(output_dir / "model_final.pth"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    for task in ("bbox", "segm"):
+        assert f"copypaste: {final[f'{task}/AP']:.4f}" in log
+
+
+def test_missing_coco_stops_at_once_naming_the_path(tmp_path):
+    result = run_tool(
+        ["tools/train_net.py", "--config-file", "configs/mask_rcnn_R50_FPN_gn.yaml", "MODEL.DEVICE", "cpu",
+         "OUTPUT_DIR", str(tmp_path / "out")],
+        {"DETECTRON2_DATASETS": str(tmp_path)},
+    )
+    assert result.returncode != 0
+    assert f"{tmp_path}/coco/annotations/instances_train2017.json" in result.stderr
+    assert "datasets/README.md" in result.stderr and "make demo" in result.stderr
+    assert not (tmp_path / "out").exists()  # nothing started
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_device_without_gpu_is_named(tmp_path, tiny_shapes_root):
+    result = train_net(tiny_shapes_root, tmp_path, "MODEL.DEVICE", "cuda")
+    assert result.returncode != 0 and "MODEL.DEVICE" in result.stderr and "MODEL.DEVICE cpu" in result.stderr
