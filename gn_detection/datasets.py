@@ -31,8 +31,8 @@ def read_coco_json(json_file: str) -> Dict:
             f"{json_file}: malformed annotation JSON (line {e.lineno}, column {e.colno}: {e.msg}). "
             "Fix or regenerate the file."
         ) from None
-    missing = [key for key in ("images", "annotations", "categories") if key not in data]
-    if not isinstance(data, dict) or missing:
+    missing = [key for key in ("images", "annotations", "categories") if not isinstance(data, dict) or key not in data]
+    if missing:
         raise ValueError(f"{json_file}: not a COCO instances file, it lacks the key(s) {missing}")
     return data
 

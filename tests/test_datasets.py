@@ -4,7 +4,7 @@ import shutil
 
 import numpy as np
 import pytest
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from pycocotools import mask as mask_util
 
 import gn_detection
@@ -99,13 +99,15 @@ def test_missing_image_error_names_the_image(copied_split):
     assert os.path.join(image_dir, "000005.png") in str(e.value) and json_file in str(e.value)
 
 
-def test_missing_coco_error_names_expected_path_readme_and_demo():
-    # Detectron2 registers COCO under $DETECTRON2_DATASETS (default "datasets"), which holds no COCO here
+def test_missing_coco_error_names_expected_path_readme_and_demo(tmp_path):
+    # a dataset registered like Detectron2's COCO splits: metadata with json_file and image_root only
+    json_file = str(tmp_path / "coco" / "annotations" / "instances_train2017.json")
+    MetadataCatalog.get("coco_like_missing").set(json_file=json_file, image_root=str(tmp_path / "coco" / "train2017"))
     with pytest.raises(FileNotFoundError) as e:
-        check_dataset_files(["coco_2017_train"])
+        check_dataset_files(["coco_like_missing"])
     message = str(e.value)
-    assert "coco_2017_train" in message and os.path.join("coco", "annotations", "instances_train2017.json") in message
-    assert "datasets/README.md" in message and "make demo" in message
+    assert "coco_like_missing" in message and json_file in message
+    assert "$DETECTRON2_DATASETS/coco" in message and "datasets/README.md" in message and "make demo" in message
 
 
 def test_missing_shapes_error_says_how_to_generate(tmp_path):
