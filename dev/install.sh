@@ -22,10 +22,12 @@ D2_WHEEL=sal_detectron2-0.7.2   # the wheel's file-name prefix
 # and setuptools<81 because detectron2.model_zoo imports pkg_resources.
 D2_EXTRA_DEPS=("fvcore>=0.1.5,<0.1.6" "iopath>=0.1.7,<0.1.10" "setuptools<81")
 
-if [ -z "${PYTHON:-}" ]; then
-  PYTHON=.venv/bin/python
-  [ -x "$PYTHON" ] || { echo "[install] creating .venv"; python3 -m venv .venv; }
+PYTHON=${PYTHON:-.venv/bin/python}
+if [ "$PYTHON" = .venv/bin/python ] && [ ! -x "$PYTHON" ]; then
+  echo "[install] creating .venv"
+  python3 -m venv .venv
 fi
+[ -x "$(command -v "$PYTHON")" ] || { echo "[install] PYTHON=$PYTHON is not an executable Python interpreter" >&2; exit 1; }
 pip_install() { "$PYTHON" -m pip install -q --disable-pip-version-check "$@"; }
 
 if "$PYTHON" -c "import detectron2" 2>/dev/null; then
