@@ -21,7 +21,9 @@ class AtomicCheckpointer(DetectionCheckpointer):
             if os.path.exists(partial):
                 os.remove(partial)
             raise
-        os.replace(partial, os.path.join(self.save_dir, f"{name}.pth"))
+        final = os.path.join(self.save_dir, f"{name}.pth")
+        os.replace(partial, final)
+        self.logger.info("Checkpoint complete: %s", final)
         self.tag_last_checkpoint(f"{name}.pth")
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
