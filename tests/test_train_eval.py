@@ -36,8 +36,13 @@ def trained(tiny_shapes_root, tmp_path_factory):
 
 def test_training_loss_falls(trained):
     output_dir, _ = trained
-    losses = [row["total_loss"] for row in read_metrics(output_dir) if "total_loss" in row]
-    assert len(losses) >= 2 and losses[-1] < 0.8 * losses[0], losses
+    rows = [row for row in read_metrics(output_dir) if "total_loss" in row]
+    first, last = rows[0], rows[-1]  # medians over iterations 0-19 and 20-39
+    # Seen over seeds 1-3: total falls to 0.68-0.85x, RPN classification to 0.13x. The box regression
+    # loss may rise meanwhile: it grows with the foreground proposals the improving RPN supplies.
+    assert last["total_loss"] < 0.9 * first["total_loss"], rows
+    assert last["loss_rpn_cls"] < first["loss_rpn_cls"] / 3, rows
+    assert last["loss_mask"] < first["loss_mask"], rows
 
 
 def test_training_writes_checkpoint_logs_tensorboard_and_pictures(trained):
@@ -48,6 +53,8 @@ def test_training_writes_checkpoint_logs_tensorboard_and_pictures(trained):
     assert os.path.getsize(output_dir / "loss_curve.png") > 1000
     pictures = os.listdir(output_dir / "predictions")
     assert len(pictures) == 2 and all(p.endswith(".png") for p in pictures)
+    log = (output_dir / "log.txt").read_text()
+    assert "Loss curve:" in log and "Predictions on 2 images" in log
 
 
 def test_evaluation_reports_box_and_mask_ap_from_coco_evaluator(trained):
