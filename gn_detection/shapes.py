@@ -33,6 +33,10 @@ class ShapesSplitSpec:
     max_objects: int = 5
     seed: int = 0
 
+    def __post_init__(self):
+        if self.split not in SPLIT_SEEDS:
+            raise ValueError(f"shapes split must be one of {sorted(SPLIT_SEEDS)}, got '{self.split}'")
+
 
 def split_paths(root: str, split: str) -> Tuple[str, str]:
     """(annotation JSON path, image directory) of ``split`` under ``root``."""
@@ -83,7 +87,7 @@ def _object_colour(rng: np.random.Generator, background_mean: np.ndarray) -> np.
 def draw_image(spec: ShapesSplitSpec, index: int) -> Tuple[np.ndarray, List[Dict]]:
     """Draw image ``index`` of a split: an HxWx3 uint8 array and its objects, each a dict with
     ``category_id`` (1-based) and a boolean ``mask`` of its visible pixels."""
-    rng = np.random.default_rng([spec.seed, SPLIT_SEEDS.get(spec.split, 2), index])
+    rng = np.random.default_rng([spec.seed, SPLIT_SEEDS[spec.split], index])
     size = spec.image_size
     image = _background(rng, size)
     background_mean = image.mean(axis=(0, 1))

@@ -22,6 +22,11 @@ def test_images_are_deterministic_per_seed_and_differ_across_seeds_and_splits():
     assert not np.array_equal(a, draw_image(ShapesSplitSpec("val", 10, image_size=96), 3)[0])
 
 
+def test_unknown_split_is_refused():
+    with pytest.raises(ValueError, match="'test'"):
+        ShapesSplitSpec("test", 3)
+
+
 def test_split_is_valid_coco_with_varied_objects(tiny_shapes_root):
     json_file, image_dir = split_paths(str(tiny_shapes_root / "shapes"), "train")
     coco = json.load(open(json_file))

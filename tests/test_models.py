@@ -159,3 +159,26 @@ def test_frozen_bn_baseline_matches_detectron2_builder():
     ))
     assert state_shapes(ours) == state_shapes(theirs)
     assert not gn_layers(ours)
+
+
+def test_components_are_usable_from_python_without_a_config():
+    from detectron2.layers import ShapeSpec
+
+    from gn_detection import GroupNormSpec
+    from gn_detection.backbone import make_resnet, make_resnet_fpn
+    from gn_detection.box_head import GNConvFCHead
+    from gn_detection.mask_head import GNMaskRCNNConvUpsampleHead
+
+    box_head = GNConvFCHead(ShapeSpec(channels=32, height=7, width=7), conv_dims=[32] * 4, fc_dims=[64],
+                            gn=GroupNormSpec(num_groups=16))
+    assert box_head(torch.randn(5, 32, 7, 7)).shape == (5, 64)
+    assert {m.num_groups for m in gn_layers(box_head)} == {16}
+    mask_head = GNMaskRCNNConvUpsampleHead(ShapeSpec(channels=32, height=14, width=14), num_classes=3,
+                                           conv_dims=[32] * 5, gn=GroupNormSpec(channels_per_group=8))
+    assert mask_head.layers(torch.randn(2, 32, 14, 14)).shape == (2, 3, 28, 28)
+    assert {m.num_groups for m in gn_layers(mask_head)} == {4}
+    fpn = make_resnet_fpn(make_resnet(18, res2_out_channels=64, gn=GroupNormSpec(num_groups=8)),
+                          in_features=["res2", "res3", "res4", "res5"], out_channels=32,
+                          gn=GroupNormSpec(num_groups=8))
+    features = fpn(torch.randn(1, 3, 64, 64))
+    assert sorted(features) == ["p2", "p3", "p4", "p5", "p6"] and features["p2"].shape == (1, 32, 16, 16)
