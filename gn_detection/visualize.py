@@ -9,9 +9,8 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
+from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog  # noqa: E402
 from detectron2.data import detection_utils  # noqa: E402
-from detectron2.data import transforms as T  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
 MIN_PICTURE_SIDE = 480  # pixels; smaller images are drawn enlarged
@@ -24,18 +23,15 @@ def draw_predictions(
     with the ground truth (left) beside the predictions scoring at least ``score_thresh`` (right).
     Returns the written paths."""
     metadata = MetadataCatalog.get(dataset_name)
-    resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+    mapper = DatasetMapper(cfg, is_train=False)  # the test-time resize and format that evaluation uses
     os.makedirs(out_dir, exist_ok=True)
     paths, was_training = [], model.training
     model.eval()
     try:
         for record in DatasetCatalog.get(dataset_name)[:num_images]:
-            image = detection_utils.read_image(record["file_name"], format=cfg.INPUT.FORMAT)
-            rgb = image[:, :, ::-1] if cfg.INPUT.FORMAT == "BGR" else image
-            resized = resize.get_transform(image).apply_image(image)
-            tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
             with torch.no_grad():
-                output = model([{"image": tensor, "height": image.shape[0], "width": image.shape[1]}])[0]
+                output = model([mapper(record)])[0]
+            rgb = detection_utils.read_image(record["file_name"], format="RGB")
             instances = output["instances"].to("cpu")
             instances = instances[instances.scores >= score_thresh]
             scale = max(1.0, MIN_PICTURE_SIDE / max(rgb.shape[:2]))  # small images: labels stay legible
