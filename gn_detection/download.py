@@ -1,0 +1,251 @@
+"""Downloading checkpoints into a local cache: verified, atomic, resumable.
+
+A file reaches its cache path only by a rename after it has arrived whole and passed its checks, so a
+cached file is trusted and used without touching the network. An interrupted transfer leaves only
+``<file>.part``, which is never trusted: the next attempt resumes it with an HTTP Range request and
+verifies the whole file again.
+
+Environment variables:
+  GN_DETECTION_CACHE       cache directory (default: $XDG_CACHE_HOME/gn_detection, else ~/.cache/gn_detection)
+  GN_DETECTION_MIRROR      replaces the https://dl.fbaipublicfiles.com prefix of every catalog URL
+  GN_DETECTION_ALLOW_HTTP  set to 1 to allow plain-HTTP URLs (an internal mirror); HTTPS is required otherwise
+  GN_DETECTION_RETRIES     connection attempts per file (default 5)
+  GN_DETECTION_TIMEOUT     seconds without data before an attempt fails (default 30)
+  GN_DETECTION_BACKOFF     seconds to wait before the 2nd attempt, doubling after each (default 1, at most 30)
+"""
+import fcntl
+import hashlib
+import http.client
+import logging
+import os
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+from tqdm import tqdm
+
+PUBLIC_HOST = "https://dl.fbaipublicfiles.com"  # where Detectron and Detectron2 publish their checkpoints
+ENV_CACHE = "GN_DETECTION_CACHE"
+ENV_MIRROR = "GN_DETECTION_MIRROR"
+ENV_ALLOW_HTTP = "GN_DETECTION_ALLOW_HTTP"
+PART = ".part"
+CHUNK = 1 << 20
+RETRY_STATUS = {408, 429, 500, 502, 503, 504}  # HTTP errors worth another try; any other status is final
+
+logger = logging.getLogger(__name__)
+
+
+class DownloadError(RuntimeError):
+    """A file could not be downloaded; the message says which, why, and what to try."""
+
+
+class IntegrityError(DownloadError):
+    """A downloaded file does not match its recorded digest; it has been deleted."""
+
+
+@dataclass(frozen=True)
+class Checksums:
+    """What a file must hash to. ``md5_prefix``: leading hex digits of its MD5 (Detectron2 puts them in
+    model-zoo file names); ``sha256``: its full SHA-256. Empty means not recorded."""
+
+    md5_prefix: str = ""
+    sha256: str = ""
+
+    def mismatch(self, path: str) -> Optional[str]:
+        """None if the file at ``path`` matches; else a description of the expected and actual digests."""
+        if not self.md5_prefix and not self.sha256:
+            return None
+        md5, sha256 = hashlib.md5(), hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(CHUNK), b""):
+                md5.update(chunk)
+                sha256.update(chunk)
+        if self.md5_prefix and not md5.hexdigest().startswith(self.md5_prefix.lower()):
+            return f"MD5 expected to start with {self.md5_prefix}, got {md5.hexdigest()}"
+        if self.sha256 and sha256.hexdigest() != self.sha256.lower():
+            return f"SHA-256 expected {self.sha256}, got {sha256.hexdigest()}"
+        return None
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard to try: ``attempts`` connections at most, each read timing out after ``timeout`` seconds,
+    waiting ``backoff * 2**k`` seconds (at most ``max_wait``) before attempt k + 2."""
+
+    attempts: int = 5
+    timeout: float = 30.0
+    backoff: float = 1.0
+    max_wait: float = 30.0
+
+    def wait(self, attempt: int) -> float:
+        return min(self.backoff * 2 ** attempt, self.max_wait)
+
+    @classmethod
+    def from_env(cls) -> "RetryPolicy":
+        """The defaults, overridden by GN_DETECTION_RETRIES / _TIMEOUT / _BACKOFF."""
+        def number(var: str, default: float, kind=float):
+            value = os.environ.get(var, "")
+            try:
+                return kind(value) if value else default
+            except ValueError:
+                raise ValueError(f"{var}={value!r} is not a number; unset it or give e.g. {var}={default}") from None
+
+        return cls(number("GN_DETECTION_RETRIES", cls.attempts, int), number("GN_DETECTION_TIMEOUT", cls.timeout),
+                   number("GN_DETECTION_BACKOFF", cls.backoff))
+
+
+def cache_dir() -> str:
+    """The directory downloads are cached in (``$GN_DETECTION_CACHE`` if set)."""
+    if os.environ.get(ENV_CACHE):
+        return os.path.expanduser(os.environ[ENV_CACHE])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "gn_detection")
+
+
+def mirrored(url: str) -> str:
+    """``url`` with the public host replaced by ``$GN_DETECTION_MIRROR`` when that is set."""
+    mirror = os.environ.get(ENV_MIRROR, "").rstrip("/")
+    if mirror and url.startswith(PUBLIC_HOST + "/"):
+        return mirror + url[len(PUBLIC_HOST):]
+    return url
+
+
+def cache_path(url: str) -> str:
+    """Where ``url`` is cached: its path under the cache directory (mirrors share the cache)."""
+    path = urllib.parse.urlparse(url).path.lstrip("/")  # kept quoted: no ':' in local file names
+    return os.path.join(cache_dir(), *path.split("/"))
+
+
+def download(url: str, checksums: Checksums = Checksums(), retry: Optional[RetryPolicy] = None,
+             progress: bool = True) -> str:
+    """Return the local path of ``url`` (mirrored), downloading it into the cache unless a verified copy
+    is there. Raises :class:`DownloadError` (or :class:`IntegrityError`) with the URL and the cause."""
+    retry = retry or RetryPolicy.from_env()
+    dest = cache_path(url)
+    url = mirrored(url)
+    _check_scheme(url)
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    with _locked(dest):  # several processes (ranks of one job) may ask for the same file at once
+        if os.path.isfile(dest):
+            return dest
+        _fetch_with_retries(url, dest + PART, retry, progress)
+        problem = checksums.mismatch(dest + PART)
+        if problem:
+            os.remove(dest + PART)
+            raise IntegrityError(
+                f"{os.path.basename(dest)} from {url} failed verification: {problem}. The file was deleted; "
+                f"if {ENV_MIRROR} points to a mirror, check its copy, else run again to retry.")
+        os.replace(dest + PART, dest)
+    logger.info("Downloaded %s to %s", url, dest)
+    return dest
+
+
+def _check_scheme(url: str) -> None:
+    scheme = urllib.parse.urlparse(url).scheme
+    if scheme == "https" or (scheme == "http" and os.environ.get(ENV_ALLOW_HTTP) == "1"):
+        return
+    if scheme == "http":
+        raise DownloadError(f"refusing to download {url} over plain HTTP (it could be altered in transit); "
+                            f"use an https:// mirror or set {ENV_ALLOW_HTTP}=1 to allow it.")
+    raise DownloadError(f"cannot download {url}: only https:// URLs are supported (check {ENV_MIRROR}).")
+
+
+@contextmanager
+def _locked(dest: str) -> Iterator[None]:
+    with open(dest + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _fetch_with_retries(url: str, part: str, retry: RetryPolicy, progress: bool) -> None:
+    for attempt in range(retry.attempts):
+        try:
+            _fetch(url, part, retry.timeout, progress)
+            return
+        except urllib.error.HTTPError as e:
+            if e.code not in RETRY_STATUS:
+                raise DownloadError(_http_error_message(url, e)) from e
+            cause = f"HTTP {e.code} {e.reason}"
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+            cause = _network_cause(e, retry.timeout)
+        if attempt + 1 < retry.attempts:
+            wait = retry.wait(attempt)
+            logger.warning("Downloading %s: %s; attempt %d of %d in %.1f s", url, cause, attempt + 2,
+                           retry.attempts, wait)
+            time.sleep(wait)
+    kept = f" {os.path.getsize(part)} bytes are kept in {part} to resume from." if os.path.exists(part) else ""
+    raise DownloadError(f"could not download {url} after {retry.attempts} attempts: {cause}.{kept} "
+                        f"Check the network (or {ENV_MIRROR}) and run again.")
+
+
+def _http_error_message(url: str, error: urllib.error.HTTPError) -> str:
+    if error.code == 404:
+        return (f"{url} does not exist (HTTP 404). Check the model name (`python tools/model_zoo.py list`) "
+                f"and, if set, that the mirror {ENV_MIRROR}={os.environ.get(ENV_MIRROR, '')} holds the file.")
+    return f"the server refused {url}: HTTP {error.code} {error.reason}."
+
+
+def _network_cause(error: BaseException, timeout: float) -> str:
+    reason = getattr(error, "reason", error)
+    if isinstance(reason, socket.gaierror):
+        return f"cannot resolve the host name ({reason.strerror}; no network or DNS?)"
+    if isinstance(reason, ConnectionRefusedError):
+        return "connection refused (is the server or mirror up?)"
+    if isinstance(reason, (socket.timeout, TimeoutError)):
+        return f"no data for {timeout:g} s (timed out)"
+    if isinstance(error, http.client.IncompleteRead):
+        return "the connection closed before the whole file arrived"
+    return f"{type(reason).__name__}: {reason}"
+
+
+def _fetch(url: str, part: str, timeout: float, progress: bool) -> None:
+    """One attempt: append to ``part`` from where it ends (HTTP Range), until the server's full size."""
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code != 416 or not have:  # 416: the partial file is not a prefix the server can extend
+            raise
+        os.remove(part)
+        raise ConnectionResetError("the server would not resume the partial file; starting over") from e
+    with response:
+        if have and (response.status != 206 or not response.headers.get("Content-Range", "").startswith(f"bytes {have}-")):
+            have = 0  # the server ignored the Range header (or answered another range): start over
+        total = _total_size(response, have)
+        with open(part, "ab" if have else "wb") as out, tqdm(
+            total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
+            desc=os.path.basename(urllib.parse.urlparse(url).path), leave=False,
+        ) as bar:
+            for chunk in iter(lambda: response.read(CHUNK), b""):
+                out.write(chunk)
+                bar.update(len(chunk))
+    size = os.path.getsize(part)
+    if total is not None and size != total:
+        raise http.client.IncompleteRead(b"", total - size)
+
+
+def _total_size(response: http.client.HTTPResponse, have: int) -> Optional[int]:
+    content_range = response.headers.get("Content-Range", "")
+    if response.status == 206 and "/" in content_range:
+        total = content_range.rsplit("/", 1)[1]
+        return int(total) if total.isdigit() else None
+    length = response.headers.get("Content-Length")
+    return int(length) + have if length and length.isdigit() else None
+
+
+def remote_size(url: str, timeout: float = 10.0) -> Optional[int]:
+    """The size the server reports for ``url`` (mirrored) in a HEAD request; None if it does not say."""
+    url = mirrored(url)
+    _check_scheme(url)
+    with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout) as response:
+        length = response.headers.get("Content-Length")
+    return int(length) if length and length.isdigit() else None
