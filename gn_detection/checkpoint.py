@@ -1,15 +1,38 @@
-"""A checkpointer that never leaves a half-written file where a good one was."""
+"""Detectron2's checkpointer, made safe to interrupt and explicit about what a load placed."""
 import os
+import pickle
+from dataclasses import dataclass
 
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from torch import nn
 
 PARTIAL = ".partial"  # suffix of files still being written; never loaded or tagged as the last checkpoint
+
+
+@dataclass(frozen=True)
+class LoadCounts:
+    """What loading a checkpoint did: tensors of the model it set (``loaded``), model tensors it left at
+    their initial values (``missing``, shape mismatches included), and tensors of the file that went
+    nowhere (``unused``). ``pixel_mean``/``pixel_std`` taken from the config count as neither."""
+
+    loaded: int
+    missing: int
+    unused: int
+
+    def __str__(self) -> str:
+        return f"loaded {self.loaded}, missing {self.missing}, unused {self.unused}"
 
 
 class AtomicCheckpointer(DetectionCheckpointer):
     """Detectron2's DetectionCheckpointer, but each checkpoint and the ``last_checkpoint`` tag are written
     under a temporary name and renamed into place once complete. A run killed while saving leaves the
-    previous checkpoint and tag exactly as they were, so ``--resume`` never meets a truncated file."""
+    previous checkpoint and tag exactly as they were, so ``--resume`` never meets a truncated file.
+
+    Loading converts Detectron and Detectron2 ``.pkl`` files as Detectron2 does, reads ``.pth`` files
+    with ``weights_only=True`` (no code runs), and records :class:`LoadCounts` in ``last_load_counts``."""
+
+    last_load_counts = None
 
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:
@@ -33,3 +56,30 @@ class AtomicCheckpointer(DetectionCheckpointer):
         with open(tag + PARTIAL, "w") as f:
             f.write(last_filename_basename)
         os.replace(tag + PARTIAL, tag)
+
+    def _torch_load(self, f: str):
+        try:
+            return torch.load(f, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise pickle.UnpicklingError(
+                f"{f}: refused to load, it holds Python objects besides tensors and unpickling them could run "
+                "code. If you trust the file, re-save its tensors (torch.save(state_dict)) and load that."
+            ) from e
+
+    def _load_model(self, checkpoint):
+        in_file = set(checkpoint["model"])
+        incompatible = super()._load_model(checkpoint)  # converts names where the file needs it
+        model_keys = set(self.model.state_dict())
+        # Detectron2 takes pixel_mean/pixel_std from the config when a file lacks them: count them as neither.
+        from_config = {k for k in ("pixel_mean", "pixel_std") if k in model_keys and not any(f.endswith(k) for f in in_file)}
+        loaded = len(model_keys) - len(incompatible.missing_keys) - len(from_config)
+        self.last_load_counts = LoadCounts(loaded, len(incompatible.missing_keys), len(in_file) - loaded)
+        self.logger.info("Loaded %d of the model's %d tensors (%s)", loaded, len(model_keys), self.last_load_counts)
+        return incompatible
+
+
+def load_weights(model: nn.Module, path: str) -> LoadCounts:
+    """Load a checkpoint (any path, URL or ``gn-zoo://`` name Detectron2 resolves) into ``model``."""
+    checkpointer = AtomicCheckpointer(model)
+    checkpointer.load(path)
+    return checkpointer.last_load_counts
