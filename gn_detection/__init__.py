@@ -5,7 +5,7 @@ and the synthetic ``shapes_train``/``shapes_val`` datasets; nothing of Detectron
 """
 import os
 
-from . import backbone, box_head, mask_head  # noqa: F401  (registration)
+from . import backbone, box_head, mask_head, model_zoo  # noqa: F401  (registration)
 from .config import add_gn_config
 from .datasets import datasets_root, register_shapes
 from .group_norm import GroupNormChannelsError, GroupNormSpec

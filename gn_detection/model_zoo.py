@@ -1,0 +1,176 @@
+"""The published GN checkpoints, one name away.
+
+``CATALOG`` lists Detectron's GN-pretrained ImageNet backbones, Detectron2's model-zoo GN models and
+Detectron's (Caffe2) GN Mask R-CNN baselines, each with its URL, format, the config it belongs to and its
+published COCO AP. A name works everywhere a weights path does:
+
+    MODEL.WEIGHTS gn-zoo://Detectron2/mask_rcnn_R_50_FPN_3x_gn                       (YAML / command line)
+    model = gn_detection.model_zoo.get("Detectron2/mask_rcnn_R_50_FPN_3x_gn")        (Python)
+    python tools/model_zoo.py download Detectron2/mask_rcnn_R_50_FPN_3x_gn           (shell)
+
+Files are downloaded once into the cache (see :mod:`gn_detection.download`), verified and then reused.
+``.pkl`` checkpoints are Python pickles: loading one can run code, so load only files from sources you
+trust; catalog files are checked against the MD5 prefix in their names or a recorded SHA-256.
+"""
+import difflib
+import os
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from detectron2.config import CfgNode, get_cfg
+from detectron2.modeling import build_model
+from detectron2.utils.file_io import PathManager
+from iopath.common.file_io import PathHandler
+from torch import nn
+
+from .checkpoint import load_weights
+from .config import add_gn_config
+from .download import PUBLIC_HOST, Checksums, DownloadError, download
+
+SCHEME = "gn-zoo://"
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+DETECTRON = f"{PUBLIC_HOST}/detectron"
+DETECTRON2 = f"{PUBLIC_HOST}/detectron2"
+DETECTRON2_FORMAT = "Detectron2 .pkl"
+DETECTRON_FORMAT = "Detectron (Caffe2) .pkl"  # Caffe2 blob names, converted by Detectron2's checkpointer
+# Detectron's RoIAlign samples without the half-pixel offset; Detectron2 calls that "ROIAlign".
+DETECTRON_INFERENCE = ("MODEL.ROI_BOX_HEAD.POOLER_TYPE", "ROIAlign", "MODEL.ROI_MASK_HEAD.POOLER_TYPE", "ROIAlign")
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    """One published checkpoint. ``url`` is empty for results published without a file; ``opts`` are
+    config overrides the weights need at inference; APs are COCO val (minival) as published."""
+
+    name: str
+    config: str  # relative to configs/
+    file_format: str
+    url: str = ""
+    box_ap: Optional[float] = None
+    mask_ap: Optional[float] = None
+    note: str = ""
+    sha256: str = ""
+    opts: Tuple[object, ...] = ()  # KEY VALUE overrides, as on the command line
+
+    @property
+    def checksums(self) -> Checksums:
+        """Digests the file must match: Detectron2 model-zoo names end in the first hex digits of the MD5."""
+        match = re.search(r"_([0-9a-f]{6,})\.pkl$", self.url) if self.file_format == DETECTRON2_FORMAT else None
+        return Checksums(md5_prefix=match[1] if match else "", sha256=self.sha256)
+
+
+def _detectron_e2e(depth: int, schedule: str, run_id: int, run: str, box_ap: float, mask_ap: float) -> ZooModel:
+    name = f"e2e_mask_rcnn_R-{depth}-FPN_{schedule}_gn"
+    url = (f"{DETECTRON}/GN/{run_id}/04_2018_gn_baselines/{name}_{run}/output/train/"
+           "coco_2014_train%3Acoco_2014_valminusminival/generalized_rcnn/model_final.pkl")
+    config = f"mask_rcnn_R{depth}_FPN_gn{'_3x' if schedule == '3x' else ''}.yaml"
+    return ZooModel(f"Detectron/{name}", config, DETECTRON_FORMAT, url, box_ap, mask_ap,
+                    note="trained in Detectron; Detectron2 computes boxes and anchors slightly differently",
+                    opts=DETECTRON_INFERENCE)
+
+
+def _detectron2(name: str, run_id: int, file_name: str, config: str, box_ap: float, mask_ap: float) -> ZooModel:
+    return ZooModel(f"Detectron2/{name}", config, DETECTRON2_FORMAT,
+                    f"{DETECTRON2}/Misc/{name}/{run_id}/{file_name}", box_ap, mask_ap)
+
+
+CATALOG: Dict[str, ZooModel] = {}
+
+
+def register(model: ZooModel) -> None:
+    """Add a checkpoint to the catalog (e.g. one on an internal server); names must be new."""
+    if model.name in CATALOG:
+        raise ValueError(f"model zoo: the name {model.name!r} is already in the catalog")
+    if not os.path.isfile(os.path.join(CONFIG_DIR, model.config)):
+        raise FileNotFoundError(f"model zoo entry {model.name!r}: config {model.config!r} not found in {CONFIG_DIR}")
+    CATALOG[model.name] = model
+
+
+for _model in (
+    ZooModel("ImageNetPretrained/R-50-GN", "mask_rcnn_R50_FPN_gn.yaml", DETECTRON_FORMAT,
+             f"{DETECTRON}/ImageNetPretrained/47261647/R-50-GN.pkl", note="ImageNet backbone, G=32, 24.0% top-1 error"),
+    ZooModel("ImageNetPretrained/R-101-GN", "mask_rcnn_R101_FPN_gn.yaml", DETECTRON_FORMAT,
+             f"{DETECTRON}/ImageNetPretrained/47592356/R-101-GN.pkl", note="ImageNet backbone, G=32, 22.6% top-1 error"),
+    _detectron2("mask_rcnn_R_50_FPN_3x_gn", 138602888, "model_final_dc5d9e.pkl", "mask_rcnn_R50_FPN_gn_3x.yaml",
+                42.6, 38.6),
+    _detectron2("scratch_mask_rcnn_R_50_FPN_3x_gn", 138602908, "model_final_01ca85.pkl",
+                "scratch_mask_rcnn_R50_FPN_gn_3x.yaml", 39.9, 36.6),
+    _detectron2("scratch_mask_rcnn_R_50_FPN_9x_gn", 183808979, "model_final_da7b4c.pkl",
+                "scratch_mask_rcnn_R50_FPN_gn_9x.yaml", 43.7, 39.6),
+    _detectron_e2e(50, "2x", 48616381, "0416.13_23_38.bTlTI97Q", 40.3, 35.7),
+    _detectron_e2e(101, "2x", 48616724, "0416.13_26_34.GLnri4GR", 41.8, 36.8),
+    _detectron_e2e(50, "3x", 48734751, "0417.09_54_59.nwCTtPVk", 40.8, 36.1),
+    _detectron_e2e(101, "3x", 48734779, "0417.09_55_23.HMtcR8wg", 42.3, 37.2),
+    ZooModel("Detectron/scratch_e2e_mask_rcnn_R-50-FPN_3x_gn", "scratch_mask_rcnn_R50_FPN_gn_3x.yaml",
+             DETECTRON_FORMAT, box_ap=39.5, mask_ap=35.2, note="results only: published without a file"),
+    ZooModel("Detectron/scratch_e2e_mask_rcnn_R-101-FPN_3x_gn", "scratch_mask_rcnn_R101_FPN_gn_3x.yaml",
+             DETECTRON_FORMAT, box_ap=41.0, mask_ap=36.4, note="results only: published without a file"),
+):
+    register(_model)
+
+
+def lookup(name: str) -> ZooModel:
+    """The catalog entry called ``name`` (a ``gn-zoo://`` prefix is allowed)."""
+    name = name[len(SCHEME):] if name.startswith(SCHEME) else name
+    if name not in CATALOG:
+        close = difflib.get_close_matches(name, list(CATALOG), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise KeyError(f"{name!r} is not in the GN model zoo.{hint} "
+                       "`python tools/model_zoo.py list` shows every name.")
+    return CATALOG[name]
+
+
+def fetch(name: str, progress: bool = True) -> str:
+    """The local path of a catalog checkpoint, downloaded and verified on first use."""
+    model = lookup(name)
+    if not model.url:
+        raise DownloadError(f"{model.name} was published as results only ({model.box_ap} box / "
+                            f"{model.mask_ap} mask AP), without a file to download.")
+    return download(model.url, model.checksums, progress=progress)
+
+
+def get_config(name: str, trained: bool = True) -> CfgNode:
+    """The config a catalog checkpoint belongs to; with ``trained``, its MODEL.WEIGHTS point to it (for
+    an ImageNet backbone: the config that fine-tunes from it). MODEL.DEVICE is cpu where no GPU is visible."""
+    model = lookup(name)
+    cfg = get_cfg()
+    add_gn_config(cfg)
+    cfg.merge_from_file(os.path.join(CONFIG_DIR, model.config))
+    cfg.merge_from_list(list(model.opts))
+    cfg.MODEL.WEIGHTS = SCHEME + model.name if trained else ""
+    if not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    return cfg
+
+
+def get(name: str, trained: bool = True) -> nn.Module:
+    """A model built from the checkpoint's config, in eval mode; with ``trained``, its weights loaded
+    (the log says how many tensors the load placed, left missing and did not use)."""
+    cfg = get_config(name, trained)
+    model = build_model(cfg)
+    if trained:
+        load_weights(model, cfg.MODEL.WEIGHTS)
+    return model.eval()
+
+
+def catalog() -> List[ZooModel]:
+    """Every catalog entry, in catalog order."""
+    return list(CATALOG.values())
+
+
+class ZooPathHandler(PathHandler):
+    """Resolves ``gn-zoo://NAME`` (in MODEL.WEIGHTS or any Detectron2 path) to the cached file."""
+
+    def _get_supported_prefixes(self) -> List[str]:
+        return [SCHEME]
+
+    def _get_local_path(self, path: str, **kwargs) -> str:
+        return fetch(path)
+
+    def _open(self, path: str, mode: str = "r", **kwargs):
+        return open(self._get_local_path(path), mode)
+
+
+PathManager.register_handler(ZooPathHandler())

@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""The GN model zoo from the command line.
+
+    python tools/model_zoo.py list [--remote]     # every checkpoint: format, published AP, size, config
+    python tools/model_zoo.py download NAME ...   # download + verify into the cache, print the local path
+
+The cache is $GN_DETECTION_CACHE (default ~/.cache/gn_detection); $GN_DETECTION_MIRROR replaces
+https://dl.fbaipublicfiles.com. Exit status 1 with a one-line reason when a name or download fails.
+"""
+import argparse
+import os
+import sys
+import urllib.error
+from typing import Optional
+
+from tabulate import tabulate
+
+from gn_detection import model_zoo
+from gn_detection.download import DownloadError, cache_path, remote_size
+
+
+def human_size(size: Optional[int]) -> str:
+    if size is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+
+
+def model_size(model: model_zoo.ZooModel, remote: bool) -> str:
+    """Size of the cached file; with ``remote``, what the server reports for a file not cached yet."""
+    if not model.url:
+        return "-"
+    local = cache_path(model.url)
+    if os.path.isfile(local):
+        return human_size(os.path.getsize(local)) + " (cached)"
+    if not remote:
+        return "not cached"
+    try:
+        return human_size(remote_size(model.url))
+    except (urllib.error.URLError, OSError, DownloadError) as e:
+        return f"? ({getattr(e, 'reason', e)})"
+
+
+def list_models(remote: bool) -> None:
+    def ap(value):
+        return "-" if value is None else f"{value:.1f}"
+
+    rows = [[m.name, m.file_format, ap(m.box_ap), ap(m.mask_ap), model_size(m, remote), m.config, m.note]
+            for m in model_zoo.catalog()]
+    print(tabulate(rows, headers=["name", "format", "box AP", "mask AP", "size", "config", "note"]))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    listing = commands.add_parser("list", help="show the catalog")
+    listing.add_argument("--remote", action="store_true", help="ask the server for the size of files not cached")
+    fetching = commands.add_parser("download", help="download and verify checkpoints, print their local paths")
+    fetching.add_argument("names", nargs="+", metavar="NAME")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "list":
+            list_models(args.remote)
+        else:
+            for name in args.names:
+                print(model_zoo.fetch(name))
+    except (KeyError, DownloadError) as e:
+        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
