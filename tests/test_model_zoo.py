@@ -1,0 +1,313 @@
+"""The model zoo, offline: fabricated checkpoints in the published formats served from a loopback HTTP
+server that the mirror variable points to."""
+import hashlib
+import os
+import pickle
+
+import pytest
+import torch
+from detectron2.checkpoint.catalog import ModelCatalog
+from detectron2.modeling import build_model
+from detectron2.utils.file_io import PathManager
+
+from gn_detection import model_zoo
+from gn_detection.checkpoint import AtomicCheckpointer, load_weights
+from gn_detection.download import PART, Checksums, DownloadError, IntegrityError, cache_path, download, mirrored
+
+from .conftest import CONFIGS, TINY_OVERRIDES, make_cfg, run_tool
+from .fabricate import caffe2_name, detectron_blobs
+from .http_server import DIE_ONCE, OK, SLOW, TRUNCATE, FileServer
+
+# A depth-50 GN ResNet with Detectron's layer names at 1/4 of the width, so files stay a few MB.
+NARROW_R50 = (*TINY_OVERRIDES, "MODEL.RESNETS.STEM_OUT_CHANNELS", 16, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
+              "MODEL.RESNETS.WIDTH_PER_GROUP", 16)
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+    """A loopback file server standing in for dl.fbaipublicfiles.com, an empty cache, fast retries."""
+    files = FileServer(slow_seconds=2.0)
+    monkeypatch.setenv("GN_DETECTION_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("GN_DETECTION_MIRROR", files.url)
+    monkeypatch.setenv("GN_DETECTION_ALLOW_HTTP", "1")
+    monkeypatch.setenv("GN_DETECTION_RETRIES", "3")
+    monkeypatch.setenv("GN_DETECTION_BACKOFF", "0.01")
+    monkeypatch.setenv("GN_DETECTION_TIMEOUT", "1")
+    yield files
+    files.stop()
+
+
+@pytest.fixture
+def register():
+    """Register test entries in the catalog; they are removed afterwards."""
+    added = []
+
+    def add(entry: model_zoo.ZooModel) -> model_zoo.ZooModel:
+        model_zoo.register(entry)
+        added.append(entry.name)
+        return entry
+
+    yield add
+    for name in added:
+        model_zoo.CATALOG.pop(name)
+
+
+def serve(server, url: str, body: bytes, behaviour: str = OK) -> None:
+    server.routes[mirrored(url)[len(server.url):]] = (behaviour, body)
+
+
+def cache_files(server_cache_url: str):
+    """Files in the cache directory of ``url`` other than download locks."""
+    folder = os.path.dirname(cache_path(server_cache_url))
+    return sorted(f for f in os.listdir(folder) if not f.endswith(".lock")) if os.path.isdir(folder) else []
+
+
+def model_state(config: str, opts) -> dict:
+    return build_model(make_cfg(config, *opts)).state_dict()
+
+
+def random_like(state: dict, seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=gen) for k, v in state.items() if v.is_floating_point()}
+
+
+# -- loading the published formats ------------------------------------------------------------------------
+
+def test_detectron2_format_model_downloads_verifies_and_loads_every_key(server, register):
+    weights = random_like(model_state(os.path.join(CONFIGS, "mask_rcnn_R50_FPN_gn_3x.yaml"), NARROW_R50), 1)
+    body = pickle.dumps({"model": {k: v.numpy() for k, v in weights.items()}, "__author__": "Detectron2 Model Zoo"})
+    md5 = hashlib.md5(body).hexdigest()
+    url = f"{model_zoo.DETECTRON2}/Misc/tiny_gn/1/model_final_{md5[:6]}.pkl"
+    entry = register(model_zoo.ZooModel("Test/tiny_gn", "mask_rcnn_R50_FPN_gn_3x.yaml", model_zoo.DETECTRON2_FORMAT,
+                                        url, opts=NARROW_R50))
+    assert entry.checksums.md5_prefix == md5[:6]
+    serve(server, url, body)
+
+    cfg = model_zoo.get_config("Test/tiny_gn")
+    assert cfg.MODEL.WEIGHTS == "gn-zoo://Test/tiny_gn"
+    model = build_model(cfg)
+    counts = load_weights(model, cfg.MODEL.WEIGHTS)
+
+    assert (counts.missing, counts.unused) == (0, 0) and counts.loaded == len(weights)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in weights.items())
+    assert cache_files(url) == [os.path.basename(url)]
+
+
+def test_detectron_imagenet_r50_gn_backbone_lands_in_the_bottom_up(server, register):
+    state = model_state(os.path.join(CONFIGS, "mask_rcnn_R50_FPN_gn.yaml"), NARROW_R50)
+    backbone = {k: v for k, v in state.items() if k.startswith("backbone.bottom_up.")}
+    blobs, expected = detectron_blobs(backbone, seed=2)
+    # Detectron's ImageNet files are a flat dict of blobs, with the classifier and solver state besides.
+    assert {"conv1_w", "conv1_gn_s", "res2_0_branch1_gn_b", "res5_2_branch2c_gn_s"} <= set(blobs)
+    blobs.update(pred_w=torch.randn(1000, 256).numpy(), pred_b=torch.zeros(1000).numpy(),
+                 conv1_w_momentum=torch.zeros(16, 3, 7, 7).numpy())
+    url = f"{model_zoo.DETECTRON}/ImageNetPretrained/1/R-50-GN-narrow.pkl"
+    register(model_zoo.ZooModel("Test/R-50-GN-narrow", "mask_rcnn_R50_FPN_gn.yaml", model_zoo.DETECTRON_FORMAT,
+                                url, opts=NARROW_R50))
+    serve(server, url, pickle.dumps(blobs, protocol=2))
+
+    model = build_model(model_zoo.get_config("Test/R-50-GN-narrow", trained=False))
+    counts = load_weights(model, "gn-zoo://Test/R-50-GN-narrow")
+
+    assert counts.loaded == len(backbone) == len(expected)
+    assert counts.unused == 2  # pred_w, pred_b (the _momentum blob is dropped on reading)
+    assert counts.missing == len(state) - len(backbone)
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in expected.items())
+
+
+def test_detectron_e2e_gn_mask_rcnn_places_every_weight(server, register):
+    state = model_state(os.path.join(CONFIGS, "mask_rcnn_R50_FPN_gn.yaml"), NARROW_R50)
+    blobs, expected = detectron_blobs(state, seed=3)
+    # The GN blob names of Detectron's backbone, FPN, 4conv1fc head and mask head (see the Detectron source).
+    assert {"fpn_inner_res5_2_sum_gn_s", "fpn_inner_res4_5_sum_lateral_gn_b", "fpn_res2_2_sum_gn_s",
+            "head_conv4_gn_s", "_mask_fcn1_gn_s", "conv5_mask_w", "mask_fcn_logits_w", "fc6_w"} <= set(blobs)
+    e2e = model_zoo.lookup("Detectron/e2e_mask_rcnn_R-50-FPN_2x_gn")
+    register(model_zoo.ZooModel("Test/e2e_narrow", e2e.config, e2e.file_format, e2e.url,
+                                opts=NARROW_R50 + e2e.opts))
+    serve(server, e2e.url, pickle.dumps({"blobs": blobs, "cfg": "MODEL:\n  TYPE: generalized_rcnn\n"}, protocol=2))
+
+    model = model_zoo.get("Test/e2e_narrow")
+
+    assert not model.training
+    assert model.roi_heads.box_pooler.level_poolers[0].aligned is False  # Detectron's RoIAlign
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in expected.items()), "a Detectron blob landed in the wrong place"
+    # cls_score: Detectron's background row 0 moves last; bbox_pred / mask logits: background rows dropped.
+    assert torch.equal(loaded["roi_heads.box_predictor.cls_score.weight"][-1],
+                       torch.from_numpy(blobs["cls_score_w"][0]))
+
+
+def test_detectron_e2e_load_counts(server, register):
+    state = model_state(os.path.join(CONFIGS, "mask_rcnn_R50_FPN_gn.yaml"), NARROW_R50)
+    blobs, expected = detectron_blobs(state, seed=4)
+    url = f"{model_zoo.DETECTRON}/GN/1/e2e_narrow/model_final.pkl"
+    register(model_zoo.ZooModel("Test/e2e_counts", "mask_rcnn_R50_FPN_gn.yaml", model_zoo.DETECTRON_FORMAT, url,
+                                opts=NARROW_R50))
+    serve(server, url, pickle.dumps({"blobs": blobs}, protocol=2))
+    model = build_model(model_zoo.get_config("Test/e2e_counts", trained=False))
+    counts = load_weights(model, "gn-zoo://Test/e2e_counts")
+    assert (counts.loaded, counts.missing, counts.unused) == (len(expected), 0, 0)
+
+
+def test_fabricated_names_follow_detectron_for_r50():
+    last = {2: 2, 3: 3, 4: 5, 5: 2}
+    assert caffe2_name("backbone.fpn_lateral5.norm.weight", last) == "fpn_inner_res5_2_sum_gn_s"
+    assert caffe2_name("backbone.fpn_lateral4.weight", last) == "fpn_inner_res4_5_sum_lateral_w"
+    assert caffe2_name("backbone.fpn_output3.norm.bias", last) == "fpn_res3_3_sum_gn_b"
+    assert caffe2_name("roi_heads.mask_head.mask_fcn2.norm.weight", last) == "_mask_fcn2_gn_s"
+
+
+def test_pth_files_load_weights_only(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    good, bad = tmp_path / "good.pth", tmp_path / "bad.pth"
+    torch.save({"model": {"weight": torch.ones(2, 2), "bias": torch.zeros(2)}}, good)
+    torch.save({"model": model.state_dict(), "extra": Checksums("ab")}, bad)  # an arbitrary Python object
+
+    assert load_weights(model, str(good)).loaded == 2
+    assert torch.equal(model.weight, torch.ones(2, 2))
+    with pytest.raises(pickle.UnpicklingError, match="bad.pth: refused to load"):
+        AtomicCheckpointer(model).load(str(bad))
+
+
+# -- downloading --------------------------------------------------------------------------------------------
+
+URL = f"{model_zoo.DETECTRON2}/Misc/test/1/model_final_000000.pkl"
+BODY = os.urandom(300_000)
+
+
+def test_tampered_file_is_rejected_and_not_kept(server):
+    good = Checksums(md5_prefix=hashlib.md5(BODY).hexdigest()[:6])
+    tampered = BODY[:-1] + bytes([BODY[-1] ^ 1])
+    serve(server, URL, tampered)
+    with pytest.raises(IntegrityError) as error:
+        download(URL, good, progress=False)
+    message = str(error.value)
+    assert "model_final_000000.pkl" in message and good.md5_prefix in message
+    assert hashlib.md5(tampered).hexdigest() in message
+    assert cache_files(URL) == []
+
+    serve(server, URL, BODY)
+    assert open(download(URL, good, progress=False), "rb").read() == BODY
+
+
+def test_sha256_is_verified_when_recorded(server):
+    serve(server, URL, BODY)
+    wrong = Checksums(sha256=hashlib.sha256(b"other").hexdigest())
+    with pytest.raises(IntegrityError, match=hashlib.sha256(BODY).hexdigest()):
+        download(URL, wrong, progress=False)
+    assert cache_files(URL) == []
+    assert download(URL, Checksums(sha256=hashlib.sha256(BODY).hexdigest()), progress=False)
+
+
+def test_truncated_responses_give_up_with_a_clear_error_and_nothing_trusted(server):
+    serve(server, URL, BODY, TRUNCATE)
+    with pytest.raises(DownloadError, match="after 3 attempts: the connection closed before the whole file"):
+        download(URL, progress=False)
+    assert server.count(mirrored(URL)[len(server.url):]) == 3
+    assert not os.path.exists(cache_path(URL))  # only the .part, which is never trusted
+    assert cache_files(URL) == [os.path.basename(URL) + PART]
+
+
+def test_server_dying_mid_transfer_is_resumed_with_range(server):
+    path = mirrored(URL)[len(server.url):]
+    serve(server, URL, BODY, DIE_ONCE)
+    local = download(URL, Checksums(md5_prefix=hashlib.md5(BODY).hexdigest()[:8]), progress=False)
+    assert open(local, "rb").read() == BODY
+    gets = [r for r in server.requests if r[1] == path]
+    assert [r[2] for r in gets] == [None, f"bytes={len(BODY) // 2}-"]
+    assert cache_files(URL) == [os.path.basename(URL)]
+
+
+def test_404_is_final_and_names_the_url(server):
+    with pytest.raises(DownloadError, match=r"does not exist \(HTTP 404\)") as error:
+        download(URL, progress=False)
+    assert mirrored(URL) in str(error.value)
+    assert len(server.requests) == 1  # no retries for a missing file
+
+
+def test_cache_hit_needs_no_server(server, monkeypatch):
+    serve(server, URL, BODY)
+    first = download(URL, progress=False)
+    server.stop()
+    assert download(URL, progress=False) == first
+    assert len(server.requests) == 1
+
+
+def test_refused_connection_and_timeout_are_named(server, monkeypatch):
+    serve(server, URL, BODY, SLOW)
+    with pytest.raises(DownloadError, match="timed out"):
+        download(URL, progress=False)
+    server.stop()
+    with pytest.raises(DownloadError, match="connection refused"):
+        download(URL, progress=False)
+
+
+def test_plain_http_needs_an_opt_in(server, monkeypatch):
+    monkeypatch.delenv("GN_DETECTION_ALLOW_HTTP")
+    with pytest.raises(DownloadError, match="plain HTTP.*GN_DETECTION_ALLOW_HTTP=1"):
+        download(URL, progress=False)
+    assert server.requests == []
+
+
+def test_mirror_replaces_only_the_public_host(monkeypatch):
+    monkeypatch.setenv("GN_DETECTION_MIRROR", "https://mirror.example/fb/")
+    assert mirrored(URL) == "https://mirror.example/fb/detectron2/Misc/test/1/model_final_000000.pkl"
+    assert mirrored("https://elsewhere.example/x.pkl") == "https://elsewhere.example/x.pkl"
+
+
+def test_bad_retry_setting_names_the_variable(server, monkeypatch):
+    monkeypatch.setenv("GN_DETECTION_RETRIES", "many")
+    with pytest.raises(ValueError, match="GN_DETECTION_RETRIES='many'"):
+        download(URL, progress=False)
+
+
+# -- the catalog ----------------------------------------------------------------------------------------------
+
+def test_catalog_matches_detectron2s_names_and_md5_prefixes():
+    for ours, theirs in (("R-50-GN", "FAIR/R-50-GN"), ("R-101-GN", "FAIR/R-101-GN")):
+        assert model_zoo.lookup(f"ImageNetPretrained/{ours}").url == ModelCatalog.get(f"ImageNetPretrained/{theirs}")
+    assert "catalog://" in PathManager._path_handlers  # Detectron2's catalog:// still resolves
+    prefixes = {m.name: m.checksums.md5_prefix for m in model_zoo.catalog() if m.file_format == model_zoo.DETECTRON2_FORMAT}
+    assert prefixes == {"Detectron2/mask_rcnn_R_50_FPN_3x_gn": "dc5d9e",
+                        "Detectron2/scratch_mask_rcnn_R_50_FPN_3x_gn": "01ca85",
+                        "Detectron2/scratch_mask_rcnn_R_50_FPN_9x_gn": "da7b4c"}
+
+
+@pytest.mark.parametrize("entry", model_zoo.catalog(), ids=lambda m: m.name)
+def test_every_entry_has_a_config(entry):
+    cfg = model_zoo.get_config(entry.name)
+    assert cfg.MODEL.WEIGHTS == f"gn-zoo://{entry.name}"
+    assert cfg.MODEL.RESNETS.NORM == "GN" and cfg.MODEL.FPN.NORM == "GN"
+
+
+def test_unknown_and_results_only_names_are_clear():
+    with pytest.raises(KeyError, match="Did you mean Detectron2/mask_rcnn_R_50_FPN_3x_gn"):
+        model_zoo.lookup("Detectron2/mask_rcnn_R_50_FPN_3x")
+    with pytest.raises(DownloadError, match="results only"):
+        model_zoo.fetch("Detectron/scratch_e2e_mask_rcnn_R-50-FPN_3x_gn")
+
+
+def test_command_line_list_and_download(server):
+    e2e = model_zoo.lookup("Detectron/e2e_mask_rcnn_R-101-FPN_3x_gn")
+    serve(server, e2e.url, BODY)
+    not_cached = model_zoo.lookup("Detectron/e2e_mask_rcnn_R-50-FPN_2x_gn")
+    serve(server, not_cached.url, BODY[:2048])
+    env = {}  # the GN_DETECTION_* variables set by the fixture reach the tool through os.environ
+
+    done = run_tool(["tools/model_zoo.py", "download", e2e.name], env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == cache_path(e2e.url)
+    assert open(cache_path(e2e.url), "rb").read() == BODY
+    assert "B/s" in done.stderr  # progress bar with rate
+
+    listing = run_tool(["tools/model_zoo.py", "list"], env)
+    row = next(line for line in listing.stdout.splitlines() if line.startswith(e2e.name))
+    assert "42.3" in row and "37.2" in row and "293.0 KiB (cached)" in row
+    remote = run_tool(["tools/model_zoo.py", "list", "--remote"], env).stdout.splitlines()
+    assert "2.0 KiB" in next(line for line in remote if line.startswith(not_cached.name))
+
+    missing = run_tool(["tools/model_zoo.py", "download", "Detectron/nothing"], env)
+    assert missing.returncode == 1 and "not in the GN model zoo" in missing.stderr
+    assert "Traceback" not in missing.stderr
