@@ -19,13 +19,13 @@ import http.client
 import logging
 import os
 import socket
+import ssl
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 from tqdm import tqdm
 
@@ -95,8 +95,12 @@ class RetryPolicy:
             except ValueError:
                 raise ValueError(f"{var}={value!r} is not a number; unset it or give e.g. {var}={default}") from None
 
-        return cls(number("GN_DETECTION_RETRIES", cls.attempts, int), number("GN_DETECTION_TIMEOUT", cls.timeout),
-                   number("GN_DETECTION_BACKOFF", cls.backoff))
+        policy = cls(number("GN_DETECTION_RETRIES", cls.attempts, int), number("GN_DETECTION_TIMEOUT", cls.timeout),
+                     number("GN_DETECTION_BACKOFF", cls.backoff))
+        if policy.attempts < 1 or policy.timeout <= 0 or policy.backoff < 0:
+            raise ValueError(f"GN_DETECTION_RETRIES must be >= 1, GN_DETECTION_TIMEOUT > 0 and GN_DETECTION_BACKOFF "
+                             f">= 0; got {policy.attempts}, {policy.timeout:g} and {policy.backoff:g}")
+        return policy
 
 
 def cache_dir() -> str:
@@ -125,44 +129,46 @@ def download(url: str, checksums: Checksums = Checksums(), retry: Optional[Retry
              progress: bool = True) -> str:
     """Return the local path of ``url`` (mirrored), downloading it into the cache unless a verified copy
     is there. Raises :class:`DownloadError` (or :class:`IntegrityError`) with the URL and the cause."""
-    retry = retry or RetryPolicy.from_env()
     dest = cache_path(url)
+    if os.path.isfile(dest):  # only verified files get this name: no network, no lock, read-only caches work
+        return dest
+    retry = retry or RetryPolicy.from_env()
     url = mirrored(url)
-    _check_scheme(url)
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    with _locked(dest):  # several processes (ranks of one job) may ask for the same file at once
-        if os.path.isfile(dest):
-            return dest
-        _fetch_with_retries(url, dest + PART, retry, progress)
-        problem = checksums.mismatch(dest + PART)
-        if problem:
-            os.remove(dest + PART)
-            raise IntegrityError(
-                f"{os.path.basename(dest)} from {url} failed verification: {problem}. The file was deleted; "
-                f"if {ENV_MIRROR} points to a mirror, check its copy, else run again to retry.")
-        os.replace(dest + PART, dest)
-    logger.info("Downloaded %s to %s", url, dest)
+    _check_url(url)
+    try:
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        lock = open(dest + ".lock", "w")
+    except OSError as e:
+        raise DownloadError(f"cannot write to the cache {cache_dir()} ({e.strerror}: {e.filename}); "
+                            f"make it writable or point {ENV_CACHE} elsewhere.") from e
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # several processes (ranks of one job) may ask for the same file
+        if not os.path.isfile(dest):  # another process may have finished it while we waited
+            _fetch_with_retries(url, dest + PART, retry, progress)
+            _verify(url, dest, checksums)
+            os.replace(dest + PART, dest)
+            logger.info("Downloaded %s to %s", url, dest)
     return dest
 
 
-def _check_scheme(url: str) -> None:
-    scheme = urllib.parse.urlparse(url).scheme
-    if scheme == "https" or (scheme == "http" and os.environ.get(ENV_ALLOW_HTTP) == "1"):
-        return
-    if scheme == "http":
+def _verify(url: str, dest: str, checksums: Checksums) -> None:
+    problem = checksums.mismatch(dest + PART)
+    if problem:
+        os.remove(dest + PART)
+        raise IntegrityError(
+            f"{os.path.basename(dest)} from {url} failed verification: {problem}. The file was deleted; "
+            f"if {ENV_MIRROR} points to a mirror, check its copy, else run again to retry.")
+
+
+def _check_url(url: str) -> None:
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme == "http" and os.environ.get(ENV_ALLOW_HTTP) != "1":
         raise DownloadError(f"refusing to download {url} over plain HTTP (it could be altered in transit); "
                             f"use an https:// mirror or set {ENV_ALLOW_HTTP}=1 to allow it.")
-    raise DownloadError(f"cannot download {url}: only https:// URLs are supported (check {ENV_MIRROR}).")
-
-
-@contextmanager
-def _locked(dest: str) -> Iterator[None]:
-    with open(dest + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    if parsed.scheme not in ("http", "https"):
+        raise DownloadError(f"cannot download {url}: only https:// URLs are supported (check {ENV_MIRROR}).")
+    if not parsed.hostname:
+        raise DownloadError(f"cannot download {url}: the URL names no host (check {ENV_MIRROR}).")
 
 
 def _fetch_with_retries(url: str, part: str, retry: RetryPolicy, progress: bool) -> None:
@@ -175,6 +181,7 @@ def _fetch_with_retries(url: str, part: str, retry: RetryPolicy, progress: bool)
                 raise DownloadError(_http_error_message(url, e)) from e
             cause = f"HTTP {e.code} {e.reason}"
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+            _raise_if_final(url, e)
             cause = _network_cause(e, retry.timeout)
         if attempt + 1 < retry.attempts:
             wait = retry.wait(attempt)
@@ -184,6 +191,16 @@ def _fetch_with_retries(url: str, part: str, retry: RetryPolicy, progress: bool)
     kept = f" {os.path.getsize(part)} bytes are kept in {part} to resume from." if os.path.exists(part) else ""
     raise DownloadError(f"could not download {url} after {retry.attempts} attempts: {cause}.{kept} "
                         f"Check the network (or {ENV_MIRROR}) and run again.")
+
+
+def _raise_if_final(url: str, error: BaseException) -> None:
+    """Errors another attempt cannot fix: a malformed URL, a certificate that does not verify."""
+    reason = getattr(error, "reason", error)
+    if isinstance(error, http.client.InvalidURL):
+        raise DownloadError(f"cannot download {url}: {error} (check {ENV_MIRROR}).") from error
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        raise DownloadError(f"cannot download {url}: its TLS certificate does not verify ({reason.verify_message}). "
+                            "For a mirror with a private CA, point SSL_CERT_FILE at its certificate.") from error
 
 
 def _http_error_message(url: str, error: urllib.error.HTTPError) -> str:
@@ -207,7 +224,8 @@ def _network_cause(error: BaseException, timeout: float) -> str:
 
 
 def _fetch(url: str, part: str, timeout: float, progress: bool) -> None:
-    """One attempt: append to ``part`` from where it ends (HTTP Range), until the server's full size."""
+    """One attempt: extend ``part`` from where it ends (HTTP Range) to the size the server reports; start
+    over when the server cannot resume it."""
     have = os.path.getsize(part) if os.path.exists(part) else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
@@ -216,21 +234,42 @@ def _fetch(url: str, part: str, timeout: float, progress: bool) -> None:
         if e.code != 416 or not have:  # 416: the partial file is not a prefix the server can extend
             raise
         os.remove(part)
-        raise ConnectionResetError("the server would not resume the partial file; starting over") from e
+        return _fetch(url, part, timeout, progress)
     with response:
-        if have and (response.status != 206 or not response.headers.get("Content-Range", "").startswith(f"bytes {have}-")):
-            have = 0  # the server ignored the Range header (or answered another range): start over
+        if have and response.status == 206 and not response.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
+            os.remove(part)  # the server answered another range than asked: ask for the whole file
+            return _fetch(url, part, timeout, progress)
+        if response.status != 206:
+            have = 0  # the server ignored the Range header and sends the whole file
         total = _total_size(response, have)
-        with open(part, "ab" if have else "wb") as out, tqdm(
-            total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
-            desc=os.path.basename(urllib.parse.urlparse(url).path), leave=False,
-        ) as bar:
-            for chunk in iter(lambda: response.read(CHUNK), b""):
-                out.write(chunk)
-                bar.update(len(chunk))
+        _write(response, part, have, total, progress, os.path.basename(urllib.parse.urlparse(url).path))
     size = os.path.getsize(part)
-    if total is not None and size != total:
+    if total is None:
+        os.remove(part)
+        raise DownloadError(f"{url}: the server did not say how large the file is, so a cut-short transfer "
+                            "could not be told from a complete one; nothing was kept. Try another mirror.")
+    if size > total:
+        os.remove(part)  # not a prefix of this file: start over next attempt
+    if size != total:
         raise http.client.IncompleteRead(b"", total - size)
+
+
+def _write(response, part: str, have: int, total: Optional[int], progress: bool, label: str) -> None:
+    """Stream the response body onto ``part`` (appending after ``have`` bytes), synced to disk."""
+    try:
+        out = open(part, "ab" if have else "wb")
+    except OSError as e:
+        raise DownloadError(f"cannot write {part} ({e.strerror}); check the cache directory or {ENV_CACHE}.") from e
+    with out, tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
+                   desc=label, leave=False) as bar:
+        for chunk in iter(lambda: response.read(CHUNK), b""):
+            try:
+                out.write(chunk)
+            except OSError as e:
+                raise DownloadError(f"cannot write {part} ({e.strerror}); free space or move {ENV_CACHE}.") from e
+            bar.update(len(chunk))
+        out.flush()
+        os.fsync(out.fileno())
 
 
 def _total_size(response: http.client.HTTPResponse, have: int) -> Optional[int]:
@@ -245,7 +284,7 @@ def _total_size(response: http.client.HTTPResponse, have: int) -> Optional[int]:
 def remote_size(url: str, timeout: float = 10.0) -> Optional[int]:
     """The size the server reports for ``url`` (mirrored) in a HEAD request; None if it does not say."""
     url = mirrored(url)
-    _check_scheme(url)
+    _check_url(url)
     with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout) as response:
         length = response.headers.get("Content-Length")
     return int(length) if length and length.isdigit() else None

@@ -3,14 +3,20 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-OK, TRUNCATE, DIE_ONCE, SLOW = "ok", "truncate", "die_once", "slow"
+OK = "ok"  # honours "Range: bytes=N-" (416 past the end)
+TRUNCATE = "truncate"  # announces the full length, sends half, closes
+DIE_ONCE = "die_once"  # TRUNCATE the first time, OK after
+SLOW = "slow"  # waits slow_seconds, then OK
+NO_LENGTH = "no_length"  # sends the whole body without Content-Length
+IGNORE_RANGE = "ignore_range"  # always 200 with the whole body
+WRONG_RANGE = "wrong_range"  # answers a Range request with 206 from byte 0
+UNAVAILABLE_ONCE = "unavailable_once"  # 503 the first time, OK after
+FORBIDDEN = "forbidden"  # 403
 
 
 class FileServer:
     """Serves ``routes[path] = (behaviour, body)``; any other path is a 404. ``requests`` records
-    (method, path, Range header) for each request. Behaviours: OK (honours ``Range: bytes=N-``),
-    TRUNCATE (announces the full length, sends half, closes), DIE_ONCE (TRUNCATE the first time, OK after),
-    SLOW (waits ``slow_seconds`` before answering)."""
+    (method, path, Range header) for each request."""
 
     def __init__(self, slow_seconds: float = 2.0):
         self.routes, self.requests, self.slow_seconds = {}, [], slow_seconds
@@ -38,16 +44,28 @@ class FileServer:
             request.send_error(404)
             return
         behaviour, body = self.routes[request.path]
+        first = self.count(request.path) == 1
+        if behaviour == FORBIDDEN or (behaviour == UNAVAILABLE_ONCE and first):
+            request.send_error(403 if behaviour == FORBIDDEN else 503)
+            return
         if behaviour == SLOW:
             time.sleep(self.slow_seconds)
-        start = int(range_header[len("bytes="):-1]) if range_header else 0
-        cut = behaviour == TRUNCATE or (behaviour == DIE_ONCE and self.count(request.path) == 1)
-        request.send_response(206 if start else 200)
-        request.send_header("Content-Length", str(len(body) - start))
-        if start:
-            request.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        start = int(range_header[len("bytes="):-1]) if range_header and behaviour != IGNORE_RANGE else 0
+        if start >= len(body) and start:
+            request.send_error(416)
+            return
+        if behaviour == WRONG_RANGE and start:
+            start, claimed = 0, f"bytes 0-{len(body) - 1}/{len(body)}"
+        else:
+            claimed = f"bytes {start}-{len(body) - 1}/{len(body)}"
+        request.send_response(206 if range_header and behaviour != IGNORE_RANGE else 200)
+        if behaviour != NO_LENGTH:
+            request.send_header("Content-Length", str(len(body) - start))
+        if range_header and behaviour != IGNORE_RANGE:
+            request.send_header("Content-Range", claimed)
         request.end_headers()
         if send_body:
+            cut = behaviour == TRUNCATE or (behaviour == DIE_ONCE and first)
             end = start + (len(body) - start) // 2 if cut else len(body)
             request.wfile.write(body[start:end])
 

@@ -3,6 +3,7 @@ server that the mirror variable points to."""
 import hashlib
 import os
 import pickle
+import threading
 
 import pytest
 import torch
@@ -16,7 +17,8 @@ from gn_detection.download import PART, Checksums, DownloadError, IntegrityError
 
 from .conftest import CONFIGS, TINY_OVERRIDES, make_cfg, run_tool
 from .fabricate import caffe2_name, detectron_blobs
-from .http_server import DIE_ONCE, OK, SLOW, TRUNCATE, FileServer
+from .http_server import (DIE_ONCE, FORBIDDEN, IGNORE_RANGE, NO_LENGTH, OK, SLOW, TRUNCATE, UNAVAILABLE_ONCE,
+                          WRONG_RANGE, FileServer)
 
 # A depth-50 GN ResNet with Detectron's layer names at 1/4 of the width, so files stay a few MB.
 NARROW_R50 = (*TINY_OVERRIDES, "MODEL.RESNETS.STEM_OUT_CHANNELS", 16, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
@@ -159,7 +161,8 @@ def test_fabricated_names_follow_detectron_for_r50():
     assert caffe2_name("roi_heads.mask_head.mask_fcn2.norm.weight", last) == "_mask_fcn2_gn_s"
 
 
-def test_pth_files_load_weights_only(tmp_path):
+def test_pth_files_load_weights_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # torch's default would now unpickle anything
     model = torch.nn.Linear(2, 2)
     good, bad = tmp_path / "good.pth", tmp_path / "bad.pth"
     torch.save({"model": {"weight": torch.ones(2, 2), "bias": torch.zeros(2)}}, good)
@@ -263,6 +266,91 @@ def test_bad_retry_setting_names_the_variable(server, monkeypatch):
         download(URL, progress=False)
 
 
+def part_of(url: str) -> str:
+    return cache_path(url) + PART
+
+
+def start_part(url: str, data: bytes) -> None:
+    """A partial download left behind, as by a killed process."""
+    os.makedirs(os.path.dirname(part_of(url)), exist_ok=True)
+    with open(part_of(url), "wb") as f:
+        f.write(data)
+
+
+def test_a_killed_downloads_part_is_resumed_not_trusted(server):
+    start_part(URL, BODY[:1000])
+    serve(server, URL, BODY)
+    assert open(download(URL, progress=False), "rb").read() == BODY
+    assert server.requests[-1][2] == "bytes=1000-"
+
+
+@pytest.mark.parametrize("behaviour, part", [(IGNORE_RANGE, BODY[:1000]), (WRONG_RANGE, BODY[:1000]),
+                                             (OK, BODY + b"stale tail")])  # the last gets HTTP 416
+def test_a_part_the_server_cannot_extend_is_started_over(server, monkeypatch, behaviour, part):
+    monkeypatch.setenv("GN_DETECTION_RETRIES", "1")  # starting over is part of the same attempt
+    start_part(URL, part)
+    serve(server, URL, BODY, behaviour)
+    assert open(download(URL, progress=False), "rb").read() == BODY
+
+
+def test_503_is_retried_and_403_is_final(server):
+    serve(server, URL, BODY, UNAVAILABLE_ONCE)
+    assert open(download(URL, progress=False), "rb").read() == BODY
+    other = URL.replace("000000", "111111")
+    serve(server, other, BODY, FORBIDDEN)
+    with pytest.raises(DownloadError, match="HTTP 403"):
+        download(other, progress=False)
+    assert server.count(mirrored(other)[len(server.url):]) == 1
+
+
+def test_a_file_of_unknown_size_is_not_kept(server):
+    serve(server, URL, BODY, NO_LENGTH)
+    with pytest.raises(DownloadError, match="did not say how large the file is"):
+        download(URL, progress=False)
+    assert cache_files(URL) == []
+
+
+def test_concurrent_downloads_share_one_transfer(server):
+    server.slow_seconds = 0.3
+    serve(server, URL, BODY, SLOW)
+    paths = []
+    threads = [threading.Thread(target=lambda: paths.append(download(URL, progress=False))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(paths)) == 1 and len(paths) == 3
+    assert server.count(mirrored(URL)[len(server.url):]) == 1
+
+
+def test_a_cached_file_needs_no_lock_and_an_unwritable_cache_is_named(server):
+    serve(server, URL, BODY)
+    local = download(URL, progress=False)
+    os.remove(local + ".lock")
+    os.mkdir(local + ".lock")  # the lock cannot be opened now
+    assert download(URL, progress=False) == local
+    other = URL.replace("000000", "222222")
+    os.mkdir(cache_path(other) + ".lock")
+    with pytest.raises(DownloadError, match="cannot write to the cache .*GN_DETECTION_CACHE"):
+        download(other, progress=False)
+
+
+@pytest.mark.parametrize("mirror, message", [("https://", "names no host"), ("ftp://127.0.0.1", "only https://"),
+                                             ("https://127.0.0.1:port", "nonnumeric port")])
+def test_malformed_mirrors_fail_at_once(server, monkeypatch, mirror, message):
+    monkeypatch.setenv("GN_DETECTION_MIRROR", mirror)
+    monkeypatch.setenv("GN_DETECTION_BACKOFF", "5")  # a retry would make this test slow
+    with pytest.raises(DownloadError, match=message):
+        download(URL, progress=False)
+
+
+@pytest.mark.parametrize("variable, value", [("GN_DETECTION_RETRIES", "0"), ("GN_DETECTION_TIMEOUT", "0")])
+def test_out_of_range_settings_are_named(server, monkeypatch, variable, value):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError, match=variable):
+        download(URL, progress=False)
+
+
 # -- the catalog ----------------------------------------------------------------------------------------------
 
 def test_catalog_matches_detectron2s_names_and_md5_prefixes():
@@ -308,6 +396,8 @@ def test_command_line_list_and_download(server):
     remote = run_tool(["tools/model_zoo.py", "list", "--remote"], env).stdout.splitlines()
     assert "2.0 KiB" in next(line for line in remote if line.startswith(not_cached.name))
 
-    missing = run_tool(["tools/model_zoo.py", "download", "Detectron/nothing"], env)
-    assert missing.returncode == 1 and "not in the GN model zoo" in missing.stderr
-    assert "Traceback" not in missing.stderr
+    unknown = run_tool(["tools/model_zoo.py", "download", "Detectron/nothing"], env)
+    assert unknown.returncode == 1 and "not in the GN model zoo" in unknown.stderr
+    not_served = run_tool(["tools/model_zoo.py", "download", "Detectron/e2e_mask_rcnn_R-101-FPN_2x_gn"], env)
+    assert not_served.returncode == 1 and "does not exist (HTTP 404)" in not_served.stderr
+    assert "Traceback" not in unknown.stderr + not_served.stderr

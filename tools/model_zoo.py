@@ -66,7 +66,7 @@ def main(argv=None) -> int:
         else:
             for name in args.names:
                 print(model_zoo.fetch(name))
-    except (KeyError, DownloadError) as e:
+    except (KeyError, ValueError, DownloadError) as e:
         print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 1
     return 0
