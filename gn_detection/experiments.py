@@ -1,0 +1,159 @@
+"""The paper's comparisons as a matrix of training runs ("cells"), described by a preset YAML.
+
+A preset names a base config, the images each run sees, the learning rate per image, the seeds and the
+experiments to run:
+
+- ``batch_size``: normalizations x images per GPU (the paper's BN-vs-GN batch-size sweep);
+- ``groups``: GN with G groups, and with C channels per group (the paper's group ablation);
+- ``scratch``: normalizations trained from random initialization at one batch size;
+- ``gn_placement``: GN in the backbone only, then adding the FPN, the box head and the mask head.
+
+Every run of a preset sees the same number of images, so a run at b images per GPU has
+``images_per_run / (b * num_gpus)`` iterations, with the learning rate scaled linearly with the batch and
+the LR steps at the same fractions of the schedule.
+"""
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Tuple
+
+import yaml
+from detectron2.config import CfgNode
+from detectron2.modeling import build_model
+
+from .group_norm import GroupNormChannelsError
+
+NORM_KEYS = ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NORM")
+# Normalization variants: the NORM of (backbone, FPN, box head, mask head). Frozen BN from random
+# initialization is a fixed affine map, i.e. no normalization; Detectron2 has no FrozenBN for the heads.
+NORMS: Dict[str, Tuple[str, str, str, str]] = {
+    "GN": ("GN", "GN", "GN", "GN"),
+    "BN": ("BN", "BN", "BN", "BN"),  # batch statistics of each GPU's own images
+    "SyncBN": ("SyncBN", "SyncBN", "SyncBN", "SyncBN"),  # statistics over all GPUs; on one GPU or CPU: BN
+    "FrozenBN": ("FrozenBN", "", "", ""),
+}
+PLACEMENTS: Dict[str, Tuple[str, str, str, str]] = {
+    "backbone": ("GN", "", "", ""),
+    "backbone+FPN": ("GN", "GN", "", ""),
+    "+box head": ("GN", "GN", "GN", ""),
+    "+mask head": ("GN", "GN", "GN", "GN"),
+}
+LABELS = {"FrozenBN": "frozen BN (no normalization)"}
+EXPERIMENTS = ("batch_size", "groups", "scratch", "gn_placement")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run: a variant of an experiment at ``ims_per_gpu`` images per GPU with one seed."""
+
+    experiment: str
+    variant: str
+    ims_per_gpu: int
+    seed: int
+    opts: Tuple = ()  # config overrides that make the variant (KEY VALUE ...)
+
+    @property
+    def name(self) -> str:
+        """A directory name unique within the preset."""
+        variant = self.variant.replace("+", "plus_").replace(" ", "_").replace("=", "")
+        return f"{self.experiment}/{variant}_ims{self.ims_per_gpu}_seed{self.seed}"
+
+
+@dataclass
+class Preset:
+    """A preset YAML (see experiments/quick.yaml), with paths relative to the repository."""
+
+    name: str
+    config: str
+    experiments: Dict[str, Dict]
+    seeds: List[int]
+    images_per_run: int
+    lr_per_image: float
+    warmup_images: int = 0
+    num_gpus: int = 1
+    opts: List = field(default_factory=list)
+    dataset: Dict = field(default_factory=dict)  # shapes dataset to generate: root, image_size, num_train, ...
+    expected_cost: str = ""
+
+    @classmethod
+    def load(cls, path: str) -> "Preset":
+        """Read a preset YAML; unknown keys and experiments are errors naming the file."""
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        known = set(cls.__dataclass_fields__) - {"name"}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; a preset has {sorted(known)}")
+        missing = {"config", "experiments", "seeds", "images_per_run", "lr_per_image"} - set(data)
+        if missing:
+            raise ValueError(f"{path}: missing key(s) {sorted(missing)}")
+        bad = set(data["experiments"]) - set(EXPERIMENTS)
+        if bad:
+            raise ValueError(f"{path}: unknown experiment(s) {sorted(bad)}; choose from {list(EXPERIMENTS)}")
+        return cls(name=os.path.splitext(os.path.basename(path))[0], **data)
+
+    def cells(self, only: Tuple[str, ...] = ()) -> List[Cell]:
+        """Every run of the preset (of the experiments in ``only``, if given), seeds innermost."""
+        cells = []
+        for experiment, spec in self.experiments.items():
+            if only and experiment not in only:
+                continue
+            for variant, ims, opts in _variants(experiment, spec):
+                cells += [Cell(experiment, variant, ims, seed, opts) for seed in self.seeds]
+        return cells
+
+    def schedule(self, ims_per_gpu: int) -> List:
+        """Solver overrides for a run at ``ims_per_gpu``: the same images seen, LR linear in the batch."""
+        batch = ims_per_gpu * self.num_gpus
+        iters = max(1, self.images_per_run // batch)
+        steps = tuple(sorted({max(1, int(iters * f)) for f in (0.7, 0.9)} - {iters}))
+        return ["SOLVER.IMS_PER_BATCH", batch, "SOLVER.REFERENCE_WORLD_SIZE", 0,
+                "SOLVER.BASE_LR", self.lr_per_image * batch, "SOLVER.MAX_ITER", iters, "SOLVER.STEPS", steps,
+                "SOLVER.WARMUP_ITERS", min(iters - 1, self.warmup_images // batch), "SOLVER.CHECKPOINT_PERIOD", iters + 1]
+
+    def overrides(self, cell: Cell) -> List:
+        """All config overrides of a cell, in the order they apply: preset, variant, schedule, seed."""
+        return [*self.opts, *cell.opts, *self.schedule(cell.ims_per_gpu), "SEED", cell.seed]
+
+
+def _norm_opts(norms: Tuple[str, str, str, str]) -> Tuple:
+    return tuple(x for key, norm in zip(NORM_KEYS, norms) for x in (key, norm))
+
+
+def _variants(experiment: str, spec: Dict):
+    """(variant name, images per GPU, config overrides) of each variant of an experiment."""
+    if experiment == "batch_size":
+        for norm in spec["norms"]:
+            for ims in spec["ims_per_gpu"]:
+                yield norm, ims, _norm_opts(_norm(norm))
+    elif experiment == "groups":
+        for g in spec.get("num_groups", []):
+            yield f"G={g}", spec["ims_per_gpu"], ("MODEL.GN.NUM_GROUPS", g, "MODEL.GN.CHANNELS_PER_GROUP", 0)
+        for c in spec.get("channels_per_group", []):
+            yield f"C={c}", spec["ims_per_gpu"], ("MODEL.GN.CHANNELS_PER_GROUP", c)
+    elif experiment == "scratch":
+        scratch = ("MODEL.WEIGHTS", "", "MODEL.BACKBONE.FREEZE_AT", 0)
+        for norm in spec["norms"]:
+            yield norm, spec["ims_per_gpu"], _norm_opts(_norm(norm)) + scratch
+    else:
+        for placement in spec["placements"]:
+            if placement not in PLACEMENTS:
+                raise ValueError(f"gn_placement: unknown placement {placement!r}; choose from {list(PLACEMENTS)}")
+            yield placement, spec["ims_per_gpu"], _norm_opts(PLACEMENTS[placement])
+
+
+def _norm(name: str) -> Tuple[str, str, str, str]:
+    if name not in NORMS:
+        raise ValueError(f"unknown normalization {name!r}; choose from {list(NORMS)}")
+    return NORMS[name]
+
+
+def build_error(cfg: CfgNode) -> str:
+    """Why the model of ``cfg`` cannot be built (e.g. G does not divide a layer's width), or ''.
+    The model is built on the CPU, so the check needs no GPU."""
+    cfg = cfg.clone()
+    cfg.MODEL.DEVICE = "cpu"
+    try:
+        build_model(cfg)
+    except GroupNormChannelsError as e:
+        return str(e)
+    return ""

@@ -1,0 +1,163 @@
+"""Collecting experiment runs into a JSON file, a Markdown table and the paper's plots."""
+import json
+import math
+import os
+import statistics
+from collections import defaultdict
+from typing import Dict, List, Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
+
+from .experiments import LABELS  # noqa: E402
+
+RESULT_FILE = "cell.json"  # written by the runner into each run's directory once the run has ended
+METRICS = (("segm/AP", "mask AP"), ("bbox/AP", "box AP"))
+
+
+def final_metrics(metrics_json: str) -> Dict[str, float]:
+    """The last evaluation (box and mask AP) in a Detectron2 ``metrics.json``; {} if it has none."""
+    last = {}
+    if os.path.isfile(metrics_json):
+        with open(metrics_json) as f:
+            for line in f:
+                record = json.loads(line)
+                if "segm/AP" in record or "bbox/AP" in record:
+                    last = record
+    return {key: last[key] for key, _ in METRICS if key in last}
+
+
+def collect(out_dir: str) -> List[Dict]:
+    """Every ended run under ``out_dir`` (the records the runner wrote), sorted by experiment and cell."""
+    records = []
+    for root, _, files in os.walk(out_dir):
+        if RESULT_FILE in files:
+            with open(os.path.join(root, RESULT_FILE)) as f:
+                records.append(json.load(f))
+    return sorted(records, key=lambda r: (r["experiment"], r["order"], r["seed"]))
+
+
+def summarize(records: List[Dict]) -> List[Dict]:
+    """One row per (experiment, variant, images per GPU): mean, std and values over seeds of each AP, or
+    the status of runs that did not finish (diverged, failed, not buildable)."""
+    groups = defaultdict(list)
+    for r in records:
+        groups[(r["experiment"], r["order"], r["variant"], r["ims_per_gpu"])].append(r)
+    rows = []
+    for (experiment, _, variant, ims), runs in sorted(groups.items()):
+        row = {"experiment": experiment, "variant": variant, "ims_per_gpu": ims,
+               "seeds": [r["seed"] for r in runs], "status": sorted({r["status"] for r in runs})}
+        for key, _ in METRICS:
+            values = [r["metrics"][key] for r in runs if key in r.get("metrics", {})]
+            values = [v for v in values if not math.isnan(v)]
+            row[key] = {"values": values, "mean": statistics.fmean(values) if values else None,
+                        "std": statistics.stdev(values) if len(values) > 1 else 0.0 if values else None}
+        rows.append(row)
+    return rows
+
+
+def _cell_text(row: Dict, key: str) -> str:
+    stats = row[key]
+    if stats["mean"] is None:
+        return "/".join(s for s in row["status"] if s != "ok") or "-"
+    text = f"{stats['mean']:.1f}"
+    if len(stats["values"]) > 1:
+        text += f" ± {stats['std']:.1f}"
+    failed = [s for s in row["status"] if s != "ok"]
+    return text + (f" ({'/'.join(failed)} in some seeds)" if failed else "")
+
+
+def markdown_table(rows: List[Dict]) -> str:
+    """The rows as Markdown: one table per experiment, mean ± std over seeds of mask AP and box AP."""
+    out = []
+    for experiment in dict.fromkeys(r["experiment"] for r in rows):
+        part = [r for r in rows if r["experiment"] == experiment]
+        out += [f"### {experiment}", "", "| variant | images/GPU | seeds | mask AP | box AP |", "|---|---|---|---|---|"]
+        for r in part:
+            label = LABELS.get(r["variant"], r["variant"])
+            out.append(f"| {label} | {r['ims_per_gpu']} | {len(r['seeds'])} | {_cell_text(r, 'segm/AP')} | "
+                       f"{_cell_text(r, 'bbox/AP')} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _line_plot(ax, rows: List[Dict], key: str, x_of, series_of, xlabel: str) -> None:
+    series = defaultdict(list)
+    for r in rows:
+        if r[key]["mean"] is not None:
+            series[series_of(r)].append((x_of(r), r[key]["mean"], r[key]["std"]))
+    for name, points in series.items():
+        points.sort()
+        xs, ys, errs = zip(*points)
+        ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=LABELS.get(name, name))
+    ax.set_xscale("log", base=2)
+    ticks = sorted({x for points in series.values() for x, _, _ in points})
+    ax.set_xticks(ticks, [str(x) for x in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"{dict(METRICS)[key]} (%)")
+    ax.grid(True, alpha=0.3)
+    if series:
+        ax.legend()
+
+
+def _bar_plot(ax, rows: List[Dict], key: str) -> None:
+    names = [LABELS.get(r["variant"], r["variant"]) for r in rows]
+    means = [r[key]["mean"] or 0.0 for r in rows]
+    errs = [r[key]["std"] or 0.0 for r in rows]
+    ax.bar(range(len(rows)), means, yerr=errs, capsize=3)
+    ax.set_xticks(range(len(rows)), names, rotation=20, ha="right")
+    ax.set_ylabel(f"{dict(METRICS)[key]} (%)")
+    ax.grid(True, axis="y", alpha=0.3)
+
+
+def plot(rows: List[Dict], out_dir: str, title: str) -> List[str]:
+    """Draw each experiment's plot as ``<experiment>.png`` in ``out_dir``; returns the paths."""
+    paths = []
+    for experiment in dict.fromkeys(r["experiment"] for r in rows):
+        part = [r for r in rows if r["experiment"] == experiment]
+        if experiment == "groups":
+            by_g = [r for r in part if r["variant"].startswith("G=")]
+            by_c = [r for r in part if r["variant"].startswith("C=")]
+            panels = [p for p in (by_g, by_c) if p]
+        else:
+            panels = [part]
+        fig, axes = plt.subplots(len(panels), 2, figsize=(10, 4 * len(panels)), squeeze=False)
+        for panel, ax_row in zip(panels, axes):
+            for ax, (key, _) in zip(ax_row, METRICS):
+                _draw_panel(ax, experiment, panel, key)
+        fig.suptitle(f"{title}: {experiment} (mean ± std over seeds)")
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{experiment}.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _draw_panel(ax, experiment: str, rows: List[Dict], key: str) -> None:
+    if experiment == "batch_size":
+        _line_plot(ax, rows, key, lambda r: r["ims_per_gpu"], lambda r: r["variant"], "images per GPU")
+    elif experiment == "groups":
+        by_groups = rows[0]["variant"].startswith("G=")
+        _line_plot(ax, rows, key, lambda r: int(r["variant"][2:]), lambda r: "GN",
+                   "groups per layer (G)" if by_groups else "channels per group")
+    else:
+        _bar_plot(ax, rows, key)
+
+
+def write_report(out_dir: str, title: str, header: Optional[Dict] = None) -> Dict[str, str]:
+    """Collect the runs under ``out_dir`` and write ``results.json``, ``results.md`` and the plots."""
+    records = collect(out_dir)
+    rows = summarize(records)
+    header = header or {}
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump({**header, "summary": rows, "runs": records}, f, indent=1)
+    lines = [f"# {title}", ""] + [f"- {k}: {v}" for k, v in header.items()] + ["", markdown_table(rows)]
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write("\n".join(lines))
+    plots = plot(rows, out_dir, title)
+    return {"json": os.path.join(out_dir, "results.json"), "markdown": os.path.join(out_dir, "results.md"),
+            "plots": plots}
