@@ -36,17 +36,17 @@ def collect(out_dir: str) -> List[Dict]:
         if RESULT_FILE in files:
             with open(os.path.join(root, RESULT_FILE)) as f:
                 records.append(json.load(f))
-    return sorted(records, key=lambda r: (r["experiment"], r["order"], r["seed"]))
+    return sorted(records, key=lambda r: (r["experiment"], r["order"], r["ims_per_gpu"], r["seed"]))
 
 
 def summarize(records: List[Dict]) -> List[Dict]:
     """One row per (experiment, variant, images per GPU): mean, std and values over seeds of each AP, or
     the status of runs that did not finish (diverged, failed, not buildable)."""
     groups = defaultdict(list)
-    for r in records:
-        groups[(r["experiment"], r["order"], r["variant"], r["ims_per_gpu"])].append(r)
+    for r in records:  # records come sorted by experiment and preset order
+        groups[(r["experiment"], r["variant"], r["ims_per_gpu"])].append(r)
     rows = []
-    for (experiment, _, variant, ims), runs in sorted(groups.items()):
+    for (experiment, variant, ims), runs in groups.items():
         row = {"experiment": experiment, "variant": variant, "ims_per_gpu": ims,
                "seeds": [r["seed"] for r in runs], "status": sorted({r["status"] for r in runs})}
         for key, _ in METRICS:

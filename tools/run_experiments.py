@@ -80,7 +80,8 @@ def run_cell(preset: Preset, cell: Cell, order: int, out_dir: str, env: Dict[str
 def _failure(run_dir: str) -> str:
     with open(os.path.join(run_dir, "stdout.txt")) as f:
         log = f.read()
-    return "diverged" if "Loss became infinite or NaN" in log else "failed"
+    diverged = ("Loss became infinite or NaN", "Training has diverged")  # Detectron2's two NaN checks
+    return "diverged" if any(message in log for message in diverged) else "failed"
 
 
 def _remove_weights(run_dir: str) -> None:
