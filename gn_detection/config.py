@@ -1,5 +1,8 @@
 """Config keys added by gn_detection."""
+from typing import Sequence
+
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 
 
 def add_gn_config(cfg: CN) -> None:
@@ -15,3 +18,12 @@ def add_gn_config(cfg: CN) -> None:
     cfg.TEST.VIS_NUM_IMAGES = 0
     # Score threshold for the predictions drawn on those images.
     cfg.TEST.VIS_SCORE_THRESH = 0.5
+
+
+def load_config(config_file: str, opts: Sequence = ()) -> CN:
+    """Detectron2's defaults plus gn_detection's keys, merged with ``config_file`` and KEY VALUE ``opts``."""
+    cfg = get_cfg()
+    add_gn_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    return cfg

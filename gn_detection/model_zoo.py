@@ -19,14 +19,14 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.modeling import build_model
 from detectron2.utils.file_io import PathManager
 from iopath.common.file_io import PathHandler
 from torch import nn
 
 from .checkpoint import load_weights
-from .config import add_gn_config
+from .config import load_config
 from .download import PUBLIC_HOST, Checksums, DownloadError, download
 
 SCHEME = "gn-zoo://"
@@ -135,10 +135,7 @@ def get_config(name: str, trained: bool = True) -> CfgNode:
     """The config a catalog checkpoint belongs to; with ``trained``, its MODEL.WEIGHTS point to it (for
     an ImageNet backbone: the config that fine-tunes from it). MODEL.DEVICE is cpu where no GPU is visible."""
     model = lookup(name)
-    cfg = get_cfg()
-    add_gn_config(cfg)
-    cfg.merge_from_file(os.path.join(CONFIG_DIR, model.config))
-    cfg.merge_from_list(list(model.opts))
+    cfg = load_config(os.path.join(CONFIG_DIR, model.config), model.opts)
     cfg.MODEL.WEIGHTS = SCHEME + model.name if trained else ""
     if not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"

@@ -3,9 +3,9 @@ import subprocess
 import sys
 
 import pytest
-from detectron2.config import get_cfg
 
 import gn_detection
+from gn_detection.config import load_config
 from gn_detection.shapes import ShapesSplitSpec, generate_split
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,10 +23,7 @@ TINY_OVERRIDES = [
 
 def make_cfg(config_file: str, *opts):
     """A gn_detection config from a file and KEY VALUE overrides, as tools/train_net.py builds it."""
-    cfg = get_cfg()
-    gn_detection.add_gn_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    cfg = load_config(config_file, opts)
     cfg.MODEL.DEVICE = "cpu"
     return cfg
 

@@ -21,9 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List
 
 import torch
-from detectron2.config import get_cfg
 
-from gn_detection.config import add_gn_config
+from gn_detection.config import load_config
 from gn_detection.experiments import EXPERIMENTS, Cell, Preset, build_error
 from gn_detection.report import RESULT_FILE, collect, final_metrics, write_report
 from gn_detection.shapes import ShapesSplitSpec, generate_split
@@ -32,11 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def cell_config(preset: Preset, cell: Cell):
-    cfg = get_cfg()
-    add_gn_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, preset.config))
-    cfg.merge_from_list(preset.overrides(cell))
-    return cfg
+    return load_config(os.path.join(REPO, preset.config), preset.overrides(cell))
 
 
 def prepare_dataset(preset: Preset) -> Dict[str, str]:
@@ -55,8 +50,9 @@ def run_cell(preset: Preset, cell: Cell, order: int, out_dir: str, env: Dict[str
     """Train and evaluate one cell with tools/train_net.py; write and return its record."""
     run_dir = os.path.join(out_dir, cell.name)
     os.makedirs(run_dir, exist_ok=True)
+    overrides = [str(x) for x in preset.overrides(cell)]
     record = {"experiment": cell.experiment, "variant": cell.variant, "ims_per_gpu": cell.ims_per_gpu,
-              "seed": cell.seed, "order": order, "overrides": [str(x) for x in preset.overrides(cell)]}
+              "seed": cell.seed, "order": order, "overrides": overrides}
     error = build_error(cell_config(preset, cell))
     start = time.time()
     if error:
@@ -64,7 +60,7 @@ def run_cell(preset: Preset, cell: Cell, order: int, out_dir: str, env: Dict[str
     else:
         command = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file",
                    os.path.join(REPO, preset.config), "--num-gpus", str(preset.num_gpus),
-                   *map(str, preset.overrides(cell)), "OUTPUT_DIR", run_dir, "TEST.VIS_NUM_IMAGES", "0"]
+                   *overrides, "OUTPUT_DIR", run_dir, "TEST.VIS_NUM_IMAGES", "0"]
         record["command"] = " ".join(shlex.quote(c) for c in command)
         with open(os.path.join(run_dir, "stdout.txt"), "w") as log:
             done = subprocess.run(command, cwd=REPO, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)

@@ -12,13 +12,12 @@ import os
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from gn_detection import add_gn_config
+from gn_detection.config import load_config
 from gn_detection.checkpoint import AtomicCheckpointer
 from gn_detection.datasets import check_dataset_files
 from gn_detection.visualize import draw_predictions, plot_loss_curve
@@ -43,10 +42,7 @@ class Trainer(DefaultTrainer):
 def setup(args):
     """Config from gn_detection's defaults, the file and the command-line overrides; checks that the
     device and the datasets it names are there before any work starts."""
-    cfg = get_cfg()
-    add_gn_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(
