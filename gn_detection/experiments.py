@@ -72,7 +72,6 @@ class Preset:
     num_gpus: int = 1
     opts: List = field(default_factory=list)
     dataset: Dict = field(default_factory=dict)  # shapes dataset to generate: root, image_size, num_train, ...
-    expected_cost: str = ""
 
     @classmethod
     def load(cls, path: str) -> "Preset":

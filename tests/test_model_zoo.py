@@ -230,7 +230,7 @@ def test_404_is_final_and_names_the_url(server):
     assert len(server.requests) == 1  # no retries for a missing file
 
 
-def test_cache_hit_needs_no_server(server, monkeypatch):
+def test_cache_hit_needs_no_server(server):
     serve(server, URL, BODY)
     first = download(URL, progress=False)
     server.stop()
@@ -238,7 +238,7 @@ def test_cache_hit_needs_no_server(server, monkeypatch):
     assert len(server.requests) == 1
 
 
-def test_refused_connection_and_timeout_are_named(server, monkeypatch):
+def test_refused_connection_and_timeout_are_named(server):
     serve(server, URL, BODY, SLOW)
     with pytest.raises(DownloadError, match="timed out"):
         download(URL, progress=False)
