@@ -2,19 +2,62 @@
 
 Built from Detectron2's own ResNet, BasicStem, BasicBlock, BottleneckBlock and FPN modules, so the module
 tree (and thus every checkpoint key) is the same as Detectron2's ``build_resnet_fpn_backbone``; only the
-GN layers differ, and only when MODEL.GN asks for something other than Detectron2's G=32.
+GN layers differ, and only when MODEL.GN asks for something other than Detectron2's G=32. With
+MODEL.GN.FUSE_RELU the GN blocks are subclasses whose GN layers apply the ReLU that follows them.
 """
 from typing import Sequence
 
+import torch
+import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone import FPN, ResNet
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock
 
-from .group_norm import GroupNormSpec, NormSetting, gn_layer_context, resolve_norm
+from .group_norm import GroupNormSpec, NormSetting, fold_relu, gn_layer_context, resolve_norm
 
 BLOCKS_PER_STAGE = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+
+
+class GNReLUStem(BasicStem):
+    """Detectron2's stem whose GN layer applies the ReLU before the max-pool."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        fold_relu(self.conv1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(self.conv1(x), kernel_size=3, stride=2, padding=1)
+
+
+def _add_shortcut_relu(block, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The residual tail every ResNet block shares: relu(out + shortcut(x)), in place."""
+    out += x if block.shortcut is None else block.shortcut(x)
+    return F.relu_(out)
+
+
+class GNReLUBasicBlock(BasicBlock):
+    """Detectron2's BasicBlock whose first GN layer applies the ReLU after it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        fold_relu(self.conv1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _add_shortcut_relu(self, self.conv2(self.conv1(x)), x)
+
+
+class GNReLUBottleneckBlock(BottleneckBlock):
+    """Detectron2's BottleneckBlock whose first two GN layers apply the ReLUs after them."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        fold_relu(self.conv1)
+        fold_relu(self.conv2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _add_shortcut_relu(self, self.conv3(self.conv2(self.conv1(x))), x)
 
 
 def make_resnet(
@@ -45,8 +88,12 @@ def make_resnet(
             f"{res2_out_channels}), NUM_GROUPS 1 (got {num_groups}), RES5_DILATION 1 (got {res5_dilation})"
         )
     norm = resolve_norm(norm, gn)
+    fold = norm is gn and gn.fuse_relu
+    stem_class, basic_class, bottleneck_class = (
+        (GNReLUStem, GNReLUBasicBlock, GNReLUBottleneckBlock) if fold else (BasicStem, BasicBlock, BottleneckBlock)
+    )
     with gn_layer_context(f"the ResNet stem (MODEL.RESNETS.STEM_OUT_CHANNELS={stem_out_channels})"):
-        stem = BasicStem(in_channels, stem_out_channels, norm=norm)
+        stem = stem_class(in_channels, stem_out_channels, norm=norm)
 
     stages, stage_in = [], stem_out_channels
     for index, num_blocks in enumerate(BLOCKS_PER_STAGE[depth]):
@@ -55,12 +102,12 @@ def make_resnet(
         dilation = res5_dilation if index == 3 else 1
         first_stride = 1 if index == 0 or dilation == 2 else 2
         if basic:
-            block_args = {"block_class": BasicBlock}
+            block_args = {"block_class": basic_class}
             widths = f"{stage_out}"
         else:
             bottleneck = num_groups * width_per_group * scale
             block_args = {
-                "block_class": BottleneckBlock,
+                "block_class": bottleneck_class,
                 "bottleneck_channels": bottleneck,
                 "stride_in_1x1": stride_in_1x1,
                 "dilation": dilation,

@@ -5,7 +5,7 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.roi_heads import ROI_BOX_HEAD_REGISTRY, FastRCNNConvFCHead
 
-from .group_norm import GroupNormSpec, NormSetting, gn_layer_context, resolve_norm
+from .group_norm import GroupNormSpec, NormSetting, fold_relus, gn_layer_context, resolve_norm
 
 
 @ROI_BOX_HEAD_REGISTRY.register()
@@ -36,6 +36,7 @@ class GNConvFCHead(FastRCNNConvFCHead):
             super().__init__(
                 input_shape, conv_dims=conv_dims, fc_dims=fc_dims, conv_norm=resolve_norm(conv_norm, gn)
             )
+        fold_relus(self.conv_norm_relus, conv_norm, gn)
 
     @classmethod
     def from_config(cls, cfg, input_shape):

@@ -14,6 +14,13 @@ def add_gn_config(cfg: CN) -> None:
     cfg.MODEL.GN.CHANNELS_PER_GROUP = 0
     # Added to each group's variance before the square root.
     cfg.MODEL.GN.EPS = 1e-5
+    # "auto": fused Triton GN kernels on CUDA, torch's group_norm elsewhere; "triton": always the kernels
+    # (on the CPU only with TRITON_INTERPRET=1, for tests); "torch": always torch's group_norm.
+    cfg.MODEL.GN.IMPL = "auto"
+    # Fold the ReLU that follows a GN layer (ResNet blocks and stem, box and mask head convs) into it.
+    cfg.MODEL.GN.FUSE_RELU = True
+    # Under AMP, keep GN in fp16/bf16 (fp32 statistics) rather than casting its input to fp32 and back.
+    cfg.MODEL.GN.AUTOCAST_HALF = True
     # After evaluation, draw predictions on this many images of the first test dataset (0 = none).
     cfg.TEST.VIS_NUM_IMAGES = 0
     # Score threshold for the predictions drawn on those images.

@@ -3,13 +3,21 @@
 Detectron2's own ``"GN"`` norm is always ``nn.GroupNorm(32, C)``. Our components instead build GN layers
 from a :class:`GroupNormSpec`, which covers the paper's two ablation axes: a fixed number of groups G
 (``NUM_GROUPS``; G=1 is LayerNorm-like) or a fixed number of channels per group (``CHANNELS_PER_GROUP``;
-1 is InstanceNorm-like). With G=32 and eps=1e-5 the layers are identical to Detectron2's.
+1 is InstanceNorm-like). With G=32 and eps=1e-5 the layers compute what Detectron2's do, and have the same
+parameters; they can also apply the ReLU that follows them, and run as fused Triton kernels on CUDA
+(:mod:`gn_detection.triton_group_norm`).
 """
+import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Union
+from typing import Callable, Iterable, Iterator, Union
 
+import torch
+import torch.nn.functional as F
 from torch import nn
+
+IMPLEMENTATIONS = ("auto", "triton", "torch")
+NormSetting = Union[str, Callable[[int], nn.Module]]
 
 
 class GroupNormChannelsError(ValueError):
@@ -29,6 +37,9 @@ class GroupNormSpec:
     num_groups: int = 32
     channels_per_group: int = 0
     eps: float = 1e-5
+    impl: str = "auto"
+    fuse_relu: bool = True
+    autocast_half: bool = True
 
     def __post_init__(self):
         if self.num_groups < 1:
@@ -40,12 +51,21 @@ class GroupNormSpec:
             )
         if not self.eps > 0:
             raise ValueError(f"MODEL.GN.EPS must be > 0, got {self.eps}")
+        if self.impl not in IMPLEMENTATIONS:
+            raise ValueError(f"MODEL.GN.IMPL must be one of {IMPLEMENTATIONS}, got {self.impl!r}")
 
     @classmethod
     def from_config(cls, cfg) -> "GroupNormSpec":
         """The spec described by ``cfg.MODEL.GN`` (see :func:`gn_detection.add_gn_config`)."""
         gn = cfg.MODEL.GN
-        return cls(num_groups=gn.NUM_GROUPS, channels_per_group=gn.CHANNELS_PER_GROUP, eps=gn.EPS)
+        return cls(
+            num_groups=gn.NUM_GROUPS,
+            channels_per_group=gn.CHANNELS_PER_GROUP,
+            eps=gn.EPS,
+            impl=gn.IMPL,
+            fuse_relu=gn.FUSE_RELU,
+            autocast_half=gn.AUTOCAST_HALF,
+        )
 
     def setting(self) -> str:
         """The config setting that decides the group count, as a user would write it."""
@@ -67,12 +87,95 @@ class GroupNormSpec:
             )
         return channels // divisor if self.channels_per_group else self.num_groups
 
-    def __call__(self, channels: int) -> nn.GroupNorm:
+    def __call__(self, channels: int) -> "FusedGroupNorm":
         """Build the GN layer for ``channels`` channels (usable as a Detectron2 ``norm`` callable)."""
-        return nn.GroupNorm(self.groups_for(channels), channels, eps=self.eps)
+        return FusedGroupNorm(
+            self.groups_for(channels), channels, eps=self.eps, impl=self.impl, autocast_half=self.autocast_half
+        )
 
 
-NormSetting = Union[str, Callable[[int], nn.Module]]
+class FusedGroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` (same parameters, same function) that can also apply the ReLU after it, runs as
+    fused Triton kernels on CUDA, and under autocast can stay in the activations' half precision.
+
+    Args:
+        num_groups, num_channels, eps, affine: as in ``nn.GroupNorm``.
+        relu: apply ReLU to the output (see :func:`fold_relu`).
+        impl: ``"auto"``: Triton kernels for CUDA tensors, ``torch.nn.functional.group_norm`` otherwise;
+            ``"triton"``: always the kernels (CPU tensors only under ``TRITON_INTERPRET=1``, for tests);
+            ``"torch"``: always ``group_norm``.
+        autocast_half: under autocast, normalize fp16/bf16 inputs in their own dtype (fp32 statistics) and
+            return that dtype; if False, normalize in fp32 and return fp32, as CUDA autocast does for torch's
+            group_norm.
+    """
+
+    def __init__(
+        self,
+        num_groups: int,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        *,
+        relu: bool = False,
+        impl: str = "auto",
+        autocast_half: bool = True,
+    ):
+        super().__init__(num_groups, num_channels, eps=eps, affine=affine)
+        if impl not in IMPLEMENTATIONS:
+            raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
+        self.relu, self.impl, self.autocast_half = relu, impl, autocast_half
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, relu={self.relu}, impl={self.impl}, autocast_half={self.autocast_half}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        if torch.is_autocast_enabled(device) and x.dtype in (torch.float16, torch.bfloat16):
+            if not self.autocast_half:
+                x = x.float()  # what CUDA autocast does for torch's group_norm
+            with torch.autocast(device, enabled=False):
+                return self._normalize(x)
+        return self._normalize(x)
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.impl == "triton" or (self.impl == "auto" and x.is_cuda and triton_available()):
+            if not triton_available():
+                raise RuntimeError("MODEL.GN.IMPL is 'triton' but Triton cannot be imported; install PyTorch's "
+                                   "CUDA build (it ships Triton) or set MODEL.GN.IMPL to 'auto' or 'torch'")
+            from . import triton_group_norm
+
+            return triton_group_norm.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.relu)
+        weight, bias = self.weight, self.bias
+        if weight is not None and weight.dtype != x.dtype:  # half activations, fp32 parameters
+            weight, bias = weight.to(x.dtype), bias.to(x.dtype)
+        y = F.group_norm(x, self.num_groups, weight, bias, self.eps)
+        return F.relu_(y) if self.relu else y
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether Triton can be imported (it ships with PyTorch's CUDA builds for Linux)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def fold_relu(conv: nn.Module) -> None:
+    """Make the GN layer of a Detectron2 ``Conv2d`` apply the ReLU that follows it: the conv's own
+    ``activation`` is dropped; a caller whose ``forward`` applies the ReLU itself must then skip it."""
+    if not isinstance(conv.norm, FusedGroupNorm):
+        raise TypeError(f"fold_relu needs a FusedGroupNorm as the conv's norm, got {type(conv.norm).__name__}")
+    conv.norm.relu = True
+    conv.activation = None
+
+
+def fold_relus(convs: Iterable[nn.Module], norm: NormSetting, gn: GroupNormSpec) -> None:
+    """:func:`fold_relu` for each conv+norm+ReLU of a head, when its ``norm`` is GN and ``gn.fuse_relu``."""
+    if norm == "GN" and gn.fuse_relu:
+        for conv in convs:
+            fold_relu(conv)
 
 
 def resolve_norm(norm: NormSetting, spec: GroupNormSpec) -> NormSetting:

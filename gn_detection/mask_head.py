@@ -5,7 +5,7 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.roi_heads import ROI_MASK_HEAD_REGISTRY, MaskRCNNConvUpsampleHead
 
-from .group_norm import GroupNormSpec, NormSetting, gn_layer_context, resolve_norm
+from .group_norm import GroupNormSpec, NormSetting, fold_relus, gn_layer_context, resolve_norm
 
 
 @ROI_MASK_HEAD_REGISTRY.register()
@@ -41,6 +41,7 @@ class GNMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
                 conv_norm=resolve_norm(conv_norm, gn),
                 **kwargs,
             )
+        fold_relus(self.conv_norm_relus, conv_norm, gn)
 
     @classmethod
     def from_config(cls, cfg, input_shape):

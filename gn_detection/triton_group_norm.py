@@ -1,0 +1,248 @@
+"""GroupNorm, optionally fused with the ReLU that follows it, as Triton kernels (forward and backward).
+
+A GN group (e.g. 8 channels x 200 x 304 pixels) is far too large to keep on-chip, so the kernels go over
+the activation in as few passes as that allows, and work per channel (or per few channels when the maps
+are small) so that even one image fills the GPU:
+
+    forward:  1. per-channel mean and M2 (Chan's parallel update, fp32)   reads x
+              2. group statistics from the channels' ones; normalize,
+                 scale, shift (+ ReLU)                                    reads x, writes y
+    backward: 3. per-channel sums of dz and dz * x_hat (dz = dy masked
+                 by the recomputed ReLU)                                  reads x, dy
+              4. dx from those sums                                       reads x, dy, writes dx
+
+Nothing of activation size is saved for the backward: x_hat and the ReLU mask are recomputed from x and
+the per-channel statistics. Statistics and sums are fp32 whatever the activation's dtype (fp32/fp16/bf16),
+which stays as it is. ``torch.nn.functional.group_norm`` is the reference these kernels are tested against
+(in float64, with ``TRITON_INTERPRET=1`` on the CPU).
+"""
+import torch
+import triton
+import triton.language as tl
+
+# Set when this module was imported with TRITON_INTERPRET=1: the kernels then run on CPU tensors.
+INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
+
+_TILE = 2048  # elements per program per step: channels x pixels
+_MAX_PIXEL_BLOCK = 1024
+
+
+@triton.jit
+def _channel_stats_kernel(X, MEAN, M2, C, HW, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Per (sample, channel): mean and sum of squared deviations over the pixels."""
+    n = tl.program_id(0)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_ok = channels < C
+    rows = (n * C + channels).to(tl.int64) * HW
+    mean = tl.zeros([BLOCK_C], tl.float32)
+    m2 = tl.zeros([BLOCK_C], tl.float32)
+    for start in range(0, HW, BLOCK_HW):
+        pixels = start + tl.arange(0, BLOCK_HW)
+        mask = channel_ok[:, None] & (pixels < HW)[None, :]
+        x = tl.load(X + rows[:, None] + pixels[None, :], mask=mask, other=0.0).to(tl.float32)
+        count = tl.minimum(HW - start, BLOCK_HW).to(tl.float32)
+        block_mean = tl.sum(x, axis=1) / count
+        deviation = tl.where(mask, x - block_mean[:, None], 0.0)
+        block_m2 = tl.sum(deviation * deviation, axis=1)
+        # Chan et al.: merge (start pixels, mean, m2) with (count, block_mean, block_m2)
+        seen = start * 1.0
+        total = seen + count
+        delta = block_mean - mean
+        mean += delta * (count / total)
+        m2 += block_m2 + delta * delta * (seen * count / total)
+    tl.store(MEAN + n * C + channels, mean, mask=channel_ok)
+    tl.store(M2 + n * C + channels, m2, mask=channel_ok)
+
+
+@triton.jit
+def _group_of_each_channel(n, channels, channel_ok, C, CPG, BLOCK_CPG: tl.constexpr):
+    """Indices into (N, C) arrays of every channel in each given channel's group, and their mask."""
+    first = (channels // CPG) * CPG
+    members = tl.arange(0, BLOCK_CPG)
+    index = n * C + first[:, None] + members[None, :]
+    mask = channel_ok[:, None] & (members < CPG)[None, :]
+    return index, mask
+
+
+@triton.jit
+def _group_mean_rstd(MEAN, M2, n, channels, channel_ok, C, HW, CPG, eps, BLOCK_CPG: tl.constexpr):
+    """Mean and 1/std of each given channel's group, merged exactly from its channels' statistics."""
+    index, mask = _group_of_each_channel(n, channels, channel_ok, C, CPG, BLOCK_CPG)
+    channel_mean = tl.load(MEAN + index, mask=mask, other=0.0)
+    channel_m2 = tl.load(M2 + index, mask=mask, other=0.0)
+    mean = tl.sum(channel_mean, axis=1) / CPG
+    spread = tl.where(mask, channel_mean - mean[:, None], 0.0)
+    m2 = tl.sum(channel_m2, axis=1) + HW * tl.sum(spread * spread, axis=1)
+    rstd = 1.0 / tl.sqrt(m2 / (CPG * HW) + eps)
+    return mean, rstd
+
+
+@triton.jit
+def _normalized(x, mean, scale, bias):
+    """(x - mean) * scale + bias per channel row; the forward and both backward kernels use this one
+    expression, so the recomputed ReLU mask is bit-identical to the forward's (and mean is subtracted
+    first, which keeps precision when the mean is large)."""
+    return (x - mean[:, None]) * scale[:, None] + bias[:, None]
+
+
+@triton.jit
+def _forward_kernel(
+    X, Y, W, B, MEAN, M2, C, HW, CPG, eps,
+    RELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_CPG: tl.constexpr,
+):
+    """y = x_hat * w + b (then ReLU), one (sample, channel block) per program."""
+    n = tl.program_id(0)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_ok = channels < C
+    mean, rstd = _group_mean_rstd(MEAN, M2, n, channels, channel_ok, C, HW, CPG, eps, BLOCK_CPG)
+    scale = tl.load(W + channels, mask=channel_ok, other=0.0).to(tl.float32) * rstd
+    bias = tl.load(B + channels, mask=channel_ok, other=0.0).to(tl.float32)
+    rows = (n * C + channels).to(tl.int64) * HW
+    for start in range(0, HW, BLOCK_HW):
+        pixels = start + tl.arange(0, BLOCK_HW)
+        mask = channel_ok[:, None] & (pixels < HW)[None, :]
+        offsets = rows[:, None] + pixels[None, :]
+        x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
+        y = _normalized(x, mean, scale, bias)
+        if RELU:
+            y = tl.maximum(y, 0.0)
+        tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _backward_sums_kernel(
+    X, DY, W, B, MEAN, M2, DZ_SUM, DZ_XHAT_SUM, C, HW, CPG, eps,
+    RELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_CPG: tl.constexpr,
+):
+    """Per (sample, channel): sum of dz and of dz * x_hat, where dz is dy through the (recomputed) ReLU."""
+    n = tl.program_id(0)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_ok = channels < C
+    mean, rstd = _group_mean_rstd(MEAN, M2, n, channels, channel_ok, C, HW, CPG, eps, BLOCK_CPG)
+    scale = tl.load(W + channels, mask=channel_ok, other=0.0).to(tl.float32) * rstd
+    bias = tl.load(B + channels, mask=channel_ok, other=0.0).to(tl.float32)
+    rows = (n * C + channels).to(tl.int64) * HW
+    dz_acc = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
+    dz_xhat_acc = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
+    for start in range(0, HW, BLOCK_HW):
+        pixels = start + tl.arange(0, BLOCK_HW)
+        mask = channel_ok[:, None] & (pixels < HW)[None, :]
+        offsets = rows[:, None] + pixels[None, :]
+        x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
+        dz = tl.load(DY + offsets, mask=mask, other=0.0).to(tl.float32)
+        if RELU:
+            dz = tl.where(_normalized(x, mean, scale, bias) > 0.0, dz, 0.0)
+        dz_acc += dz
+        dz_xhat_acc += dz * ((x - mean[:, None]) * rstd[:, None])
+    tl.store(DZ_SUM + n * C + channels, tl.sum(dz_acc, axis=1), mask=channel_ok)
+    tl.store(DZ_XHAT_SUM + n * C + channels, tl.sum(dz_xhat_acc, axis=1), mask=channel_ok)
+
+
+@triton.jit
+def _backward_dx_kernel(
+    X, DY, DX, W, B, MEAN, M2, DZ_SUM, DZ_XHAT_SUM, C, HW, CPG, eps,
+    RELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_CPG: tl.constexpr,
+):
+    """dx = rstd * (dz * w - mean(dz * w) - x_hat * mean(dz * w * x_hat)), means over the group."""
+    n = tl.program_id(0)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_ok = channels < C
+    mean, rstd = _group_mean_rstd(MEAN, M2, n, channels, channel_ok, C, HW, CPG, eps, BLOCK_CPG)
+    w = tl.load(W + channels, mask=channel_ok, other=0.0).to(tl.float32)
+    scale = w * rstd
+    bias = tl.load(B + channels, mask=channel_ok, other=0.0).to(tl.float32)
+    # The group means of dz * w and dz * w * x_hat, from the per-channel sums of the previous kernel.
+    index, mask = _group_of_each_channel(n, channels, channel_ok, C, CPG, BLOCK_CPG)
+    member_w = tl.load(W + (index - n * C), mask=mask, other=0.0).to(tl.float32)
+    count = CPG * HW * 1.0
+    mean_dxhat = tl.sum(member_w * tl.load(DZ_SUM + index, mask=mask, other=0.0), axis=1) / count
+    mean_dxhat_xhat = tl.sum(member_w * tl.load(DZ_XHAT_SUM + index, mask=mask, other=0.0), axis=1) / count
+    rows = (n * C + channels).to(tl.int64) * HW
+    for start in range(0, HW, BLOCK_HW):
+        pixels = start + tl.arange(0, BLOCK_HW)
+        mask = channel_ok[:, None] & (pixels < HW)[None, :]
+        offsets = rows[:, None] + pixels[None, :]
+        x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
+        dz = tl.load(DY + offsets, mask=mask, other=0.0).to(tl.float32)
+        if RELU:
+            dz = tl.where(_normalized(x, mean, scale, bias) > 0.0, dz, 0.0)
+        x_hat = (x - mean[:, None]) * rstd[:, None]
+        dx = rstd[:, None] * (dz * w[:, None] - mean_dxhat[:, None] - x_hat * mean_dxhat_xhat[:, None])
+        tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+def _launch_shape(channels: int, pixels: int, channels_per_group: int):
+    """Grid columns and block sizes: whole channels per program, several when the maps are small."""
+    block_hw = min(triton.next_power_of_2(pixels), _MAX_PIXEL_BLOCK)
+    block_c = min(triton.next_power_of_2(channels), max(1, _TILE // block_hw))
+    return triton.cdiv(channels, block_c), {
+        "BLOCK_C": block_c, "BLOCK_HW": block_hw, "BLOCK_CPG": triton.next_power_of_2(channels_per_group)
+    }
+
+
+class _GroupNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, num_groups, eps, relu):
+        x = x.contiguous()
+        n, c = x.shape[:2]
+        pixels = x[0, 0].numel() if x.numel() else 0
+        stats = x.new_empty((2, n, c), dtype=torch.float32)  # per-channel mean, M2
+        y = torch.empty_like(x)
+        if x.numel():
+            columns, blocks = _launch_shape(c, pixels, c // num_groups)
+            _channel_stats_kernel[(n, columns)](x, stats[0], stats[1], c, pixels, blocks["BLOCK_C"],
+                                                blocks["BLOCK_HW"])
+            _forward_kernel[(n, columns)](x, y, weight, bias, stats[0], stats[1], c, pixels, c // num_groups,
+                                          eps, relu, **blocks)
+        ctx.save_for_backward(x, weight, bias, stats)
+        ctx.num_groups, ctx.eps, ctx.relu = num_groups, eps, relu
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, stats = ctx.saved_tensors
+        dy = dy.contiguous()
+        n, c = x.shape[:2]
+        sums = x.new_empty((2, n, c), dtype=torch.float32)  # per-channel sum of dz, of dz * x_hat
+        dx = torch.empty_like(x)
+        if x.numel():
+            pixels = x[0, 0].numel()
+            cpg = c // ctx.num_groups
+            columns, blocks = _launch_shape(c, pixels, cpg)
+            args = (weight, bias, stats[0], stats[1], sums[0], sums[1], c, pixels, cpg, ctx.eps, ctx.relu)
+            _backward_sums_kernel[(n, columns)](x, dy, *args, **blocks)
+            _backward_dx_kernel[(n, columns)](x, dy, dx, *args, **blocks)
+        else:
+            sums.zero_()
+        grad_weight = sums[1].sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_bias = sums[0].sum(0).to(bias.dtype) if ctx.needs_input_grad[2] else None
+        return dx, grad_weight, grad_bias, None, None, None
+
+
+def group_norm(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor = None,
+    bias: torch.Tensor = None,
+    eps: float = 1e-5,
+    relu: bool = False,
+) -> torch.Tensor:
+    """``F.group_norm(x, num_groups, weight, bias, eps)``, then ReLU if ``relu``, by the Triton kernels.
+
+    ``x`` is (N, C, *) in fp32, fp16 or bf16 and the output has its dtype; statistics are fp32. ``x`` must be
+    on a CUDA device, or on the CPU when this module was imported with ``TRITON_INTERPRET=1``.
+    """
+    if x.dim() < 2 or x.shape[1] % num_groups:
+        raise ValueError(f"group_norm: {num_groups} groups do not divide the channels of an input of shape "
+                         f"{tuple(x.shape)}")
+    if not (x.is_cuda or INTERPRETED):
+        raise RuntimeError(
+            f"The Triton GroupNorm kernels need a CUDA tensor (got one on {x.device}); set MODEL.GN.IMPL to "
+            "'torch' or 'auto', or run with TRITON_INTERPRET=1 to execute them on the CPU (slow; for tests)"
+        )
+    channels = x.shape[1]
+    if weight is None:
+        weight = x.new_ones(channels, dtype=torch.float32)
+    if bias is None:
+        bias = x.new_zeros(channels, dtype=torch.float32)
+    return _GroupNormFunction.apply(x, weight, bias, num_groups, float(eps), bool(relu))

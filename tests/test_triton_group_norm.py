@@ -1,0 +1,232 @@
+"""The fused Triton GroupNorm(+ReLU) kernels against float64 references, and the layer and model built on
+them. Without a GPU, conftest sets TRITON_INTERPRET=1 and the kernels run on the CPU in Triton's
+interpreter; with one they run on CUDA."""
+import pytest
+import torch
+import torch.nn.functional as F
+from detectron2.modeling import build_model
+from detectron2.modeling.backbone.resnet import BasicBlock, BottleneckBlock
+from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+from gn_detection import triton_group_norm
+from gn_detection.backbone import GNReLUBasicBlock, GNReLUBottleneckBlock
+from gn_detection.group_norm import FusedGroupNorm, GroupNormSpec
+
+from .conftest import SHAPES_CONFIG, make_cfg
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# (shape, groups): G = C, G = 1, odd channels per group, odd and multi-block pixel counts, (N, C), 3-D maps
+SHAPES = [
+    ((2, 6, 7, 5), 3),
+    ((1, 5, 3, 3), 5),
+    ((3, 8, 33, 40), 1),
+    ((2, 64, 40, 40), 32),
+    ((4, 12), 4),
+    ((2, 12, 3, 5, 2), 6),
+]
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def float64_group_norm(x, groups, weight, bias, eps, upstream, relu_mask=None):
+    """Output and (dx, dweight, dbias) of GN in float64, by autograd; ``relu_mask`` applies the ReLU with
+    the kernel's own mask, so an element within rounding of 0 cannot make the comparison flaky."""
+    leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    y = F.group_norm(leaves[0], groups, leaves[1], leaves[2], eps)
+    if relu_mask is not None:
+        y = y * relu_mask
+    return y, torch.autograd.grad(y, leaves, upstream.double())
+
+
+def random_inputs(shape, dtype, mean=0.0):
+    torch.manual_seed(sum(shape))
+    x = (torch.randn(shape, device=DEVICE) * 3 + mean).to(dtype).requires_grad_()
+    weight = torch.empty(shape[1], device=DEVICE).uniform_(0.5, 1.5).requires_grad_()
+    bias = torch.empty(shape[1], device=DEVICE).uniform_(-1, 1).requires_grad_()
+    return x, weight, bias
+
+
+def assert_matches_float64(x, groups, weight, bias, relu, eps=1e-5):
+    y = triton_group_norm.group_norm(x, groups, weight, bias, eps, relu)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    upstream = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, weight, bias), upstream)
+    mask = (y > 0).double() if relu else None
+    expected_y, expected_grads = float64_group_norm(x, groups, weight, bias, eps, upstream, mask)
+    tol = TOLERANCE[x.dtype]
+    torch.testing.assert_close(y.double(), expected_y, rtol=tol, atol=tol)
+    for name, got, want in zip(("dx", "dweight", "dbias"), grads, expected_grads):
+        assert got.dtype == (x.dtype if name == "dx" else weight.dtype)
+        # the parameter gradients are sums over N*H*W elements: scale the tolerance with their size
+        scale = 1.0 if name == "dx" else max(1.0, want.abs().max().item())
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * scale, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["gn", "gn_relu"])
+@pytest.mark.parametrize("shape, groups", SHAPES, ids=[f"{s}/G{g}" for s, g in SHAPES])
+def test_forward_and_backward_match_float64(shape, groups, relu):
+    x, weight, bias = random_inputs(shape, torch.float32)
+    assert_matches_float64(x, groups, weight, bias, relu=relu)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape, groups", [((2, 16, 9, 9), 4), ((1, 32, 37, 31), 32)])
+def test_half_precision_activations_keep_their_dtype(shape, groups, dtype):
+    x, weight, bias = random_inputs(shape, dtype)
+    assert_matches_float64(x, groups, weight, bias, relu=True)
+
+
+def test_statistics_stay_accurate_when_the_mean_dwarfs_the_spread():
+    # mean 1000, std 3: a one-pass sum of squares in fp32 would lose the variance
+    x, weight, bias = random_inputs((2, 16, 48, 40), torch.float32, mean=1000.0)
+    assert_matches_float64(x, 4, weight, bias, relu=True)
+
+
+def test_without_affine_parameters():
+    x = torch.randn(2, 8, 5, 5, device=DEVICE, requires_grad=True)
+    y = triton_group_norm.group_norm(x, 2)
+    torch.testing.assert_close(y, F.group_norm(x, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_empty_batch_gives_empty_output_and_zero_parameter_gradients():
+    # Detectron2's heads see zero RoIs when an image has no proposals
+    x, weight, bias = random_inputs((0, 8, 7, 7), torch.float32)
+    y = triton_group_norm.group_norm(x, 4, weight, bias, relu=True)
+    assert y.shape == (0, 8, 7, 7)
+    dx, dweight, dbias = torch.autograd.grad(y.sum(), (x, weight, bias))
+    assert dx.shape == x.shape and not dweight.any() and not dbias.any()
+
+
+def test_non_contiguous_input():
+    x = torch.randn(2, 7, 9, 8, device=DEVICE).permute(0, 3, 1, 2).requires_grad_()  # (2, 8, 7, 9)
+    _, weight, bias = random_inputs((2, 8, 7, 9), torch.float32)
+    assert_matches_float64(x, 4, weight, bias, relu=False)
+
+
+def test_groups_must_divide_channels():
+    with pytest.raises(ValueError, match="3 groups do not divide"):
+        triton_group_norm.group_norm(torch.randn(1, 8, 2, 2, device=DEVICE), 3)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="CUDA tensors always run the kernels")
+def test_cpu_tensor_without_interpreter_is_refused_with_what_to_set(monkeypatch):
+    monkeypatch.setattr(triton_group_norm, "INTERPRETED", False)
+    with pytest.raises(RuntimeError, match="MODEL.GN.IMPL.*TRITON_INTERPRET=1"):
+        FusedGroupNorm(2, 8, impl="triton")(torch.randn(1, 8, 2, 2))
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_layer_gives_the_same_function_with_either_implementation(relu):
+    torch.manual_seed(0)
+    torch_layer = FusedGroupNorm(4, 16, relu=relu, impl="torch").to(DEVICE)
+    triton_layer = FusedGroupNorm(4, 16, relu=relu, impl="triton").to(DEVICE)
+    with torch.no_grad():
+        torch_layer.weight.uniform_(0.5, 1.5)
+        torch_layer.bias.uniform_(-1, 1)
+    triton_layer.load_state_dict(torch_layer.state_dict())
+    x = torch.randn(3, 16, 11, 13, device=DEVICE, requires_grad=True)
+    outputs = [layer(x) for layer in (torch_layer, triton_layer)]
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+    upstream = torch.randn_like(outputs[0])
+    grads = [torch.autograd.grad(y, (x, layer.weight, layer.bias), upstream)
+             for y, layer in zip(outputs, (torch_layer, triton_layer))]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+AUTOCAST_DTYPE = torch.float16 if DEVICE == "cuda" else torch.bfloat16
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_under_autocast_gn_stays_in_half_precision_only_when_asked(impl):
+    x = torch.randn(2, 16, 10, 10, device=DEVICE)
+    reference = F.group_norm(x.double(), 4)
+    for autocast_half, expected in ((True, AUTOCAST_DTYPE), (False, torch.float32)):
+        layer = FusedGroupNorm(4, 16, impl=impl, autocast_half=autocast_half).to(DEVICE)
+        with torch.autocast(DEVICE, dtype=AUTOCAST_DTYPE):
+            half_input = x.to(AUTOCAST_DTYPE)  # what a conv under autocast hands the norm
+            y = layer(half_input)
+        assert y.dtype == expected, (autocast_half, y.dtype)
+        torch.testing.assert_close(y.double(), reference, rtol=3e-2, atol=3e-2)
+
+
+def test_model_gn_keys_reach_every_layer_and_block():
+    fused = build_model(make_cfg(SHAPES_CONFIG, "MODEL.GN.IMPL", "triton"))
+    layers = [m for m in fused.modules() if isinstance(m, FusedGroupNorm)]
+    assert len(layers) == 36 and all(m.impl == "triton" and m.autocast_half for m in layers)
+    # R-18 (8 blocks, ReLU after conv1), stem, 4 + 4 head convs: 17 ReLUs folded; FPN convs have none
+    assert sum(m.relu for m in layers) == 17
+    blocks = [m for m in fused.modules() if isinstance(m, BasicBlock)]
+    assert blocks and all(isinstance(b, GNReLUBasicBlock) for b in blocks)
+    assert all(conv.activation is None for conv in fused.roi_heads.box_head.conv_norm_relus)
+
+    plain = build_model(make_cfg(SHAPES_CONFIG, "MODEL.GN.FUSE_RELU", False, "MODEL.GN.AUTOCAST_HALF", False))
+    layers = [m for m in plain.modules() if isinstance(m, FusedGroupNorm)]
+    assert not any(m.relu or m.autocast_half for m in layers)
+    assert not any(isinstance(m, (GNReLUBasicBlock, GNReLUBottleneckBlock)) for m in plain.modules())
+
+
+def test_bottleneck_blocks_fold_both_inner_relus():
+    model = build_model(make_cfg(SHAPES_CONFIG, "MODEL.RESNETS.DEPTH", 50, "MODEL.RESNETS.RES2_OUT_CHANNELS", 256))
+    blocks = [m for m in model.modules() if isinstance(m, BottleneckBlock)]
+    assert len(blocks) == 16 and all(isinstance(b, GNReLUBottleneckBlock) for b in blocks)
+    assert all(b.conv1.norm.relu and b.conv2.norm.relu and not b.conv3.norm.relu for b in blocks)
+
+
+def test_bad_impl_names_the_key():
+    with pytest.raises(ValueError, match="MODEL.GN.IMPL"):
+        GroupNormSpec(impl="cuda")
+
+
+# Our tiny model with the kernels against Detectron2's own GN builders (same architecture, G=32).
+TINY_SAME_ARCH = ["MODEL.FPN.OUT_CHANNELS", 32, "MODEL.ROI_BOX_HEAD.CONV_DIM", 32, "MODEL.ROI_BOX_HEAD.FC_DIM", 64,
+                  "MODEL.ROI_MASK_HEAD.CONV_DIM", 32, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 64,
+                  "MODEL.RPN.POST_NMS_TOPK_TRAIN", 200]
+DETECTRON2_BUILDERS = ["MODEL.BACKBONE.NAME", "build_resnet_fpn_backbone", "MODEL.ROI_BOX_HEAD.NAME",
+                       "FastRCNNConvFCHead", "MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead"]
+
+
+def training_batch():
+    torch.manual_seed(1)
+    batch = []
+    for boxes in ([[8, 10, 50, 60], [40, 30, 90, 88]], [[20, 20, 70, 75]]):
+        instances = Instances((96, 96), gt_boxes=Boxes(torch.tensor(boxes, dtype=torch.float32)),
+                              gt_classes=torch.arange(len(boxes)) % 3)
+        masks = torch.zeros(len(boxes), 96, 96, dtype=torch.bool)
+        for mask, (x0, y0, x1, y1) in zip(masks, boxes):
+            mask[y0:y1, x0:x1] = True
+        instances.gt_masks = BitMasks(masks)
+        batch.append({"image": torch.randint(0, 255, (3, 96, 96), dtype=torch.uint8), "instances": instances})
+    return batch
+
+
+def losses_and_gradients(model, batch):
+    torch.manual_seed(2)  # the same RPN and RoI sampling for both models
+    with EventStorage():
+        losses = model(batch)
+    total = sum(losses.values())
+    model.zero_grad()
+    total.backward()
+    return {k: v.item() for k, v in losses.items()}, {n: p.grad.clone() for n, p in model.named_parameters()
+                                                      if p.grad is not None}
+
+
+def test_model_with_kernels_trains_like_detectron2_gn_model():
+    torch.manual_seed(0)
+    theirs = build_model(make_cfg(SHAPES_CONFIG, *TINY_SAME_ARCH, *DETECTRON2_BUILDERS, "MODEL.DEVICE", DEVICE))
+    ours = build_model(make_cfg(SHAPES_CONFIG, *TINY_SAME_ARCH, "MODEL.GN.IMPL", "triton", "MODEL.DEVICE", DEVICE))
+    assert not any(isinstance(m, FusedGroupNorm) for m in theirs.modules())
+    with torch.no_grad():
+        for m in theirs.modules():
+            if isinstance(m, torch.nn.GroupNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    ours.load_state_dict(theirs.state_dict())
+    batch = training_batch()
+    their_losses, their_grads = losses_and_gradients(theirs.train(), batch)
+    our_losses, our_grads = losses_and_gradients(ours.train(), batch)
+    assert our_losses == pytest.approx(their_losses, rel=1e-4)
+    assert our_grads.keys() == their_grads.keys()
+    for name, grad in their_grads.items():
+        scale = grad.abs().max().item() + 1e-6
+        torch.testing.assert_close(our_grads[name], grad, rtol=1e-3, atol=5e-3 * scale, msg=lambda m: f"{name}: {m}")
