@@ -1,0 +1,309 @@
+"""Speed and memory of Mask R-CNN variants: training images/s (full step, optimizer included), inference
+seconds per image and peak memory, over images per GPU and precisions, side by side in one process.
+
+Used by ``tools/benchmark.py``; see README "Benchmark". Timing is per iteration with the device synchronized
+before and after, after warm-up; the median is reported. Peak memory is ``torch.cuda.max_memory_allocated``
+on CUDA and the process's peak resident set (VmHWM, reset per cell) on the CPU.
+"""
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from detectron2 import model_zoo as detectron2_zoo
+from detectron2.config import CfgNode
+from detectron2.data import DatasetCatalog, DatasetMapper
+from detectron2.modeling import build_model
+from detectron2.solver import build_optimizer
+from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+from .config import load_config
+
+REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+PRECISIONS = {"fp32": None, "amp_fp16": torch.float16, "amp_bf16": torch.bfloat16}
+REFERENCE_VARIANT = "detectron2_gn"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A model to measure: a config file and KEY VALUE overrides."""
+
+    name: str
+    config_file: str
+    opts: Sequence = ()
+
+
+def builtin_variants(ours_config: str) -> Dict[str, Variant]:
+    """The variants every comparison needs: ours, ours with stock GN, Detectron2's GN and frozen BN."""
+    return {
+        "ours": Variant("ours", ours_config),
+        "ours_stock_gn": Variant(
+            "ours_stock_gn", ours_config,
+            ("MODEL.GN.IMPL", "torch", "MODEL.GN.FUSE_RELU", False, "MODEL.GN.AUTOCAST_HALF", False),
+        ),
+        REFERENCE_VARIANT: Variant(REFERENCE_VARIANT, detectron2_zoo.get_config_file("Misc/mask_rcnn_R_50_FPN_3x_gn.yaml")),
+        "frozen_bn": Variant(
+            "frozen_bn", detectron2_zoo.get_config_file("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml")
+        ),
+    }
+
+
+def parse_variant(spec: str, builtins: Dict[str, Variant]) -> Variant:
+    """``NAME`` (a built-in) or ``NAME:KEY=VALUE,KEY=VALUE`` (a built-in with overrides), e.g.
+    ``ours:MODEL.GN.FUSE_RELU=False`` to measure one lever."""
+    name, _, overrides = spec.partition(":")
+    if name not in builtins:
+        raise ValueError(f"Unknown variant {name!r} in {spec!r}; built-in variants: {', '.join(builtins)}")
+    opts = []
+    for item in filter(None, overrides.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"Variant {spec!r}: overrides must be KEY=VALUE separated by commas, got {item!r}")
+        opts += [key, value]
+    base = builtins[name]
+    return Variant(spec, base.config_file, tuple(base.opts) + tuple(opts))
+
+
+def variant_config(variant: Variant, device: str, opts: Sequence = ()) -> CfgNode:
+    """The variant's config with random weights on ``device``; ``opts`` (from the command line) apply last.
+
+    SOLVER.BASE_LR is 0 unless ``opts`` set it: the SGD step still runs in full (momentum, weight decay, the
+    update), but random weights stay as they are, so every timed iteration does the same work and a model
+    without normalization (frozen BN at its identity statistics) cannot blow up to Inf mid-measurement.
+    ROI_HEADS.SCORE_THRESH_TEST is 0, so with random weights every model still returns
+    TEST.DETECTIONS_PER_IMAGE detections and inference does the same mask-head work."""
+    fixed = ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device, "SOLVER.BASE_LR", 0.0, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0]
+    return load_config(variant.config_file, [*variant.opts, *fixed, *opts])
+
+
+def synthetic_batch(count: int, height: int, width: int, boxes: int, num_classes: int, seed: int = 0) -> List[dict]:
+    """COCO-sized training inputs as Detectron2's mapper produces them: uint8 CHW images on the CPU, each with
+    ``boxes`` boxes and filled-ellipse bit masks of random classes."""
+    rng = np.random.default_rng(seed)
+    batch = []
+    for _ in range(count):
+        sizes = rng.uniform(0.05, 0.5, size=(boxes, 2)) * [width, height]
+        corners = rng.uniform(0, 1, size=(boxes, 2)) * ([width, height] - sizes)
+        xyxy = np.concatenate([corners, corners + sizes], axis=1).astype(np.float32)
+        ys, xs = np.mgrid[:height, :width]
+        masks = np.zeros((boxes, height, width), dtype=bool)
+        for mask, (x0, y0, x1, y1) in zip(masks, xyxy):
+            cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
+            mask[:] = ((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 <= 1
+        instances = Instances(
+            (height, width),
+            gt_boxes=Boxes(torch.from_numpy(xyxy)),
+            gt_classes=torch.from_numpy(rng.integers(0, num_classes, size=boxes)),
+            gt_masks=BitMasks(torch.from_numpy(masks)),
+        )
+        image = torch.from_numpy(rng.integers(0, 256, size=(3, height, width), dtype=np.uint8))
+        batch.append({"image": image, "instances": instances, "height": height, "width": width})
+    return batch
+
+
+def dataset_batch(cfg: CfgNode, dataset: str, count: int) -> List[dict]:
+    """The first ``count`` images of a registered dataset through Detectron2's training mapper."""
+    dicts = DatasetCatalog.get(dataset)
+    if len(dicts) < count:
+        raise ValueError(f"Dataset {dataset!r} has {len(dicts)} images; the benchmark needs {count}")
+    mapper = DatasetMapper(cfg, is_train=True)
+    return [mapper(d) for d in dicts[:count]]
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_seconds(step: Callable[[], object], device: str, warmup: int, iters: int) -> float:
+    """Median wall time of ``step`` over ``iters`` calls after ``warmup``, device-synchronized."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class PeakMemory:
+    """Peak memory of the code run inside ``with``: CUDA allocator peak, or the CPU process's peak RSS."""
+
+    def __init__(self, device: str):
+        self.device, self.bytes = device, None
+
+    def __enter__(self):
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:  # Linux: "5" resets the peak RSS (VmHWM)
+                f.write("5")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.startswith("cuda"):
+            self.bytes = torch.cuda.max_memory_allocated()
+        else:
+            with open("/proc/self/status") as f:
+                kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+            self.bytes = kib * 1024
+
+
+def training_step(model, optimizer, batch: List[dict], precision: Optional[torch.dtype], scaler, device: str):
+    """One full training step as Detectron2's (AMP)Trainer runs it: forward, loss sum, backward, SGD step."""
+    with torch.autocast(device.split(":")[0], dtype=precision or torch.float32, enabled=precision is not None):
+        losses = sum(model(batch).values())
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(losses).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return losses
+
+
+@dataclass
+class Cell:
+    """One measured (variant, precision, images per iteration) combination."""
+
+    variant: str
+    precision: str
+    images_per_iter: int
+    train_images_per_s: Optional[float] = None
+    peak_memory_gb: Optional[float] = None
+    inference_s_per_image: Optional[float] = None
+    nonfinite_losses: int = 0
+    error: Optional[str] = None
+    extra: dict = field(default_factory=dict)
+
+
+def measure_training(cfg: CfgNode, batch: List[dict], precision: str, warmup: int, iters: int) -> Cell:
+    """Training images/s and peak memory for one batch size; losses that are not finite are counted."""
+    device = cfg.MODEL.DEVICE
+    model = build_model(cfg).train()
+    optimizer = build_optimizer(cfg, model)
+    dtype = PRECISIONS[precision]
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
+    cell = Cell("", precision, len(batch))
+
+    def step():
+        loss = training_step(model, optimizer, batch, dtype, scaler, device)
+        cell.nonfinite_losses += int(not torch.isfinite(loss).item())
+
+    with EventStorage(), PeakMemory(device) as peak:
+        seconds = median_seconds(step, device, warmup, iters)
+    cell.train_images_per_s = len(batch) / seconds
+    cell.peak_memory_gb = peak.bytes / 1e9
+    return cell
+
+
+def measure_inference(cfg: CfgNode, image: dict, precision: str, warmup: int, iters: int) -> float:
+    """Seconds per image, one image per call as Detectron2's evaluation runs it."""
+    device = cfg.MODEL.DEVICE
+    model = build_model(cfg).eval()
+    dtype = PRECISIONS[precision]
+    inputs = [{k: image[k] for k in ("image", "height", "width")}]
+
+    def step():
+        with torch.inference_mode(), torch.autocast(device.split(":")[0], dtype=dtype or torch.float32,
+                                                    enabled=dtype is not None):
+            model(inputs)
+
+    return median_seconds(step, device, warmup, iters)
+
+
+def machine_description(device: str) -> dict:
+    """What the numbers were measured on."""
+    import detectron2
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "detectron2": detectron2.__version__,
+            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "device": device}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def with_ratios(cells: List[Cell]) -> List[dict]:
+    """Rows for the table/JSON, with each speed as a ratio to the reference variant's in the same cell."""
+    reference = {(c.precision, c.images_per_iter): c for c in cells if c.variant == REFERENCE_VARIANT}
+    rows = []
+    for cell in cells:
+        row = asdict(cell)
+        ref = reference.get((cell.precision, cell.images_per_iter))
+        if ref and cell.train_images_per_s and ref.train_images_per_s:
+            row["train_speedup"] = cell.train_images_per_s / ref.train_images_per_s
+        if ref and cell.inference_s_per_image and ref.inference_s_per_image:
+            row["inference_speedup"] = ref.inference_s_per_image / cell.inference_s_per_image
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: List[dict]) -> str:
+    """The measurements as a Markdown table; ratios are to ``detectron2_gn`` measured in the same run."""
+
+    def fmt(value, pattern):
+        return pattern.format(value) if value is not None else "–"
+
+    lines = [
+        f"| model | precision | images/iter | train img/s | × {REFERENCE_VARIANT} | peak memory GB | "
+        f"inference s/img | × {REFERENCE_VARIANT} |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        note = f" ({r['error']})" if r["error"] else (f" ({r['nonfinite_losses']} non-finite losses)"
+                                                      if r["nonfinite_losses"] else "")
+        lines.append(
+            f"| {r['variant']}{note} | {r['precision']} | {r['images_per_iter']} | "
+            f"{fmt(r['train_images_per_s'], '{:.2f}')} | {fmt(r.get('train_speedup'), '{:.2f}')} | "
+            f"{fmt(r['peak_memory_gb'], '{:.2f}')} | {fmt(r['inference_s_per_image'], '{:.3f}')} | "
+            f"{fmt(r.get('inference_speedup'), '{:.2f}')} |"
+        )
+    return "\n".join(lines)
+
+
+def measure_group_norm_op(
+    shape: Sequence[int], groups: int, dtype: torch.dtype, device: str, warmup: int, iters: int,
+    compile_torch: bool = False,
+) -> Dict[str, dict]:
+    """GroupNorm+ReLU forward and backward on one activation: torch eager, optionally ``torch.compile``, and
+    our layer (Triton kernels on CUDA, torch's group_norm elsewhere). Milliseconds per forward+backward and
+    the bandwidth that implies for 8 passes over the activation (the fused kernels' floor)."""
+    from .group_norm import FusedGroupNorm
+
+    x = torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
+    upstream = torch.randn_like(x)
+    layer = FusedGroupNorm(groups, shape[1], relu=True).to(device)
+
+    def eager(inp):
+        weight, bias = layer.weight.to(inp.dtype), layer.bias.to(inp.dtype)
+        return torch.relu(torch.nn.functional.group_norm(inp, groups, weight, bias, layer.eps))
+
+    impls = {"torch_eager": eager, "ours": layer}
+    if compile_torch:
+        impls["torch_compile"] = torch.compile(eager)
+    results = {}
+    for name, fn in impls.items():
+        def step():
+            x.grad = layer.weight.grad = layer.bias.grad = None
+            fn(x).backward(upstream)
+
+        try:
+            seconds = median_seconds(step, device, warmup, iters)
+        except Exception as e:  # e.g. torch.compile without a working C++ compiler
+            results[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+            continue
+        traffic = 8 * x.numel() * x.element_size()
+        results[name] = {"ms": seconds * 1e3, "gb_per_s_at_8_passes": traffic / seconds / 1e9}
+    return results

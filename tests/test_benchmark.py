@@ -1,0 +1,125 @@
+"""tools/benchmark.py and gn_detection.benchmark on the CPU: tiny inputs, one timed iteration."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gn_detection import benchmark as bench
+
+from .conftest import SHAPES_CONFIG, make_cfg, run_tool
+
+# Shrink the per-image work of every variant (Detectron2's R-50 ones included) to CPU-test size.
+SMALL_WORK = ["MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 32, "MODEL.RPN.POST_NMS_TOPK_TRAIN", 100,
+              "MODEL.RPN.POST_NMS_TOPK_TEST", 50, "TEST.DETECTIONS_PER_IMAGE", 5]
+
+
+def test_cli_measures_every_variant_side_by_side(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_tool(
+        ["tools/benchmark.py", "--config-file", SHAPES_CONFIG, "--variants", "ours", "detectron2_gn", "frozen_bn",
+         "ours:MODEL.GN.FUSE_RELU=False", "--images-per-gpu", "1", "2", "--precision", "fp32",
+         "--input-size", "96", "128", "--boxes", "2", "--warmup", "0", "--iters", "1", "--output", str(out),
+         *map(str, SMALL_WORK)],
+        {},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {(r["variant"], r["images_per_iter"]): r for r in report["rows"]}
+    variants = ["ours", "detectron2_gn", "frozen_bn", "ours:MODEL.GN.FUSE_RELU=False"]
+    assert set(rows) == {(v, n) for v in variants for n in (1, 2)}
+    for row in rows.values():
+        assert row["error"] is None and row["nonfinite_losses"] == 0
+        assert row["train_images_per_s"] > 0 and row["peak_memory_gb"] > 0.1 and row["inference_s_per_image"] > 0
+    for n in (1, 2):
+        reference, ours = rows[("detectron2_gn", n)], rows[("ours", n)]
+        assert reference["train_speedup"] == 1.0
+        assert ours["train_speedup"] == pytest.approx(ours["train_images_per_s"] / reference["train_images_per_s"])
+        assert ours["inference_speedup"] == pytest.approx(
+            reference["inference_s_per_image"] / ours["inference_s_per_image"])
+    lever = next(v for v in report["variants"] if v["name"].startswith("ours:"))
+    assert lever["opts"][-2:] == ["MODEL.GN.FUSE_RELU", "False"] and lever["config_file"] == SHAPES_CONFIG
+    assert report["machine"]["cpu_count"] >= 1 and report["machine"]["torch"] == torch.__version__
+    for variant in variants:
+        assert f"| {variant} | fp32 | 2 |" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--variants", "resnet"], "Unknown variant 'resnet'"),
+        (["--variants", "ours:MODEL.NOT_A_KEY=1"], "MODEL.NOT_A_KEY"),
+        (["--variants", "ours:MODEL.GN.IMPL"], "KEY=VALUE"),
+        (["--config-file", "missing.yaml"], "missing.yaml"),
+        (["--num-gpus", "2"], "one device per process"),
+        (["--iters", "0"], "--iters"),
+        (["--task", "op", "--op-shape", "2", "30", "4", "4"], "divisible by --op-groups 32"),
+    ],
+)
+def test_cli_rejects_bad_requests_naming_what_is_wrong(args, message, tmp_path):
+    result = run_tool(["tools/benchmark.py", *args, "--output", str(tmp_path / "b.json")], {}, timeout=120)
+    assert result.returncode == 2 and message in result.stderr
+    assert not (tmp_path / "b.json").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_device_without_a_gpu_says_to_use_the_cpu(tmp_path):
+    result = run_tool(["tools/benchmark.py", "--device", "cuda"], {}, timeout=120)
+    assert result.returncode == 2 and "--device cpu" in result.stderr
+
+
+def test_op_task_times_eager_and_our_layer(tmp_path):
+    out = tmp_path / "op.json"
+    result = run_tool(["tools/benchmark.py", "--task", "op", "--op-shape", "2", "16", "24", "24", "--op-groups",
+                       "4", "--op-dtype", "fp32", "--warmup", "1", "--iters", "3", "--output", str(out)], {})
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["shape"] == [2, 16, 24, 24]
+    for name in ("torch_eager", "ours"):
+        assert report["results"][name]["ms"] > 0 and f"| {name} |" in result.stdout
+
+
+def test_training_measurement_on_a_registered_dataset_under_cpu_autocast(tiny_shapes_root):
+    from .conftest import TINY_OVERRIDES
+
+    variant = bench.Variant("ours", SHAPES_CONFIG, tuple(TINY_OVERRIDES))
+    cfg = bench.variant_config(variant, "cpu")
+    assert cfg.SOLVER.BASE_LR == 0.0 and cfg.MODEL.WEIGHTS == ""
+    batch = bench.dataset_batch(cfg, "tiny_shapes_train", 2)
+    assert len(batch) == 2 and batch[0]["image"].shape[1:] == (128, 128)
+    cell = bench.measure_training(cfg, batch, "amp_bf16", warmup=0, iters=1)
+    assert cell.images_per_iter == 2 and cell.train_images_per_s > 0 and cell.nonfinite_losses == 0
+    with pytest.raises(ValueError, match="has 48 images; the benchmark needs 100"):
+        bench.dataset_batch(cfg, "tiny_shapes_train", 100)
+
+
+def test_synthetic_batch_has_boxes_inside_the_image_and_masks_inside_their_boxes():
+    batch = bench.synthetic_batch(2, 80, 120, boxes=5, num_classes=3)
+    for item in batch:
+        assert item["image"].shape == (3, 80, 120) and item["image"].dtype == torch.uint8
+        boxes = item["instances"].gt_boxes.tensor
+        assert len(boxes) == 5 and (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 120).all()
+        assert (boxes[:, 3] <= 80).all() and (boxes[:, 2:] > boxes[:, :2]).all()
+        masks = item["instances"].gt_masks.tensor
+        for mask, (x0, y0, x1, y1) in zip(masks, boxes.tolist()):
+            ys, xs = np.nonzero(mask.numpy())
+            assert len(xs) and xs.min() >= x0 - 1 and xs.max() <= x1 and ys.min() >= y0 - 1 and ys.max() <= y1
+
+
+def test_peak_memory_sees_a_large_temporary_allocation_on_the_cpu():
+    with bench.PeakMemory("cpu") as small:
+        pass
+    with bench.PeakMemory("cpu") as large:
+        block = torch.ones(64 * 1024 * 1024)  # 256 MB
+        del block
+    assert large.bytes - small.bytes > 200e6
+
+
+def test_variant_overrides_reach_the_config():
+    builtins = bench.builtin_variants(SHAPES_CONFIG)
+    variant = bench.parse_variant("ours:MODEL.GN.IMPL=torch,MODEL.GN.AUTOCAST_HALF=False", builtins)
+    cfg = bench.variant_config(variant, "cpu", ["MODEL.GN.NUM_GROUPS", 16])
+    assert (cfg.MODEL.GN.IMPL, cfg.MODEL.GN.AUTOCAST_HALF, cfg.MODEL.GN.NUM_GROUPS) == ("torch", False, 16)
+    stock = bench.variant_config(builtins["ours_stock_gn"], "cpu")
+    assert (stock.MODEL.GN.IMPL, stock.MODEL.GN.FUSE_RELU, stock.MODEL.GN.AUTOCAST_HALF) == ("torch", False, False)
+    assert make_cfg(SHAPES_CONFIG).MODEL.GN.IMPL == "auto"

@@ -1,0 +1,172 @@
+#!/usr/bin/env python
+"""Benchmark GN Mask R-CNN against Detectron2's GN and frozen-BN models, side by side in one run.
+
+    python tools/benchmark.py                                    # all variants, 1/2/4/8 images, fp32 + AMP fp16
+    python tools/benchmark.py --images-per-gpu 2 8 --precision fp32 amp_fp16 amp_bf16 --output bench.json
+    python tools/benchmark.py --variants ours "ours:MODEL.GN.FUSE_RELU=False" detectron2_gn   # one lever
+    python tools/benchmark.py --dataset shapes_train --config-file configs/shapes/mask_rcnn_R18_FPN_gn_scratch.yaml
+    python tools/benchmark.py --task op --op-shape 8 256 200 304 --op-dtype fp16 --compile
+
+Model task: training images/s (full step with the optimizer), inference s/image (one image per call) and peak
+memory, random weights, on synthetic COCO-sized inputs (--input-size, --boxes) or the first images of a
+registered dataset. Writes JSON (--output) and prints a Markdown table whose ratios are to detectron2_gn.
+--config-file replaces the config of `ours` (and `ours_stock_gn`); trailing KEY VALUE pairs apply to every
+variant.
+"""
+import argparse
+import gc
+import json
+import logging
+import os
+import sys
+import time
+
+import torch
+from detectron2.engine import default_argument_parser
+from detectron2.utils.logger import setup_logger
+
+import gn_detection  # noqa: F401  (registers our components)
+from gn_detection import benchmark as bench
+
+DEFAULT_OURS = os.path.join(bench.REPO_CONFIGS, "mask_rcnn_R50_FPN_gn.yaml")
+OP_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = default_argument_parser(epilog=__doc__)
+    parser.add_argument("--task", choices=("model", "op"), default="model")
+    parser.add_argument("--variants", nargs="+", default=["ours", "detectron2_gn", "frozen_bn"],
+                        help="built-in variants (ours, ours_stock_gn, detectron2_gn, frozen_bn), each optionally "
+                             "NAME:KEY=VALUE,... with overrides")
+    parser.add_argument("--images-per-gpu", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--precision", nargs="+", choices=list(bench.PRECISIONS), default=["fp32", "amp_fp16"])
+    parser.add_argument("--skip", nargs="*", choices=("train", "inference"), default=[],
+                        help="leave out training or inference measurements")
+    parser.add_argument("--input-size", type=int, nargs=2, default=[800, 1216], metavar=("H", "W"))
+    parser.add_argument("--boxes", type=int, default=7, help="boxes and masks per synthetic image")
+    parser.add_argument("--dataset", default="", help="use this registered dataset's first images instead")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--iters", type=int, default=30, help="timed iterations per cell (median reported)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--output", default="output/benchmark/benchmark.json", help="JSON results file")
+    parser.add_argument("--op-shape", type=int, nargs="+", default=[8, 256, 200, 304], metavar="DIM")
+    parser.add_argument("--op-groups", type=int, default=32)
+    parser.add_argument("--op-dtype", choices=list(OP_DTYPES), default="fp16")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile of GN+ReLU (op task)")
+    args = parser.parse_args(argv)
+    if args.num_gpus != 1 or args.num_machines != 1:
+        parser.error("the benchmark measures one device per process: use --num-gpus 1 (images per GPU is "
+                     "--images-per-gpu)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device} but no CUDA GPU is visible; use --device cpu")
+    if min(args.images_per_gpu) < 1 or args.iters < 1 or args.warmup < 0:
+        parser.error("--images-per-gpu and --iters must be >= 1 and --warmup >= 0")
+    if len(args.op_shape) < 2 or args.op_shape[1] % args.op_groups:
+        parser.error(f"--op-shape needs N C [spatial...] with C divisible by --op-groups {args.op_groups}, "
+                     f"got {args.op_shape}")
+    return args
+
+
+def inputs_for(cfg, args, count):
+    if args.dataset:
+        return bench.dataset_batch(cfg, args.dataset, count)
+    height, width = args.input_size
+    return bench.synthetic_batch(count, height, width, args.boxes, cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+
+
+def error_text(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
+
+
+def build_configs(args) -> dict:
+    """Each variant's config, built before any measurement so a bad name, file or key fails at once."""
+    builtins = bench.builtin_variants(args.config_file or DEFAULT_OURS)
+    configs = {}
+    for variant in (bench.parse_variant(spec, builtins) for spec in args.variants):
+        try:
+            configs[variant] = bench.variant_config(variant, args.device, args.opts)
+        except (AssertionError, KeyError, ValueError) as e:  # Detectron2 asserts on unknown keys, missing files
+            raise ValueError(f"variant {variant.name} ({variant.config_file}): {e}") from None
+    return configs
+
+
+def run_models(args, configs, logger) -> dict:
+    variants = list(configs)
+    largest = max(args.images_per_gpu)
+    cells, total, done, start = [], len(variants) * len(args.precision) * len(args.images_per_gpu), 0, time.time()
+    for variant in variants:
+        cfg = configs[variant]
+        batch = inputs_for(cfg, args, largest)
+        for precision in args.precision:
+            inference = None
+            if "inference" not in args.skip:
+                try:
+                    inference = bench.measure_inference(cfg, batch[0], precision, args.warmup, args.iters)
+                except (RuntimeError, NotImplementedError, FloatingPointError) as e:
+                    logger.warning("%s %s inference failed: %s", variant.name, precision, error_text(e))
+            for count in args.images_per_gpu:
+                cell = bench.Cell(variant.name, precision, count)
+                if "train" not in args.skip:
+                    try:
+                        cell = bench.measure_training(cfg, batch[:count], precision, args.warmup, args.iters)
+                    except (RuntimeError, NotImplementedError, FloatingPointError) as e:  # OOM, dtype, diverged
+                        cell.error = error_text(e)
+                cell.variant, cell.inference_s_per_image = variant.name, inference
+                cells.append(cell)
+                done += 1
+                elapsed = time.time() - start
+                logger.info("[%d/%d] %s %s %d img: %s img/s, peak %s GB, %s s/img inference; ETA %.0f s", done, total,
+                            variant.name, precision, count, _short(cell.train_images_per_s),
+                            _short(cell.peak_memory_gb), _short(inference), elapsed / done * (total - done))
+                gc.collect()
+                if args.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+    rows = bench.with_ratios(cells)
+    return {"variants": [{"name": v.name, "config_file": v.config_file, "opts": list(v.opts)} for v in variants],
+            "rows": rows, "table": bench.markdown_table(rows)}
+
+
+def _short(value):
+    return "–" if value is None else f"{value:.3g}"
+
+
+def run_op(args, logger) -> dict:
+    dtype = OP_DTYPES[args.op_dtype]
+    logger.info("GroupNorm+ReLU forward+backward on %s %s, G=%d", args.op_shape, args.op_dtype, args.op_groups)
+    results = bench.measure_group_norm_op(args.op_shape, args.op_groups, dtype, args.device, args.warmup,
+                                          args.iters, compile_torch=args.compile)
+    lines = ["| implementation | ms (fwd+bwd) | GB/s at 8 passes |", "|---|---|---|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['ms']:.3f} | {r['gb_per_s_at_8_passes']:.0f} |" if "ms" in r
+                     else f"| {name} | {r['error']} | – |")
+    return {"shape": args.op_shape, "groups": args.op_groups, "dtype": args.op_dtype, "results": results,
+            "table": "\n".join(lines)}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logger = setup_logger(name="gn_detection.benchmark", abbrev_name="bench")
+    logger.setLevel(logging.INFO)
+    if args.task == "op":
+        result = run_op(args, logger)
+    else:
+        try:
+            configs = build_configs(args)
+        except ValueError as e:  # unknown variant or key, missing config file
+            print(f"benchmark: error: {e}", file=sys.stderr)
+            return 2
+        result = run_models(args, configs, logger)
+    result = {"task": args.task, "machine": bench.machine_description(args.device),
+              "command": " ".join(sys.argv), "settings": {k: v for k, v in vars(args).items()}, **result}
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    tmp = args.output + ".part"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(tmp, args.output)
+    print(result["table"])
+    logger.info("Wrote %s", args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
