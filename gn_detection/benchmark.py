@@ -46,7 +46,9 @@ def builtin_variants(ours_config: str) -> Dict[str, Variant]:
             "ours_stock_gn", ours_config,
             ("MODEL.GN.IMPL", "torch", "MODEL.GN.FUSE_RELU", False, "MODEL.GN.AUTOCAST_HALF", False),
         ),
-        REFERENCE_VARIANT: Variant(REFERENCE_VARIANT, detectron2_zoo.get_config_file("Misc/mask_rcnn_R_50_FPN_3x_gn.yaml")),
+        REFERENCE_VARIANT: Variant(
+            REFERENCE_VARIANT, detectron2_zoo.get_config_file("Misc/mask_rcnn_R_50_FPN_3x_gn.yaml")
+        ),
         "frozen_bn": Variant(
             "frozen_bn", detectron2_zoo.get_config_file("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml")
         ),
@@ -77,7 +79,8 @@ def variant_config(variant: Variant, device: str, opts: Sequence = ()) -> CfgNod
     without normalization (frozen BN at its identity statistics) cannot blow up to Inf mid-measurement.
     ROI_HEADS.SCORE_THRESH_TEST is 0, so with random weights every model still returns
     TEST.DETECTIONS_PER_IMAGE detections and inference does the same mask-head work."""
-    fixed = ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device, "SOLVER.BASE_LR", 0.0, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0]
+    fixed = ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device, "SOLVER.BASE_LR", 0.0,
+             "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0]
     return load_config(variant.config_file, [*variant.opts, *fixed, *opts])
 
 

@@ -6,7 +6,7 @@ are small) so that even one image fills the GPU:
 
     forward:  1. per-channel mean and M2 (Chan's parallel update, fp32)   reads x
               2. group statistics from the channels' ones; normalize,
-                 scale, shift (+ ReLU)                                    reads x, writes y
+                 scale and shift (+ ReLU)                                 reads x, writes y
     backward: 3. per-channel sums of dz and dz * x_hat (dz = dy masked
                  by the recomputed ReLU)                                  reads x, dy
               4. dx from those sums                                       reads x, dy, writes dx
@@ -16,6 +16,8 @@ the per-channel statistics. Statistics and sums are fp32 whatever the activation
 which stays as it is. ``torch.nn.functional.group_norm`` is the reference these kernels are tested against
 (in float64, with ``TRITON_INTERPRET=1`` on the CPU).
 """
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -28,6 +30,13 @@ _MAX_PIXEL_BLOCK = 1024
 
 
 @triton.jit
+def _pixel_tile(rows, channel_ok, start, HW, BLOCK_HW: tl.constexpr):
+    """Offsets and mask of the [channels, BLOCK_HW] tile that starts at pixel ``start`` of each row."""
+    pixels = start + tl.arange(0, BLOCK_HW)
+    return rows[:, None] + pixels[None, :], channel_ok[:, None] & (pixels < HW)[None, :]
+
+
+@triton.jit
 def _channel_stats_kernel(X, MEAN, M2, C, HW, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     """Per (sample, channel): mean and sum of squared deviations over the pixels."""
     n = tl.program_id(0)
@@ -37,9 +46,8 @@ def _channel_stats_kernel(X, MEAN, M2, C, HW, BLOCK_C: tl.constexpr, BLOCK_HW: t
     mean = tl.zeros([BLOCK_C], tl.float32)
     m2 = tl.zeros([BLOCK_C], tl.float32)
     for start in range(0, HW, BLOCK_HW):
-        pixels = start + tl.arange(0, BLOCK_HW)
-        mask = channel_ok[:, None] & (pixels < HW)[None, :]
-        x = tl.load(X + rows[:, None] + pixels[None, :], mask=mask, other=0.0).to(tl.float32)
+        offsets, mask = _pixel_tile(rows, channel_ok, start, HW, BLOCK_HW)
+        x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
         count = tl.minimum(HW - start, BLOCK_HW).to(tl.float32)
         block_mean = tl.sum(x, axis=1) / count
         deviation = tl.where(mask, x - block_mean[:, None], 0.0)
@@ -65,8 +73,12 @@ def _group_of_each_channel(n, channels, channel_ok, C, CPG, BLOCK_CPG: tl.conste
 
 
 @triton.jit
-def _group_mean_rstd(MEAN, M2, n, channels, channel_ok, C, HW, CPG, eps, BLOCK_CPG: tl.constexpr):
-    """Mean and 1/std of each given channel's group, merged exactly from its channels' statistics."""
+def _channel_block(W, B, MEAN, M2, C, HW, CPG, eps, BLOCK_C: tl.constexpr, BLOCK_CPG: tl.constexpr):
+    """This program's sample, its channels and their mask, the offset of each channel's first pixel, and per
+    channel the mean and 1/std of its group (merged exactly from the channels' statistics), weight, bias."""
+    n = tl.program_id(0)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_ok = channels < C
     index, mask = _group_of_each_channel(n, channels, channel_ok, C, CPG, BLOCK_CPG)
     channel_mean = tl.load(MEAN + index, mask=mask, other=0.0)
     channel_m2 = tl.load(M2 + index, mask=mask, other=0.0)
@@ -74,7 +86,10 @@ def _group_mean_rstd(MEAN, M2, n, channels, channel_ok, C, HW, CPG, eps, BLOCK_C
     spread = tl.where(mask, channel_mean - mean[:, None], 0.0)
     m2 = tl.sum(channel_m2, axis=1) + HW * tl.sum(spread * spread, axis=1)
     rstd = 1.0 / tl.sqrt(m2 / (CPG * HW) + eps)
-    return mean, rstd
+    weight = tl.load(W + channels, mask=channel_ok, other=0.0).to(tl.float32)
+    bias = tl.load(B + channels, mask=channel_ok, other=0.0).to(tl.float32)
+    rows = (n * C + channels).to(tl.int64) * HW
+    return n, channels, channel_ok, rows, mean, rstd, weight, bias
 
 
 @triton.jit
@@ -86,24 +101,27 @@ def _normalized(x, mean, scale, bias):
 
 
 @triton.jit
+def _load_x_dz(X, DY, offsets, mask, mean, scale, bias, RELU: tl.constexpr):
+    """A tile of x and of dz (dy through the recomputed ReLU), in fp32."""
+    x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
+    dz = tl.load(DY + offsets, mask=mask, other=0.0).to(tl.float32)
+    if RELU:
+        dz = tl.where(_normalized(x, mean, scale, bias) > 0.0, dz, 0.0)
+    return x, dz
+
+
+@triton.jit
 def _forward_kernel(
     X, Y, W, B, MEAN, M2, C, HW, CPG, eps,
     RELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_CPG: tl.constexpr,
 ):
     """y = x_hat * w + b (then ReLU), one (sample, channel block) per program."""
-    n = tl.program_id(0)
-    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    channel_ok = channels < C
-    mean, rstd = _group_mean_rstd(MEAN, M2, n, channels, channel_ok, C, HW, CPG, eps, BLOCK_CPG)
-    scale = tl.load(W + channels, mask=channel_ok, other=0.0).to(tl.float32) * rstd
-    bias = tl.load(B + channels, mask=channel_ok, other=0.0).to(tl.float32)
-    rows = (n * C + channels).to(tl.int64) * HW
+    n, channels, channel_ok, rows, mean, rstd, weight, bias = _channel_block(
+        W, B, MEAN, M2, C, HW, CPG, eps, BLOCK_C, BLOCK_CPG)
+    scale = weight * rstd
     for start in range(0, HW, BLOCK_HW):
-        pixels = start + tl.arange(0, BLOCK_HW)
-        mask = channel_ok[:, None] & (pixels < HW)[None, :]
-        offsets = rows[:, None] + pixels[None, :]
-        x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
-        y = _normalized(x, mean, scale, bias)
+        offsets, mask = _pixel_tile(rows, channel_ok, start, HW, BLOCK_HW)
+        y = _normalized(tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32), mean, scale, bias)
         if RELU:
             y = tl.maximum(y, 0.0)
         tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=mask)
@@ -114,24 +132,15 @@ def _backward_sums_kernel(
     X, DY, W, B, MEAN, M2, DZ_SUM, DZ_XHAT_SUM, C, HW, CPG, eps,
     RELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_CPG: tl.constexpr,
 ):
-    """Per (sample, channel): sum of dz and of dz * x_hat, where dz is dy through the (recomputed) ReLU."""
-    n = tl.program_id(0)
-    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    channel_ok = channels < C
-    mean, rstd = _group_mean_rstd(MEAN, M2, n, channels, channel_ok, C, HW, CPG, eps, BLOCK_CPG)
-    scale = tl.load(W + channels, mask=channel_ok, other=0.0).to(tl.float32) * rstd
-    bias = tl.load(B + channels, mask=channel_ok, other=0.0).to(tl.float32)
-    rows = (n * C + channels).to(tl.int64) * HW
+    """Per (sample, channel): sum of dz and of dz * x_hat."""
+    n, channels, channel_ok, rows, mean, rstd, weight, bias = _channel_block(
+        W, B, MEAN, M2, C, HW, CPG, eps, BLOCK_C, BLOCK_CPG)
+    scale = weight * rstd
     dz_acc = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
     dz_xhat_acc = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
     for start in range(0, HW, BLOCK_HW):
-        pixels = start + tl.arange(0, BLOCK_HW)
-        mask = channel_ok[:, None] & (pixels < HW)[None, :]
-        offsets = rows[:, None] + pixels[None, :]
-        x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
-        dz = tl.load(DY + offsets, mask=mask, other=0.0).to(tl.float32)
-        if RELU:
-            dz = tl.where(_normalized(x, mean, scale, bias) > 0.0, dz, 0.0)
+        offsets, mask = _pixel_tile(rows, channel_ok, start, HW, BLOCK_HW)
+        x, dz = _load_x_dz(X, DY, offsets, mask, mean, scale, bias, RELU)
         dz_acc += dz
         dz_xhat_acc += dz * ((x - mean[:, None]) * rstd[:, None])
     tl.store(DZ_SUM + n * C + channels, tl.sum(dz_acc, axis=1), mask=channel_ok)
@@ -144,30 +153,20 @@ def _backward_dx_kernel(
     RELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_CPG: tl.constexpr,
 ):
     """dx = rstd * (dz * w - mean(dz * w) - x_hat * mean(dz * w * x_hat)), means over the group."""
-    n = tl.program_id(0)
-    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    channel_ok = channels < C
-    mean, rstd = _group_mean_rstd(MEAN, M2, n, channels, channel_ok, C, HW, CPG, eps, BLOCK_CPG)
-    w = tl.load(W + channels, mask=channel_ok, other=0.0).to(tl.float32)
-    scale = w * rstd
-    bias = tl.load(B + channels, mask=channel_ok, other=0.0).to(tl.float32)
+    n, channels, channel_ok, rows, mean, rstd, weight, bias = _channel_block(
+        W, B, MEAN, M2, C, HW, CPG, eps, BLOCK_C, BLOCK_CPG)
+    scale = weight * rstd
     # The group means of dz * w and dz * w * x_hat, from the per-channel sums of the previous kernel.
-    index, mask = _group_of_each_channel(n, channels, channel_ok, C, CPG, BLOCK_CPG)
-    member_w = tl.load(W + (index - n * C), mask=mask, other=0.0).to(tl.float32)
+    index, members = _group_of_each_channel(n, channels, channel_ok, C, CPG, BLOCK_CPG)
+    member_w = tl.load(W + (index - n * C), mask=members, other=0.0).to(tl.float32)
     count = CPG * HW * 1.0
-    mean_dxhat = tl.sum(member_w * tl.load(DZ_SUM + index, mask=mask, other=0.0), axis=1) / count
-    mean_dxhat_xhat = tl.sum(member_w * tl.load(DZ_XHAT_SUM + index, mask=mask, other=0.0), axis=1) / count
-    rows = (n * C + channels).to(tl.int64) * HW
+    mean_dxhat = tl.sum(member_w * tl.load(DZ_SUM + index, mask=members, other=0.0), axis=1) / count
+    mean_dxhat_xhat = tl.sum(member_w * tl.load(DZ_XHAT_SUM + index, mask=members, other=0.0), axis=1) / count
     for start in range(0, HW, BLOCK_HW):
-        pixels = start + tl.arange(0, BLOCK_HW)
-        mask = channel_ok[:, None] & (pixels < HW)[None, :]
-        offsets = rows[:, None] + pixels[None, :]
-        x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
-        dz = tl.load(DY + offsets, mask=mask, other=0.0).to(tl.float32)
-        if RELU:
-            dz = tl.where(_normalized(x, mean, scale, bias) > 0.0, dz, 0.0)
+        offsets, mask = _pixel_tile(rows, channel_ok, start, HW, BLOCK_HW)
+        x, dz = _load_x_dz(X, DY, offsets, mask, mean, scale, bias, RELU)
         x_hat = (x - mean[:, None]) * rstd[:, None]
-        dx = rstd[:, None] * (dz * w[:, None] - mean_dxhat[:, None] - x_hat * mean_dxhat_xhat[:, None])
+        dx = rstd[:, None] * (dz * weight[:, None] - mean_dxhat[:, None] - x_hat * mean_dxhat_xhat[:, None])
         tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
 
 
@@ -222,8 +221,8 @@ class _GroupNormFunction(torch.autograd.Function):
 def group_norm(
     x: torch.Tensor,
     num_groups: int,
-    weight: torch.Tensor = None,
-    bias: torch.Tensor = None,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
     eps: float = 1e-5,
     relu: bool = False,
 ) -> torch.Tensor:

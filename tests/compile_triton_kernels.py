@@ -1,0 +1,56 @@
+"""Compile the GN Triton kernels ahead of time for a CUDA GPU, with no GPU present: Triton's whole pipeline
+(TTIR, TTGIR, LLVM IR, PTX, and ptxas to a cubin) runs on the CPU. Catches what the interpreter cannot:
+typing and lowering errors of the real compiler. Run in a process without TRITON_INTERPRET.
+
+    python tests/compile_triton_kernels.py 90      # compute capability (90 = H100)
+"""
+import sys
+import time
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from gn_detection import triton_group_norm as gn
+
+# (channels, pixels, channels per group) of real layers: FPN P2 at 800x1216, the stem's 64 channels, a box-head
+# conv on 7x7 RoIs, G = 1 and G = C on a small map
+LAYERS = [(256, 200 * 304, 8), (64, 400 * 608, 2), (256, 7 * 7, 8), (48, 25 * 38, 48), (16, 9, 1)]
+DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+
+
+def compile_kernel(target, kernel, pointers, constexprs):
+    ints = ("C", "HW", "CPG")
+    signature = {name: "*fp32" for name in kernel.arg_names if name.isupper() and name not in ints
+                 and name not in constexprs}
+    signature.update(pointers)
+    signature.update({name: "i32" for name in ints if name in kernel.arg_names})
+    signature.update({name: "fp32" for name in kernel.arg_names if name == "eps"})
+    signature.update({name: "constexpr" for name in constexprs})
+    signature = {name: signature[name] for name in kernel.arg_names}  # in argument order
+    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=target)
+
+
+def main(capability: int) -> None:
+    target = GPUTarget("cuda", capability, 32)
+    count, start = 0, time.time()
+    for channels, pixels, cpg in LAYERS:
+        _, blocks = gn._launch_shape(channels, pixels, cpg)
+        for dtype, pointer in DTYPES.items():
+            activations = {"X": pointer, "Y": pointer, "DY": pointer, "DX": pointer}
+            stats_blocks = {"BLOCK_C": blocks["BLOCK_C"], "BLOCK_HW": blocks["BLOCK_HW"]}
+            compiled = [compile_kernel(target, gn._channel_stats_kernel, {"X": pointer}, stats_blocks)]
+            for kernel in (gn._forward_kernel, gn._backward_sums_kernel, gn._backward_dx_kernel):
+                pointers = {k: v for k, v in activations.items() if k in kernel.arg_names}
+                for relu in (False, True):
+                    compiled.append(compile_kernel(target, kernel, pointers, {"RELU": relu, **blocks}))
+            for kernel in compiled:
+                assert kernel.asm["cubin"], "no cubin produced"
+            count += len(compiled)
+            print(f"sm_{capability} C={channels} HW={pixels} cpg={cpg} {dtype} {blocks}: {len(compiled)} kernels",
+                  flush=True)
+    print(f"compiled {count} kernels for sm_{capability} in {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 90)
