@@ -239,3 +239,37 @@ def test_kernels_compile_to_h100_cubins_with_the_real_compiler(tmp_path):
     result = run_tool(["tests/compile_triton_kernels.py", "90"], env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "compiled 105 kernels for sm_90" in result.stdout
+
+
+def backbone_features_and_gradients(model, images, autocast):
+    """FPN features, and the gradients of a fixed linear function of them w.r.t. the backbone's parameters."""
+    with torch.autocast(DEVICE, dtype=AUTOCAST_DTYPE, enabled=autocast):
+        features = model.backbone(images)
+    loss = sum((f.float() * torch.linspace(-1, 1, f.numel(), device=DEVICE).view_as(f)).sum()
+               for f in features.values())
+    params = dict(model.backbone.named_parameters())
+    return features, dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+
+
+def relative_error(a, b):
+    return ((a.float() - b.float()).norm() / (b.float().norm() + 1e-12)).item()
+
+
+def test_backbone_under_autocast_matches_detectron2_gn_within_amp_tolerance():
+    # Ours keeps GN in half precision (fp32 statistics) with the kernels; Detectron2's runs torch's GN in fp32
+    # under autocast. Against the fp32 result, ours may be no further off than Detectron2's own AMP is.
+    torch.manual_seed(0)
+    theirs = build_model(make_cfg(SHAPES_CONFIG, *TINY_SAME_ARCH, *DETECTRON2_BUILDERS, "MODEL.DEVICE", DEVICE))
+    ours = build_model(make_cfg(SHAPES_CONFIG, *TINY_SAME_ARCH, "MODEL.GN.IMPL", "triton", "MODEL.DEVICE", DEVICE))
+    ours.load_state_dict(theirs.state_dict())
+    images = torch.randn(2, 3, 64, 96, device=DEVICE)
+    exact_features, exact_grads = backbone_features_and_gradients(theirs, images, autocast=False)
+    their_features, their_grads = backbone_features_and_gradients(theirs, images, autocast=True)
+    our_features, our_grads = backbone_features_and_gradients(ours, images, autocast=True)
+    for level, exact in exact_features.items():
+        assert our_features[level].dtype == AUTOCAST_DTYPE
+        ours_off, theirs_off = relative_error(our_features[level], exact), relative_error(their_features[level], exact)
+        assert ours_off <= 1.5 * theirs_off + 1e-3, (level, ours_off, theirs_off)
+    for name, exact in exact_grads.items():
+        ours_off, theirs_off = relative_error(our_grads[name], exact), relative_error(their_grads[name], exact)
+        assert ours_off <= 1.5 * theirs_off + 1e-3, (name, ours_off, theirs_off)
