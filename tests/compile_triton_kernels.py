@@ -1,9 +1,13 @@
 """Compile the GN Triton kernels ahead of time for a CUDA GPU, with no GPU present: Triton's whole pipeline
 (TTIR, TTGIR, LLVM IR, PTX, and ptxas to a cubin) runs on the CPU. Catches what the interpreter cannot:
-typing and lowering errors of the real compiler. Run in a process without TRITON_INTERPRET.
+typing and lowering errors of the real compiler. Where a layer's pixel count is a multiple of 16 (as
+Triton's launcher then tells the compiler), also checks that every kernel reads the activations in 16-byte
+vectors, the access pattern that streaming at full bandwidth needs. Run in a process without
+TRITON_INTERPRET.
 
     python tests/compile_triton_kernels.py 90      # compute capability (90 = H100)
 """
+import re
 import sys
 import time
 
@@ -19,7 +23,8 @@ LAYERS = [(256, 200 * 304, 8), (64, 400 * 608, 2), (256, 7 * 7, 8), (48, 25 * 38
 DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 
 
-def compile_kernel(target, kernel, pointers, constexprs):
+def compile_kernel(target, kernel, pointers, constexprs, aligned):
+    """Compile ``kernel``; ``aligned``: pointers and HW divisible by 16, as the launcher specializes them."""
     ints = ("C", "HW", "CPG")
     signature = {name: "*fp32" for name in kernel.arg_names if name.isupper() and name not in ints
                  and name not in constexprs}
@@ -28,7 +33,14 @@ def compile_kernel(target, kernel, pointers, constexprs):
     signature.update({name: "fp32" for name in kernel.arg_names if name == "eps"})
     signature.update({name: "constexpr" for name in constexprs})
     signature = {name: signature[name] for name in kernel.arg_names}  # in argument order
-    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=target)
+    divisible = [name for name, kind in signature.items() if kind.startswith("*") or name == "HW"]
+    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible} if aligned else None
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+                              target=target)
+    assert compiled.asm["cubin"], f"{kernel.__name__}: no cubin produced"
+    if aligned and not re.search(r"ld\.global(\.\w+)*\.v4", compiled.asm["ptx"]):
+        raise AssertionError(f"{kernel.__name__} {constexprs}: no 16-byte vector loads with aligned rows")
+    return compiled
 
 
 def main(capability: int) -> None:
@@ -36,19 +48,18 @@ def main(capability: int) -> None:
     count, start = 0, time.time()
     for channels, pixels, cpg in LAYERS:
         _, blocks = gn._launch_shape(channels, pixels, cpg)
+        aligned = pixels % 16 == 0
         for dtype, pointer in DTYPES.items():
             activations = {"X": pointer, "Y": pointer, "DY": pointer, "DX": pointer}
             stats_blocks = {"BLOCK_C": blocks["BLOCK_C"], "BLOCK_HW": blocks["BLOCK_HW"]}
-            compiled = [compile_kernel(target, gn._channel_stats_kernel, {"X": pointer}, stats_blocks)]
+            compiled = [compile_kernel(target, gn._channel_stats_kernel, {"X": pointer}, stats_blocks, aligned)]
             for kernel in (gn._forward_kernel, gn._backward_sums_kernel, gn._backward_dx_kernel):
                 pointers = {k: v for k, v in activations.items() if k in kernel.arg_names}
                 for relu in (False, True):
-                    compiled.append(compile_kernel(target, kernel, pointers, {"RELU": relu, **blocks}))
-            for kernel in compiled:
-                assert kernel.asm["cubin"], "no cubin produced"
+                    compiled.append(compile_kernel(target, kernel, pointers, {"RELU": relu, **blocks}, aligned))
             count += len(compiled)
-            print(f"sm_{capability} C={channels} HW={pixels} cpg={cpg} {dtype} {blocks}: {len(compiled)} kernels",
-                  flush=True)
+            print(f"sm_{capability} C={channels} HW={pixels} cpg={cpg} {dtype} {blocks}: {len(compiled)} kernels"
+                  f"{', 16-byte vector loads' if aligned else ''}", flush=True)
     print(f"compiled {count} kernels for sm_{capability} in {time.time() - start:.0f} s")
 
 
