@@ -1,18 +1,19 @@
 """GroupNorm, optionally fused with the ReLU that follows it, as Triton kernels (forward and backward).
 
 A GN group (e.g. 8 channels x 200 x 304 pixels) is far too large to keep on-chip, so the kernels go over
-the activation in as few passes as that allows, and work per channel (or per few channels when the maps
-are small) so that even one image fills the GPU:
+the activation in as few passes as that allows. Each program takes a block of channels and a chunk of
+their pixels ("a slot"); large maps are cut into several chunks so that even one or two images give the
+GPU enough programs:
 
-    forward:  1. per-channel mean and M2 (Chan's parallel update, fp32)   reads x
-              2. group statistics from the channels' ones; normalize,
+    forward:  1. per-slot mean and M2 (Chan's parallel update, fp32)      reads x
+              2. group statistics merged from the slots' ones; normalize,
                  scale and shift (+ ReLU)                                 reads x, writes y
-    backward: 3. per-channel sums of dz and dz * x_hat (dz = dy masked
-                 by the recomputed ReLU)                                  reads x, dy
-              4. dx from those sums                                       reads x, dy, writes dx
+    backward: 3. per-slot sums of dz and dz * x_hat (dz = dy masked by
+                 the recomputed ReLU)                                     reads x, dy
+              4. dx from the group's sums                                 reads x, dy, writes dx
 
 Nothing of activation size is saved for the backward: x_hat and the ReLU mask are recomputed from x and
-the per-channel statistics. Statistics and sums are fp32 whatever the activation's dtype (fp32/fp16/bf16),
+the slots' statistics. Statistics and sums are fp32 whatever the activation's dtype (fp32/fp16/bf16),
 which stays as it is. ``torch.nn.functional.group_norm`` is the reference these kernels are tested against
 (in float64, with ``TRITON_INTERPRET=1`` on the CPU).
 """
@@ -27,69 +28,82 @@ INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
 
 _TILE = 2048  # elements per program per step: channels x pixels
 _MAX_PIXEL_BLOCK = 1024
+_MIN_PROGRAMS = 1024  # cut maps into pixel chunks until a launch has this many programs (H100: 132 SMs)
 
 
 @triton.jit
-def _pixel_tile(rows, channel_ok, start, HW, BLOCK_HW: tl.constexpr):
-    """Offsets and mask of the [channels, BLOCK_HW] tile that starts at pixel ``start`` of each row."""
-    pixels = start + tl.arange(0, BLOCK_HW)
-    return rows[:, None] + pixels[None, :], channel_ok[:, None] & (pixels < HW)[None, :]
-
-
-@triton.jit
-def _channel_stats_kernel(X, MEAN, M2, C, HW, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """Per (sample, channel): mean and sum of squared deviations over the pixels."""
+def _slot(C, HW, CHUNK, BLOCK_C: tl.constexpr):
+    """This program's sample, chunk, channels and their mask, and the offset of each channel's first pixel."""
     n = tl.program_id(0)
+    chunk = tl.program_id(2)
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_ok = channels < C
     rows = (n * C + channels).to(tl.int64) * HW
+    return n, chunk, channels, channel_ok, rows
+
+
+@triton.jit
+def _pixel_tile(rows, channel_ok, start, end, BLOCK_HW: tl.constexpr):
+    """Offsets and mask of the [channels, BLOCK_HW] tile that starts at pixel ``start`` (and stops before
+    ``end``) of each row."""
+    pixels = start + tl.arange(0, BLOCK_HW)
+    return rows[:, None] + pixels[None, :], channel_ok[:, None] & (pixels < end)[None, :]
+
+
+@triton.jit
+def _slot_stats_kernel(X, MEAN, M2, C, HW, CHUNK, S, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Per (sample, channel, chunk): mean and sum of squared deviations over the chunk's pixels."""
+    n, chunk, channels, channel_ok, rows = _slot(C, HW, CHUNK, BLOCK_C)
+    first = chunk * CHUNK
+    end = tl.minimum(first + CHUNK, HW)
     mean = tl.zeros([BLOCK_C], tl.float32)
     m2 = tl.zeros([BLOCK_C], tl.float32)
-    for start in range(0, HW, BLOCK_HW):
-        offsets, mask = _pixel_tile(rows, channel_ok, start, HW, BLOCK_HW)
+    for start in range(first, end, BLOCK_HW):
+        offsets, mask = _pixel_tile(rows, channel_ok, start, end, BLOCK_HW)
         x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
-        count = tl.minimum(HW - start, BLOCK_HW).to(tl.float32)
+        count = tl.minimum(end - start, BLOCK_HW).to(tl.float32)
         block_mean = tl.sum(x, axis=1) / count
         deviation = tl.where(mask, x - block_mean[:, None], 0.0)
         block_m2 = tl.sum(deviation * deviation, axis=1)
-        # Chan et al.: merge (start pixels, mean, m2) with (count, block_mean, block_m2)
-        seen = start * 1.0
+        # Chan et al.: merge (seen pixels, mean, m2) with (count, block_mean, block_m2)
+        seen = (start - first) * 1.0
         total = seen + count
         delta = block_mean - mean
         mean += delta * (count / total)
         m2 += block_m2 + delta * delta * (seen * count / total)
-    tl.store(MEAN + n * C + channels, mean, mask=channel_ok)
-    tl.store(M2 + n * C + channels, m2, mask=channel_ok)
+    slots = (n * C + channels) * S + chunk
+    tl.store(MEAN + slots, mean, mask=channel_ok)
+    tl.store(M2 + slots, m2, mask=channel_ok)
 
 
 @triton.jit
-def _group_of_each_channel(n, channels, channel_ok, C, CPG, BLOCK_CPG: tl.constexpr):
-    """Indices into (N, C) arrays of every channel in each given channel's group, and their mask."""
-    first = (channels // CPG) * CPG
-    members = tl.arange(0, BLOCK_CPG)
-    index = n * C + first[:, None] + members[None, :]
-    mask = channel_ok[:, None] & (members < CPG)[None, :]
-    return index, mask
+def _group_slots(n, channels, channel_ok, C, HW, CPG, CHUNK, S, BLOCK_MEMBERS: tl.constexpr):
+    """For each given channel, every (channel, chunk) slot of its group: indices into (N, C, S) arrays, mask,
+    the slot's channel and its pixel count."""
+    member = tl.arange(0, BLOCK_MEMBERS)
+    chunk = member % S
+    member_channel = ((channels // CPG) * CPG)[:, None] + (member // S)[None, :]
+    index = (n * C + member_channel) * S + chunk[None, :]
+    mask = channel_ok[:, None] & (member < CPG * S)[None, :]
+    count = tl.minimum(CHUNK, HW - chunk * CHUNK).to(tl.float32)[None, :]
+    return index, mask, member_channel, count
 
 
 @triton.jit
-def _channel_block(W, B, MEAN, M2, C, HW, CPG, eps, BLOCK_C: tl.constexpr, BLOCK_CPG: tl.constexpr):
-    """This program's sample, its channels and their mask, the offset of each channel's first pixel, and per
-    channel the mean and 1/std of its group (merged exactly from the channels' statistics), weight, bias."""
-    n = tl.program_id(0)
-    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    channel_ok = channels < C
-    index, mask = _group_of_each_channel(n, channels, channel_ok, C, CPG, BLOCK_CPG)
-    channel_mean = tl.load(MEAN + index, mask=mask, other=0.0)
-    channel_m2 = tl.load(M2 + index, mask=mask, other=0.0)
-    mean = tl.sum(channel_mean, axis=1) / CPG
-    spread = tl.where(mask, channel_mean - mean[:, None], 0.0)
-    m2 = tl.sum(channel_m2, axis=1) + HW * tl.sum(spread * spread, axis=1)
+def _channel_block(W, B, MEAN, M2, n, channels, channel_ok, C, HW, CPG, CHUNK, S, eps,
+                   BLOCK_MEMBERS: tl.constexpr):
+    """Per given channel: the mean and 1/std of its group, merged exactly from the group's slot statistics
+    (Chan's update with each slot's pixel count), and its weight and bias, in fp32."""
+    index, mask, _, count = _group_slots(n, channels, channel_ok, C, HW, CPG, CHUNK, S, BLOCK_MEMBERS)
+    slot_mean = tl.load(MEAN + index, mask=mask, other=0.0)
+    slot_m2 = tl.load(M2 + index, mask=mask, other=0.0)
+    mean = tl.sum(slot_mean * count, axis=1) / (CPG * HW)
+    spread = tl.where(mask, slot_mean - mean[:, None], 0.0)
+    m2 = tl.sum(slot_m2, axis=1) + tl.sum(count * spread * spread, axis=1)
     rstd = 1.0 / tl.sqrt(m2 / (CPG * HW) + eps)
     weight = tl.load(W + channels, mask=channel_ok, other=0.0).to(tl.float32)
     bias = tl.load(B + channels, mask=channel_ok, other=0.0).to(tl.float32)
-    rows = (n * C + channels).to(tl.int64) * HW
-    return n, channels, channel_ok, rows, mean, rstd, weight, bias
+    return mean, rstd, weight, bias
 
 
 @triton.jit
@@ -112,15 +126,17 @@ def _load_x_dz(X, DY, offsets, mask, mean, scale, bias, RELU: tl.constexpr):
 
 @triton.jit
 def _forward_kernel(
-    X, Y, W, B, MEAN, M2, C, HW, CPG, eps,
-    RELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_CPG: tl.constexpr,
+    X, Y, W, B, MEAN, M2, C, HW, CPG, CHUNK, S, eps,
+    RELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_MEMBERS: tl.constexpr,
 ):
-    """y = x_hat * w + b (then ReLU), one (sample, channel block) per program."""
-    n, channels, channel_ok, rows, mean, rstd, weight, bias = _channel_block(
-        W, B, MEAN, M2, C, HW, CPG, eps, BLOCK_C, BLOCK_CPG)
+    """y = x_hat * w + b (then ReLU), one slot per program."""
+    n, chunk, channels, channel_ok, rows = _slot(C, HW, CHUNK, BLOCK_C)
+    mean, rstd, weight, bias = _channel_block(W, B, MEAN, M2, n, channels, channel_ok, C, HW, CPG, CHUNK, S,
+                                              eps, BLOCK_MEMBERS)
     scale = weight * rstd
-    for start in range(0, HW, BLOCK_HW):
-        offsets, mask = _pixel_tile(rows, channel_ok, start, HW, BLOCK_HW)
+    end = tl.minimum(chunk * CHUNK + CHUNK, HW)
+    for start in range(chunk * CHUNK, end, BLOCK_HW):
+        offsets, mask = _pixel_tile(rows, channel_ok, start, end, BLOCK_HW)
         y = _normalized(tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32), mean, scale, bias)
         if RELU:
             y = tl.maximum(y, 0.0)
@@ -129,54 +145,65 @@ def _forward_kernel(
 
 @triton.jit
 def _backward_sums_kernel(
-    X, DY, W, B, MEAN, M2, DZ_SUM, DZ_XHAT_SUM, C, HW, CPG, eps,
-    RELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_CPG: tl.constexpr,
+    X, DY, W, B, MEAN, M2, DZ_SUM, DZ_XHAT_SUM, C, HW, CPG, CHUNK, S, eps,
+    RELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_MEMBERS: tl.constexpr,
 ):
-    """Per (sample, channel): sum of dz and of dz * x_hat."""
-    n, channels, channel_ok, rows, mean, rstd, weight, bias = _channel_block(
-        W, B, MEAN, M2, C, HW, CPG, eps, BLOCK_C, BLOCK_CPG)
+    """Per slot: sum of dz and of dz * x_hat."""
+    n, chunk, channels, channel_ok, rows = _slot(C, HW, CHUNK, BLOCK_C)
+    mean, rstd, weight, bias = _channel_block(W, B, MEAN, M2, n, channels, channel_ok, C, HW, CPG, CHUNK, S,
+                                              eps, BLOCK_MEMBERS)
     scale = weight * rstd
     dz_acc = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
     dz_xhat_acc = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
-    for start in range(0, HW, BLOCK_HW):
-        offsets, mask = _pixel_tile(rows, channel_ok, start, HW, BLOCK_HW)
+    end = tl.minimum(chunk * CHUNK + CHUNK, HW)
+    for start in range(chunk * CHUNK, end, BLOCK_HW):
+        offsets, mask = _pixel_tile(rows, channel_ok, start, end, BLOCK_HW)
         x, dz = _load_x_dz(X, DY, offsets, mask, mean, scale, bias, RELU)
         dz_acc += dz
         dz_xhat_acc += dz * ((x - mean[:, None]) * rstd[:, None])
-    tl.store(DZ_SUM + n * C + channels, tl.sum(dz_acc, axis=1), mask=channel_ok)
-    tl.store(DZ_XHAT_SUM + n * C + channels, tl.sum(dz_xhat_acc, axis=1), mask=channel_ok)
+    slots = (n * C + channels) * S + chunk
+    tl.store(DZ_SUM + slots, tl.sum(dz_acc, axis=1), mask=channel_ok)
+    tl.store(DZ_XHAT_SUM + slots, tl.sum(dz_xhat_acc, axis=1), mask=channel_ok)
 
 
 @triton.jit
 def _backward_dx_kernel(
-    X, DY, DX, W, B, MEAN, M2, DZ_SUM, DZ_XHAT_SUM, C, HW, CPG, eps,
-    RELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_CPG: tl.constexpr,
+    X, DY, DX, W, B, MEAN, M2, DZ_SUM, DZ_XHAT_SUM, C, HW, CPG, CHUNK, S, eps,
+    RELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_MEMBERS: tl.constexpr,
 ):
     """dx = rstd * (dz * w - mean(dz * w) - x_hat * mean(dz * w * x_hat)), means over the group."""
-    n, channels, channel_ok, rows, mean, rstd, weight, bias = _channel_block(
-        W, B, MEAN, M2, C, HW, CPG, eps, BLOCK_C, BLOCK_CPG)
+    n, chunk, channels, channel_ok, rows = _slot(C, HW, CHUNK, BLOCK_C)
+    mean, rstd, weight, bias = _channel_block(W, B, MEAN, M2, n, channels, channel_ok, C, HW, CPG, CHUNK, S,
+                                              eps, BLOCK_MEMBERS)
     scale = weight * rstd
-    # The group means of dz * w and dz * w * x_hat, from the per-channel sums of the previous kernel.
-    index, members = _group_of_each_channel(n, channels, channel_ok, C, CPG, BLOCK_CPG)
-    member_w = tl.load(W + (index - n * C), mask=members, other=0.0).to(tl.float32)
+    # The group means of dz * w and dz * w * x_hat, from the slot sums of the previous kernel.
+    index, members, member_channel, _ = _group_slots(n, channels, channel_ok, C, HW, CPG, CHUNK, S,
+                                                     BLOCK_MEMBERS)
+    member_w = tl.load(W + member_channel, mask=members, other=0.0).to(tl.float32)
     count = CPG * HW * 1.0
     mean_dxhat = tl.sum(member_w * tl.load(DZ_SUM + index, mask=members, other=0.0), axis=1) / count
     mean_dxhat_xhat = tl.sum(member_w * tl.load(DZ_XHAT_SUM + index, mask=members, other=0.0), axis=1) / count
-    for start in range(0, HW, BLOCK_HW):
-        offsets, mask = _pixel_tile(rows, channel_ok, start, HW, BLOCK_HW)
+    end = tl.minimum(chunk * CHUNK + CHUNK, HW)
+    for start in range(chunk * CHUNK, end, BLOCK_HW):
+        offsets, mask = _pixel_tile(rows, channel_ok, start, end, BLOCK_HW)
         x, dz = _load_x_dz(X, DY, offsets, mask, mean, scale, bias, RELU)
         x_hat = (x - mean[:, None]) * rstd[:, None]
         dx = rstd[:, None] * (dz * weight[:, None] - mean_dxhat[:, None] - x_hat * mean_dxhat_xhat[:, None])
         tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
 
 
-def _launch_shape(channels: int, pixels: int, channels_per_group: int):
-    """Grid columns and block sizes: whole channels per program, several when the maps are small."""
+def _launch_shape(samples: int, channels: int, pixels: int, channels_per_group: int):
+    """Grid, CHUNK and S, and block sizes: whole channels per program (several when the maps are small),
+    and each channel's pixels cut into S chunks of CHUNK pixels when the launch would have few programs."""
     block_hw = min(triton.next_power_of_2(pixels), _MAX_PIXEL_BLOCK)
     block_c = min(triton.next_power_of_2(channels), max(1, _TILE // block_hw))
-    return triton.cdiv(channels, block_c), {
-        "BLOCK_C": block_c, "BLOCK_HW": block_hw, "BLOCK_CPG": triton.next_power_of_2(channels_per_group)
-    }
+    columns = triton.cdiv(channels, block_c)
+    wanted = min(triton.cdiv(pixels, block_hw), triton.cdiv(_MIN_PROGRAMS, samples * columns))
+    chunk = triton.cdiv(triton.cdiv(pixels, max(1, wanted)), block_hw) * block_hw  # a multiple of the block
+    chunks = triton.cdiv(pixels, chunk)
+    blocks = {"BLOCK_C": block_c, "BLOCK_HW": block_hw,
+              "BLOCK_MEMBERS": triton.next_power_of_2(channels_per_group * chunks)}
+    return (samples, columns, chunks), chunk, chunks, blocks
 
 
 class _GroupNormFunction(torch.autograd.Function):
@@ -184,15 +211,16 @@ class _GroupNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, num_groups, eps, relu):
         x = x.contiguous()
         n, c = x.shape[:2]
-        pixels = x[0, 0].numel() if x.numel() else 0
-        stats = x.new_empty((2, n, c), dtype=torch.float32)  # per-channel mean, M2
         y = torch.empty_like(x)
+        stats = x.new_zeros((2, 0), dtype=torch.float32)
         if x.numel():
-            columns, blocks = _launch_shape(c, pixels, c // num_groups)
-            _channel_stats_kernel[(n, columns)](x, stats[0], stats[1], c, pixels, blocks["BLOCK_C"],
-                                                blocks["BLOCK_HW"])
-            _forward_kernel[(n, columns)](x, y, weight, bias, stats[0], stats[1], c, pixels, c // num_groups,
-                                          eps, relu, **blocks)
+            pixels, cpg = x[0, 0].numel(), c // num_groups
+            grid, chunk, chunks, blocks = _launch_shape(n, c, pixels, cpg)
+            stats = x.new_empty((2, n * c * chunks), dtype=torch.float32)  # per-slot mean, M2
+            _slot_stats_kernel[grid](x, stats[0], stats[1], c, pixels, chunk, chunks, blocks["BLOCK_C"],
+                                     blocks["BLOCK_HW"])
+            _forward_kernel[grid](x, y, weight, bias, stats[0], stats[1], c, pixels, cpg, chunk, chunks, eps,
+                                  relu, **blocks)
         ctx.save_for_backward(x, weight, bias, stats)
         ctx.num_groups, ctx.eps, ctx.relu = num_groups, eps, relu
         return y
@@ -200,21 +228,20 @@ class _GroupNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, stats = ctx.saved_tensors
-        dy = dy.contiguous()
         n, c = x.shape[:2]
-        sums = x.new_empty((2, n, c), dtype=torch.float32)  # per-channel sum of dz, of dz * x_hat
         dx = torch.empty_like(x)
+        sums = x.new_zeros((2, n, c, 1), dtype=torch.float32)
         if x.numel():
-            pixels = x[0, 0].numel()
-            cpg = c // ctx.num_groups
-            columns, blocks = _launch_shape(c, pixels, cpg)
-            args = (weight, bias, stats[0], stats[1], sums[0], sums[1], c, pixels, cpg, ctx.eps, ctx.relu)
-            _backward_sums_kernel[(n, columns)](x, dy, *args, **blocks)
-            _backward_dx_kernel[(n, columns)](x, dy, dx, *args, **blocks)
-        else:
-            sums.zero_()
-        grad_weight = sums[1].sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        grad_bias = sums[0].sum(0).to(bias.dtype) if ctx.needs_input_grad[2] else None
+            dy = dy.contiguous()
+            pixels, cpg = x[0, 0].numel(), c // ctx.num_groups
+            grid, chunk, chunks, blocks = _launch_shape(n, c, pixels, cpg)
+            sums = x.new_empty((2, n, c, chunks), dtype=torch.float32)  # per-slot sums of dz, of dz * x_hat
+            args = (weight, bias, stats[0], stats[1], sums[0], sums[1], c, pixels, cpg, chunk, chunks, ctx.eps,
+                    ctx.relu)
+            _backward_sums_kernel[grid](x, dy, *args, **blocks)
+            _backward_dx_kernel[grid](x, dy, dx, *args, **blocks)
+        grad_weight = sums[1].sum((0, 2)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_bias = sums[0].sum((0, 2)).to(bias.dtype) if ctx.needs_input_grad[2] else None
         return dx, grad_weight, grad_bias, None, None, None
 
 

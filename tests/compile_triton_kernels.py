@@ -17,15 +17,16 @@ from triton.compiler import ASTSource
 
 from gn_detection import triton_group_norm as gn
 
-# (channels, pixels, channels per group) of real layers: FPN P2 at 800x1216, the stem's 64 channels, a box-head
-# conv on 7x7 RoIs, G = 1 and G = C on a small map
-LAYERS = [(256, 200 * 304, 8), (64, 400 * 608, 2), (256, 7 * 7, 8), (48, 25 * 38, 48), (16, 9, 1)]
+# (images, channels, pixels, channels per group) of real layers: FPN P2 at 800x1216 for 2 and 8 images, the
+# stem's 64 channels, a box-head conv on 512 7x7 RoIs, G = 1 and G = C on small maps
+LAYERS = [(2, 256, 200 * 304, 8), (8, 256, 200 * 304, 8), (1, 64, 400 * 608, 2), (512, 256, 7 * 7, 8),
+          (2, 48, 25 * 38, 48), (1, 16, 9, 1)]
 DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 
 
 def compile_kernel(target, kernel, pointers, constexprs, aligned):
     """Compile ``kernel``; ``aligned``: pointers and HW divisible by 16, as the launcher specializes them."""
-    ints = ("C", "HW", "CPG")
+    ints = ("C", "HW", "CPG", "CHUNK", "S")
     signature = {name: "*fp32" for name in kernel.arg_names if name.isupper() and name not in ints
                  and name not in constexprs}
     signature.update(pointers)
@@ -33,7 +34,7 @@ def compile_kernel(target, kernel, pointers, constexprs, aligned):
     signature.update({name: "fp32" for name in kernel.arg_names if name == "eps"})
     signature.update({name: "constexpr" for name in constexprs})
     signature = {name: signature[name] for name in kernel.arg_names}  # in argument order
-    divisible = [name for name, kind in signature.items() if kind.startswith("*") or name == "HW"]
+    divisible = [name for name, kind in signature.items() if kind.startswith("*") or name in ("HW", "CHUNK")]
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible} if aligned else None
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
                               target=target)
@@ -46,19 +47,20 @@ def compile_kernel(target, kernel, pointers, constexprs, aligned):
 def main(capability: int) -> None:
     target = GPUTarget("cuda", capability, 32)
     count, start = 0, time.time()
-    for channels, pixels, cpg in LAYERS:
-        _, blocks = gn._launch_shape(channels, pixels, cpg)
+    for images, channels, pixels, cpg in LAYERS:
+        grid, _, _, blocks = gn._launch_shape(images, channels, pixels, cpg)
         aligned = pixels % 16 == 0
         for dtype, pointer in DTYPES.items():
             activations = {"X": pointer, "Y": pointer, "DY": pointer, "DX": pointer}
             stats_blocks = {"BLOCK_C": blocks["BLOCK_C"], "BLOCK_HW": blocks["BLOCK_HW"]}
-            compiled = [compile_kernel(target, gn._channel_stats_kernel, {"X": pointer}, stats_blocks, aligned)]
+            compiled = [compile_kernel(target, gn._slot_stats_kernel, {"X": pointer}, stats_blocks, aligned)]
             for kernel in (gn._forward_kernel, gn._backward_sums_kernel, gn._backward_dx_kernel):
                 pointers = {k: v for k, v in activations.items() if k in kernel.arg_names}
                 for relu in (False, True):
                     compiled.append(compile_kernel(target, kernel, pointers, {"RELU": relu, **blocks}, aligned))
             count += len(compiled)
-            print(f"sm_{capability} C={channels} HW={pixels} cpg={cpg} {dtype} {blocks}: {len(compiled)} kernels"
+            print(f"sm_{capability} N={images} C={channels} HW={pixels} cpg={cpg} {dtype} grid {grid} {blocks}: "
+                  f"{len(compiled)} kernels"
                   f"{', 16-byte vector loads' if aligned else ''}", flush=True)
     print(f"compiled {count} kernels for sm_{capability} in {time.time() - start:.0f} s")
 

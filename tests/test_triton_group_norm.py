@@ -16,12 +16,14 @@ from gn_detection.group_norm import FusedGroupNorm, GroupNormSpec
 from .conftest import SHAPES_CONFIG, make_cfg, run_tool
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# (shape, groups): G = C, G = 1, odd channels per group, odd and multi-block pixel counts, (N, C), 3-D maps
+# (shape, groups): G = C, G = 1, odd channels per group, odd and multi-block pixel counts, maps cut into 2
+# and 6 pixel chunks with a short last one, (N, C), 3-D maps
 SHAPES = [
     ((2, 6, 7, 5), 3),
     ((1, 5, 3, 3), 5),
     ((3, 8, 33, 40), 1),
     ((2, 64, 40, 40), 32),
+    ((1, 4, 70, 75), 2),
     ((4, 12), 4),
     ((2, 12, 3, 5, 2), 6),
 ]
@@ -80,6 +82,20 @@ def test_statistics_stay_accurate_when_the_mean_dwarfs_the_spread():
     # mean 1000, std 3: a one-pass sum of squares in fp32 would lose the variance
     x, weight, bias = random_inputs((2, 16, 48, 40), torch.float32, mean=1000.0)
     assert_matches_float64(x, 4, weight, bias, relu=True)
+
+
+@pytest.mark.parametrize("samples, channels, pixels", [(1, 4, 70 * 75), (3, 8, 33 * 40), (2, 256, 200 * 304),
+                                                      (1, 64, 400 * 608), (8, 256, 200 * 304), (512, 256, 49)])
+def test_large_maps_are_cut_into_pixel_chunks_only_when_a_launch_has_few_programs(samples, channels, pixels):
+    grid, chunk, chunks, blocks = triton_group_norm._launch_shape(samples, channels, pixels, 8)
+    assert grid == (samples, triton_group_norm.triton.cdiv(channels, blocks["BLOCK_C"]), chunks)
+    assert chunk % blocks["BLOCK_HW"] == 0 and (chunks - 1) * chunk < pixels <= chunks * chunk
+    programs = grid[0] * grid[1]
+    if programs >= triton_group_norm._MIN_PROGRAMS or pixels <= blocks["BLOCK_HW"]:
+        assert chunks == 1
+    else:  # enough programs, or as many chunks as there are pixel blocks
+        most = triton_group_norm.triton.cdiv(pixels, blocks["BLOCK_HW"])
+        assert chunks > 1 and (programs * chunks >= triton_group_norm._MIN_PROGRAMS or chunks == most)
 
 
 def test_without_affine_parameters():
@@ -238,7 +254,7 @@ def test_kernels_compile_to_h100_cubins_with_the_real_compiler(tmp_path):
     env = {"TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}  # compile for real, not from a cache
     result = run_tool(["tests/compile_triton_kernels.py", "90"], env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "compiled 105 kernels for sm_90" in result.stdout
+    assert "compiled 126 kernels for sm_90" in result.stdout
 
 
 def backbone_features_and_gradients(model, images, autocast):
