@@ -5,6 +5,7 @@ Used by ``tools/benchmark.py``; see README "Benchmark". Timing is per iteration 
 before and after, after warm-up; the median is reported. Peak memory is ``torch.cuda.max_memory_allocated``
 on CUDA and the process's peak resident set (VmHWM, reset per cell) on the CPU.
 """
+import gc
 import os
 import platform
 import statistics
@@ -120,20 +121,22 @@ def dataset_batch(cfg: CfgNode, dataset: str, count: int) -> List[dict]:
 
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
-def median_seconds(step: Callable[[], object], device: str, warmup: int, iters: int) -> float:
-    """Median wall time of ``step`` over ``iters`` calls after ``warmup``, device-synchronized."""
+def median_seconds(step: Callable[[], object], device: str, warmup: int, iters: int, calls: int = 1) -> float:
+    """Median wall time per call of ``step`` over ``iters`` samples of ``calls`` calls each, after ``warmup``
+    calls, device-synchronized around each sample (``calls`` > 1 keeps the sync out of short ops' times)."""
     for _ in range(warmup):
         step()
     times = []
     for _ in range(iters):
         synchronize(device)
         start = time.perf_counter()
-        step()
+        for _ in range(calls):
+            step()
         synchronize(device)
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start) / calls)
     return statistics.median(times)
 
 
@@ -144,9 +147,10 @@ class PeakMemory:
         self.device, self.bytes = device, None
 
     def __enter__(self):
+        gc.collect()  # earlier cells' models
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.reset_peak_memory_stats(self.device)
         else:
             with open("/proc/self/clear_refs", "w") as f:  # Linux: "5" resets the peak RSS (VmHWM)
                 f.write("5")
@@ -154,7 +158,7 @@ class PeakMemory:
 
     def __exit__(self, *exc):
         if self.device.startswith("cuda"):
-            self.bytes = torch.cuda.max_memory_allocated()
+            self.bytes = torch.cuda.max_memory_allocated(self.device)
         else:
             with open("/proc/self/status") as f:
                 kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
@@ -190,6 +194,7 @@ class Cell:
 def measure_training(cfg: CfgNode, batch: List[dict], precision: str, warmup: int, iters: int) -> Cell:
     """Training images/s and peak memory for one batch size; losses that are not finite are counted."""
     device = cfg.MODEL.DEVICE
+    torch.manual_seed(0)  # the same random weights, hence the same proposals, in every cell of a variant
     model = build_model(cfg).train()
     optimizer = build_optimizer(cfg, model)
     dtype = PRECISIONS[precision]
@@ -210,6 +215,7 @@ def measure_training(cfg: CfgNode, batch: List[dict], precision: str, warmup: in
 def measure_inference(cfg: CfgNode, image: dict, precision: str, warmup: int, iters: int) -> float:
     """Seconds per image, one image per call as Detectron2's evaluation runs it."""
     device = cfg.MODEL.DEVICE
+    torch.manual_seed(0)
     model = build_model(cfg).eval()
     dtype = PRECISIONS[precision]
     inputs = [{k: image[k] for k in ("image", "height", "width")}]
@@ -303,7 +309,7 @@ def measure_group_norm_op(
             fn(x).backward(upstream)
 
         try:
-            seconds = median_seconds(step, device, warmup, iters)
+            seconds = median_seconds(step, device, warmup, iters, calls=10)
         except Exception as e:  # e.g. torch.compile without a working C++ compiler
             results[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
             continue

@@ -19,7 +19,8 @@ def add_gn_config(cfg: CN) -> None:
     cfg.MODEL.GN.IMPL = "auto"
     # Fold the ReLU that follows a GN layer (ResNet blocks and stem, box and mask head convs) into it.
     cfg.MODEL.GN.FUSE_RELU = True
-    # Under AMP, keep GN in fp16/bf16 (fp32 statistics) rather than casting its input to fp32 and back.
+    # Under AMP, the Triton kernels keep GN in fp16/bf16 (fp32 statistics) rather than casting to fp32 and back;
+    # False runs GN in fp32 under AMP. torch's group_norm follows autocast's own policy.
     cfg.MODEL.GN.AUTOCAST_HALF = True
     # After evaluation, draw predictions on this many images of the first test dataset (0 = none).
     cfg.TEST.VIS_NUM_IMAGES = 0

@@ -104,9 +104,10 @@ class FusedGroupNorm(nn.GroupNorm):
         impl: ``"auto"``: Triton kernels for CUDA tensors, ``torch.nn.functional.group_norm`` otherwise;
             ``"triton"``: always the kernels (CPU tensors only under ``TRITON_INTERPRET=1``, for tests);
             ``"torch"``: always ``group_norm``.
-        autocast_half: under autocast, normalize fp16/bf16 inputs in their own dtype (fp32 statistics) and
-            return that dtype; if False, normalize in fp32 and return fp32, as CUDA autocast does for torch's
-            group_norm.
+        autocast_half: with the Triton kernels under autocast, normalize fp16/bf16 inputs in their own dtype
+            (fp32 statistics) and return that dtype. If False, GN runs in fp32 under autocast, as CUDA autocast
+            does for torch's group_norm. Torch's group_norm otherwise keeps autocast's own policy (fp32 on
+            CUDA), since it would compute the parameter gradients in half precision.
     """
 
     def __init__(
@@ -129,27 +130,25 @@ class FusedGroupNorm(nn.GroupNorm):
         return f"{super().extra_repr()}, relu={self.relu}, impl={self.impl}, autocast_half={self.autocast_half}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        device = x.device.type
-        if torch.is_autocast_enabled(device) and x.dtype in (torch.float16, torch.bfloat16):
-            if not self.autocast_half:
-                x = x.float()  # what CUDA autocast does for torch's group_norm
-            with torch.autocast(device, enabled=False):
-                return self._normalize(x)
-        return self._normalize(x)
+        if not self.autocast_half and torch.is_autocast_enabled(x.device.type):
+            x = x.float()  # GN in fp32 under autocast, as CUDA autocast does for torch's group_norm
+        if self._uses_triton(x):
+            from . import triton_group_norm
 
-    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
-        if self.impl == "triton" or (self.impl == "auto" and x.is_cuda and triton_available()):
+            # a custom autograd function: autocast casts nothing, the kernels keep x's dtype
+            return triton_group_norm.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.relu)
+        y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)  # autocast picks the dtype
+        return F.relu_(y) if self.relu else y
+
+    def _uses_triton(self, x: torch.Tensor) -> bool:
+        if self.impl == "torch":
+            return False
+        if self.impl == "triton":
             if not triton_available():
                 raise RuntimeError("MODEL.GN.IMPL is 'triton' but Triton cannot be imported; install PyTorch's "
                                    "CUDA build (it ships Triton) or set MODEL.GN.IMPL to 'auto' or 'torch'")
-            from . import triton_group_norm
-
-            return triton_group_norm.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.relu)
-        weight, bias = self.weight, self.bias
-        if weight is not None and weight.dtype != x.dtype:  # half activations, fp32 parameters
-            weight, bias = weight.to(x.dtype), bias.to(x.dtype)
-        y = F.group_norm(x, self.num_groups, weight, bias, self.eps)
-        return F.relu_(y) if self.relu else y
+            return True
+        return x.is_cuda and x.dtype in (torch.float32, torch.float16, torch.bfloat16) and triton_available()
 
 
 @functools.lru_cache(maxsize=None)

@@ -17,6 +17,7 @@ the slots' statistics. Statistics and sums are fp32 whatever the activation's dt
 which stays as it is. ``torch.nn.functional.group_norm`` is the reference these kernels are tested against
 (in float64, with ``TRITON_INTERPRET=1`` on the CPU).
 """
+import contextlib
 from typing import Optional
 
 import torch
@@ -26,6 +27,7 @@ import triton.language as tl
 # Set when this module was imported with TRITON_INTERPRET=1: the kernels then run on CPU tensors.
 INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
 
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TILE = 2048  # elements per program per step: channels x pixels
 _MAX_PIXEL_BLOCK = 1024
 _MIN_PROGRAMS = 1024  # cut maps into pixel chunks until a launch has this many programs (H100: 132 SMs)
@@ -138,8 +140,8 @@ def _forward_kernel(
     for start in range(chunk * CHUNK, end, BLOCK_HW):
         offsets, mask = _pixel_tile(rows, channel_ok, start, end, BLOCK_HW)
         y = _normalized(tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32), mean, scale, bias)
-        if RELU:
-            y = tl.maximum(y, 0.0)
+        if RELU:  # NaN stays NaN, as with torch.relu, so a diverging run is still seen
+            y = tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)
         tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -206,6 +208,11 @@ def _launch_shape(samples: int, channels: int, pixels: int, channels_per_group: 
     return (samples, columns, chunks), chunk, chunks, blocks
 
 
+def _on_device_of(x: torch.Tensor):
+    """Triton launches on the current CUDA device: make it x's."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 class _GroupNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, num_groups, eps, relu):
@@ -217,10 +224,11 @@ class _GroupNormFunction(torch.autograd.Function):
             pixels, cpg = x[0, 0].numel(), c // num_groups
             grid, chunk, chunks, blocks = _launch_shape(n, c, pixels, cpg)
             stats = x.new_empty((2, n * c * chunks), dtype=torch.float32)  # per-slot mean, M2
-            _slot_stats_kernel[grid](x, stats[0], stats[1], c, pixels, chunk, chunks, blocks["BLOCK_C"],
-                                     blocks["BLOCK_HW"])
-            _forward_kernel[grid](x, y, weight, bias, stats[0], stats[1], c, pixels, cpg, chunk, chunks, eps,
-                                  relu, **blocks)
+            with _on_device_of(x):
+                _slot_stats_kernel[grid](x, stats[0], stats[1], c, pixels, chunk, chunks, blocks["BLOCK_C"],
+                                         blocks["BLOCK_HW"])
+                _forward_kernel[grid](x, y, weight, bias, stats[0], stats[1], c, pixels, cpg, chunk, chunks, eps,
+                                      relu, **blocks)
         ctx.save_for_backward(x, weight, bias, stats)
         ctx.num_groups, ctx.eps, ctx.relu = num_groups, eps, relu
         return y
@@ -238,8 +246,9 @@ class _GroupNormFunction(torch.autograd.Function):
             sums = x.new_empty((2, n, c, chunks), dtype=torch.float32)  # per-slot sums of dz, of dz * x_hat
             args = (weight, bias, stats[0], stats[1], sums[0], sums[1], c, pixels, cpg, chunk, chunks, ctx.eps,
                     ctx.relu)
-            _backward_sums_kernel[grid](x, dy, *args, **blocks)
-            _backward_dx_kernel[grid](x, dy, dx, *args, **blocks)
+            with _on_device_of(x):
+                _backward_sums_kernel[grid](x, dy, *args, **blocks)
+                _backward_dx_kernel[grid](x, dy, dx, *args, **blocks)
         grad_weight = sums[1].sum((0, 2)).to(weight.dtype) if ctx.needs_input_grad[1] else None
         grad_bias = sums[0].sum((0, 2)).to(bias.dtype) if ctx.needs_input_grad[2] else None
         return dx, grad_weight, grad_bias, None, None, None
@@ -258,6 +267,8 @@ def group_norm(
     ``x`` is (N, C, *) in fp32, fp16 or bf16 and the output has its dtype; statistics are fp32. ``x`` must be
     on a CUDA device, or on the CPU when this module was imported with ``TRITON_INTERPRET=1``.
     """
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"The Triton GroupNorm kernels take {SUPPORTED_DTYPES}, got {x.dtype}")
     if x.dim() < 2 or x.shape[1] % num_groups:
         raise ValueError(f"group_norm: {num_groups} groups do not divide the channels of an input of shape "
                          f"{tuple(x.shape)}")

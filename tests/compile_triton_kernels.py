@@ -24,13 +24,15 @@ LAYERS = [(2, 256, 200 * 304, 8), (8, 256, 200 * 304, 8), (1, 64, 400 * 608, 2),
 DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 
 
-def compile_kernel(target, kernel, pointers, constexprs, aligned):
-    """Compile ``kernel``; ``aligned``: pointers and HW divisible by 16, as the launcher specializes them."""
-    ints = ("C", "HW", "CPG", "CHUNK", "S")
+def compile_kernel(target, kernel, pointers, ints, constexprs, aligned):
+    """Compile ``kernel`` as Triton's launcher would for these int arguments: an int equal to 1 becomes a
+    constant; ``aligned``: pointers, HW and CHUNK divisible by 16."""
+    ints = {name: value for name, value in ints.items() if name in kernel.arg_names}
+    constexprs = {**constexprs, **{name: 1 for name, value in ints.items() if value == 1}}
     signature = {name: "*fp32" for name in kernel.arg_names if name.isupper() and name not in ints
                  and name not in constexprs}
     signature.update(pointers)
-    signature.update({name: "i32" for name in ints if name in kernel.arg_names})
+    signature.update({name: "i32" for name in ints})
     signature.update({name: "fp32" for name in kernel.arg_names if name == "eps"})
     signature.update({name: "constexpr" for name in constexprs})
     signature = {name: signature[name] for name in kernel.arg_names}  # in argument order
@@ -48,16 +50,19 @@ def main(capability: int) -> None:
     target = GPUTarget("cuda", capability, 32)
     count, start = 0, time.time()
     for images, channels, pixels, cpg in LAYERS:
-        grid, _, _, blocks = gn._launch_shape(images, channels, pixels, cpg)
+        grid, chunk, chunks, blocks = gn._launch_shape(images, channels, pixels, cpg)
+        ints = {"C": channels, "HW": pixels, "CPG": cpg, "CHUNK": chunk, "S": chunks}
         aligned = pixels % 16 == 0
         for dtype, pointer in DTYPES.items():
             activations = {"X": pointer, "Y": pointer, "DY": pointer, "DX": pointer}
             stats_blocks = {"BLOCK_C": blocks["BLOCK_C"], "BLOCK_HW": blocks["BLOCK_HW"]}
-            compiled = [compile_kernel(target, gn._slot_stats_kernel, {"X": pointer}, stats_blocks, aligned)]
+            compiled = [compile_kernel(target, gn._slot_stats_kernel, {"X": pointer}, ints, stats_blocks,
+                                       aligned)]
             for kernel in (gn._forward_kernel, gn._backward_sums_kernel, gn._backward_dx_kernel):
                 pointers = {k: v for k, v in activations.items() if k in kernel.arg_names}
                 for relu in (False, True):
-                    compiled.append(compile_kernel(target, kernel, pointers, {"RELU": relu, **blocks}, aligned))
+                    compiled.append(compile_kernel(target, kernel, pointers, ints, {"RELU": relu, **blocks},
+                                                   aligned))
             count += len(compiled)
             print(f"sm_{capability} N={images} C={channels} HW={pixels} cpg={cpg} {dtype} grid {grid} {blocks}: "
                   f"{len(compiled)} kernels"

@@ -44,6 +44,22 @@ def test_cli_measures_every_variant_side_by_side(tmp_path):
         assert f"| {variant} | fp32 | 2 |" in result.stdout
 
 
+def test_a_failing_cell_is_recorded_and_the_run_goes_on(tmp_path):
+    # the kernels on the CPU without the interpreter fail at run time, not when the config is built
+    out = tmp_path / "bench.json"
+    result = run_tool(
+        ["tools/benchmark.py", "--config-file", SHAPES_CONFIG, "--variants", "ours:MODEL.GN.IMPL=triton", "ours",
+         "--images-per-gpu", "1", "--precision", "fp32", "--input-size", "96", "128", "--boxes", "2",
+         "--warmup", "0", "--iters", "1", "--output", str(out), *map(str, SMALL_WORK)],
+        {"TRITON_INTERPRET": "0"},
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    failed, measured = json.loads(out.read_text())["rows"]
+    assert "need a CUDA tensor" in failed["error"] and failed["train_images_per_s"] is None
+    assert measured["variant"] == "ours" and measured["error"] is None and measured["train_images_per_s"] > 0
+    assert "1 measurement(s) failed" in result.stdout + result.stderr
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

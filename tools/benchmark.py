@@ -90,40 +90,47 @@ def build_configs(args) -> dict:
     return configs
 
 
-def run_models(args, configs, logger) -> dict:
-    variants = list(configs)
+def models_report(configs, cells) -> dict:
+    rows = bench.with_ratios(cells)
+    return {"variants": [{"name": v.name, "config_file": v.config_file, "opts": list(v.opts)} for v in configs],
+            "rows": rows, "table": bench.markdown_table(rows)}
+
+
+def run_models(args, configs, logger, save) -> dict:
+    """Measure every (variant, precision, images) cell; ``save(report)`` after each, so an interrupted run
+    keeps what it measured. A cell that fails (out of memory, a dtype the device lacks, a kernel that does
+    not compile, divergence) is recorded with its error and the run goes on."""
     largest = max(args.images_per_gpu)
-    cells, total, done, start = [], len(variants) * len(args.precision) * len(args.images_per_gpu), 0, time.time()
-    for variant in variants:
-        cfg = configs[variant]
+    cells, total, start = [], len(configs) * len(args.precision) * len(args.images_per_gpu), time.time()
+    for variant, cfg in configs.items():
         batch = inputs_for(cfg, args, largest)
         for precision in args.precision:
-            inference = None
+            inference, inference_error = None, None
             if "inference" not in args.skip:
                 try:
                     inference = bench.measure_inference(cfg, batch[0], precision, args.warmup, args.iters)
-                except (RuntimeError, NotImplementedError, FloatingPointError) as e:
-                    logger.warning("%s %s inference failed: %s", variant.name, precision, error_text(e))
+                except Exception as e:  # noqa: BLE001 (recorded, the other cells still run)
+                    inference_error = f"inference: {error_text(e)}"
             for count in args.images_per_gpu:
                 cell = bench.Cell(variant.name, precision, count)
                 if "train" not in args.skip:
                     try:
                         cell = bench.measure_training(cfg, batch[:count], precision, args.warmup, args.iters)
-                    except (RuntimeError, NotImplementedError, FloatingPointError) as e:  # OOM, dtype, diverged
+                    except Exception as e:  # noqa: BLE001
                         cell.error = error_text(e)
                 cell.variant, cell.inference_s_per_image = variant.name, inference
+                cell.error = "; ".join(filter(None, (cell.error, inference_error))) or None
                 cells.append(cell)
-                done += 1
                 elapsed = time.time() - start
-                logger.info("[%d/%d] %s %s %d img: %s img/s, peak %s GB, %s s/img inference; ETA %.0f s", done, total,
-                            variant.name, precision, count, _short(cell.train_images_per_s),
-                            _short(cell.peak_memory_gb), _short(inference), elapsed / done * (total - done))
+                logger.info("[%d/%d] %s %s %d img: %s img/s, peak %s GB, %s s/img inference%s; ETA %.0f s",
+                            len(cells), total, variant.name, precision, count, _short(cell.train_images_per_s),
+                            _short(cell.peak_memory_gb), _short(inference),
+                            f" ({cell.error})" if cell.error else "", elapsed / len(cells) * (total - len(cells)))
+                save(models_report(configs, cells))
                 gc.collect()
                 if args.device.startswith("cuda"):
                     torch.cuda.empty_cache()
-    rows = bench.with_ratios(cells)
-    return {"variants": [{"name": v.name, "config_file": v.config_file, "opts": list(v.opts)} for v in variants],
-            "rows": rows, "table": bench.markdown_table(rows)}
+    return models_report(configs, cells)
 
 
 def _short(value):
@@ -143,10 +150,22 @@ def run_op(args, logger) -> dict:
             "table": "\n".join(lines)}
 
 
+def write_json(path: str, report: dict) -> None:
+    """Write ``report`` to ``path`` whole or not at all (temp file, then rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".part", "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(path + ".part", path)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logger = setup_logger(name="gn_detection.benchmark", abbrev_name="bench")
     logger.setLevel(logging.INFO)
+    if args.device.startswith("cuda"):
+        torch.cuda.set_device(args.device)  # Triton launches on the current device
+    header = {"task": args.task, "machine": bench.machine_description(args.device), "command": " ".join(sys.argv),
+              "settings": vars(args)}
     if args.task == "op":
         result = run_op(args, logger)
     else:
@@ -155,17 +174,15 @@ def main(argv=None) -> int:
         except ValueError as e:  # unknown variant or key, missing config file
             print(f"benchmark: error: {e}", file=sys.stderr)
             return 2
-        result = run_models(args, configs, logger)
-    result = {"task": args.task, "machine": bench.machine_description(args.device),
-              "command": " ".join(sys.argv), "settings": {k: v for k, v in vars(args).items()}, **result}
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    tmp = args.output + ".part"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, args.output)
+        result = run_models(args, configs, logger, lambda report: write_json(args.output, {**header, **report}))
+    write_json(args.output, {**header, **result})
     print(result["table"])
     logger.info("Wrote %s", args.output)
-    return 0
+    failed = [r for r in result.get("rows", []) if r["error"]] + [
+        name for name, r in result.get("results", {}).items() if "error" in r]
+    if failed:
+        logger.warning("%d measurement(s) failed; their errors are in the table and the JSON", len(failed))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
