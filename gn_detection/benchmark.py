@@ -1,7 +1,7 @@
 """Speed and memory of Mask R-CNN variants: training images/s (full step, optimizer included), inference
 seconds per image and peak memory, over images per GPU and precisions, side by side in one process.
 
-Used by ``tools/benchmark.py``; see README "Benchmark". Timing is per iteration with the device synchronized
+Used by ``tools/benchmark.py``; see README "Speed: fused GN kernels and the benchmark". Timing is per iteration with the device synchronized
 before and after, after warm-up; the median is reported. Peak memory is ``torch.cuda.max_memory_allocated``
 on CUDA and the process's peak resident set (VmHWM, reset per cell) on the CPU.
 """
@@ -10,7 +10,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -24,8 +24,8 @@ from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from .config import load_config
+from .model_zoo import CONFIG_DIR
 
-REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 PRECISIONS = {"fp32": None, "amp_fp16": torch.float16, "amp_bf16": torch.bfloat16}
 REFERENCE_VARIANT = "detectron2_gn"
 
@@ -112,11 +112,18 @@ def synthetic_batch(count: int, height: int, width: int, boxes: int, num_classes
 
 def dataset_batch(cfg: CfgNode, dataset: str, count: int) -> List[dict]:
     """The first ``count`` images of a registered dataset through Detectron2's training mapper."""
+    if dataset not in DatasetCatalog.list():
+        raise ValueError(f"Dataset {dataset!r} is not registered; registered: {', '.join(DatasetCatalog.list())}")
     dicts = DatasetCatalog.get(dataset)
     if len(dicts) < count:
         raise ValueError(f"Dataset {dataset!r} has {len(dicts)} images; the benchmark needs {count}")
     mapper = DatasetMapper(cfg, is_train=True)
     return [mapper(d) for d in dicts[:count]]
+
+
+def error_text(e: Exception) -> str:
+    """An exception in one line, for a table cell."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
 
 
 def synchronize(device: str) -> None:
@@ -188,7 +195,6 @@ class Cell:
     inference_s_per_image: Optional[float] = None
     nonfinite_losses: int = 0
     error: Optional[str] = None
-    extra: dict = field(default_factory=dict)
 
 
 def measure_training(cfg: CfgNode, batch: List[dict], precision: str, warmup: int, iters: int) -> Cell:
@@ -310,8 +316,8 @@ def measure_group_norm_op(
 
         try:
             seconds = median_seconds(step, device, warmup, iters, calls=10)
-        except Exception as e:  # e.g. torch.compile without a working C++ compiler
-            results[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+        except Exception as e:  # noqa: BLE001  e.g. torch.compile without a working C++ compiler
+            results[name] = {"error": error_text(e)}
             continue
         traffic = 8 * x.numel() * x.element_size()
         results[name] = {"ms": seconds * 1e3, "gb_per_s_at_8_passes": traffic / seconds / 1e9}

@@ -69,6 +69,7 @@ def test_a_failing_cell_is_recorded_and_the_run_goes_on(tmp_path):
         (["--config-file", "missing.yaml"], "missing.yaml"),
         (["--num-gpus", "2"], "one device per process"),
         (["--iters", "0"], "--iters"),
+        (["--dataset", "no_such_dataset"], "Dataset 'no_such_dataset' is not registered"),
         (["--task", "op", "--op-shape", "2", "30", "4", "4"], "divisible by --op-groups 32"),
     ],
 )

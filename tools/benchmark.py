@@ -27,8 +27,9 @@ from detectron2.utils.logger import setup_logger
 
 import gn_detection  # noqa: F401  (registers our components)
 from gn_detection import benchmark as bench
+from gn_detection.model_zoo import CONFIG_DIR
 
-DEFAULT_OURS = os.path.join(bench.REPO_CONFIGS, "mask_rcnn_R50_FPN_gn.yaml")
+DEFAULT_OURS = os.path.join(CONFIG_DIR, "mask_rcnn_R50_FPN_gn.yaml")
 OP_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -74,12 +75,9 @@ def inputs_for(cfg, args, count):
     return bench.synthetic_batch(count, height, width, args.boxes, cfg.MODEL.ROI_HEADS.NUM_CLASSES)
 
 
-def error_text(e: Exception) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
-
-
-def build_configs(args) -> dict:
-    """Each variant's config, built before any measurement so a bad name, file or key fails at once."""
+def prepare_variants(args) -> dict:
+    """Each variant's config and inputs, built before any measurement so a bad name, file, key or dataset
+    fails at once."""
     builtins = bench.builtin_variants(args.config_file or DEFAULT_OURS)
     configs = {}
     for variant in (bench.parse_variant(spec, builtins) for spec in args.variants):
@@ -87,37 +85,35 @@ def build_configs(args) -> dict:
             configs[variant] = bench.variant_config(variant, args.device, args.opts)
         except (AssertionError, KeyError, ValueError) as e:  # Detectron2 asserts on unknown keys, missing files
             raise ValueError(f"variant {variant.name} ({variant.config_file}): {e}") from None
-    return configs
+    return {variant: (cfg, inputs_for(cfg, args, max(args.images_per_gpu))) for variant, cfg in configs.items()}
 
 
-def models_report(configs, cells) -> dict:
+def models_report(variants, cells) -> dict:
     rows = bench.with_ratios(cells)
-    return {"variants": [{"name": v.name, "config_file": v.config_file, "opts": list(v.opts)} for v in configs],
+    return {"variants": [{"name": v.name, "config_file": v.config_file, "opts": list(v.opts)} for v in variants],
             "rows": rows, "table": bench.markdown_table(rows)}
 
 
-def run_models(args, configs, logger, save) -> dict:
+def run_models(args, variants, logger, save) -> dict:
     """Measure every (variant, precision, images) cell; ``save(report)`` after each, so an interrupted run
     keeps what it measured. A cell that fails (out of memory, a dtype the device lacks, a kernel that does
     not compile, divergence) is recorded with its error and the run goes on."""
-    largest = max(args.images_per_gpu)
-    cells, total, start = [], len(configs) * len(args.precision) * len(args.images_per_gpu), time.time()
-    for variant, cfg in configs.items():
-        batch = inputs_for(cfg, args, largest)
+    cells, total, start = [], len(variants) * len(args.precision) * len(args.images_per_gpu), time.time()
+    for variant, (cfg, batch) in variants.items():
         for precision in args.precision:
             inference, inference_error = None, None
             if "inference" not in args.skip:
                 try:
                     inference = bench.measure_inference(cfg, batch[0], precision, args.warmup, args.iters)
                 except Exception as e:  # noqa: BLE001 (recorded, the other cells still run)
-                    inference_error = f"inference: {error_text(e)}"
+                    inference_error = f"inference: {bench.error_text(e)}"
             for count in args.images_per_gpu:
                 cell = bench.Cell(variant.name, precision, count)
                 if "train" not in args.skip:
                     try:
                         cell = bench.measure_training(cfg, batch[:count], precision, args.warmup, args.iters)
                     except Exception as e:  # noqa: BLE001
-                        cell.error = error_text(e)
+                        cell.error = bench.error_text(e)
                 cell.variant, cell.inference_s_per_image = variant.name, inference
                 cell.error = "; ".join(filter(None, (cell.error, inference_error))) or None
                 cells.append(cell)
@@ -126,11 +122,11 @@ def run_models(args, configs, logger, save) -> dict:
                             len(cells), total, variant.name, precision, count, _short(cell.train_images_per_s),
                             _short(cell.peak_memory_gb), _short(inference),
                             f" ({cell.error})" if cell.error else "", elapsed / len(cells) * (total - len(cells)))
-                save(models_report(configs, cells))
+                save(models_report(variants, cells))
                 gc.collect()
                 if args.device.startswith("cuda"):
                     torch.cuda.empty_cache()
-    return models_report(configs, cells)
+    return models_report(variants, cells)
 
 
 def _short(value):
@@ -170,11 +166,11 @@ def main(argv=None) -> int:
         result = run_op(args, logger)
     else:
         try:
-            configs = build_configs(args)
-        except ValueError as e:  # unknown variant or key, missing config file
+            variants = prepare_variants(args)
+        except ValueError as e:  # unknown variant, key or dataset, missing config file
             print(f"benchmark: error: {e}", file=sys.stderr)
             return 2
-        result = run_models(args, configs, logger, lambda report: write_json(args.output, {**header, **report}))
+        result = run_models(args, variants, logger, lambda report: write_json(args.output, {**header, **report}))
     write_json(args.output, {**header, **result})
     print(result["table"])
     logger.info("Wrote %s", args.output)
