@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 # Set when this module was imported with TRITON_INTERPRET=1: the kernels then run on CPU tensors.
 INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
@@ -30,6 +31,7 @@ INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TILE = 2048  # elements per program per step: channels x pixels
 _MAX_PIXEL_BLOCK = 1024
+_MAX_MEMBER_TILE = 4096  # channels x group slots per program, see _launch_shape
 _MIN_PROGRAMS = 1024  # cut maps into pixel chunks until a launch has this many programs (H100: 132 SMs)
 
 
@@ -196,15 +198,22 @@ def _backward_dx_kernel(
 
 def _launch_shape(samples: int, channels: int, pixels: int, channels_per_group: int):
     """Grid, CHUNK and S, and block sizes: whole channels per program (several when the maps are small),
-    and each channel's pixels cut into S chunks of CHUNK pixels when the launch would have few programs."""
+    and each channel's pixels cut into S chunks of CHUNK pixels when the launch would have few programs.
+    Fewer channels go in a program while its [channels, group slots] tile would exceed _MAX_MEMBER_TILE
+    (large groups, e.g. G=1, on small maps): such tiles sit in registers, and one of 32 x 2048 took ptxas
+    over 6 minutes."""
     block_hw = min(triton.next_power_of_2(pixels), _MAX_PIXEL_BLOCK)
     block_c = min(triton.next_power_of_2(channels), max(1, _TILE // block_hw))
-    columns = triton.cdiv(channels, block_c)
-    wanted = min(triton.cdiv(pixels, block_hw), triton.cdiv(_MIN_PROGRAMS, samples * columns))
-    chunk = triton.cdiv(triton.cdiv(pixels, max(1, wanted)), block_hw) * block_hw  # a multiple of the block
-    chunks = triton.cdiv(pixels, chunk)
-    blocks = {"BLOCK_C": block_c, "BLOCK_HW": block_hw,
-              "BLOCK_MEMBERS": triton.next_power_of_2(channels_per_group * chunks)}
+    while True:
+        columns = triton.cdiv(channels, block_c)
+        wanted = min(triton.cdiv(pixels, block_hw), triton.cdiv(_MIN_PROGRAMS, samples * columns))
+        chunk = triton.cdiv(triton.cdiv(pixels, max(1, wanted)), block_hw) * block_hw  # a multiple of the block
+        chunks = triton.cdiv(pixels, chunk)
+        members = triton.next_power_of_2(channels_per_group * chunks)
+        if block_c == 1 or block_c * members <= _MAX_MEMBER_TILE:
+            break
+        block_c //= 2
+    blocks = {"BLOCK_C": block_c, "BLOCK_HW": block_hw, "BLOCK_MEMBERS": members}
     return (samples, columns, chunks), chunk, chunks, blocks
 
 
@@ -234,6 +243,7 @@ class _GroupNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the kernels' backward is not differentiable: a second derivative is refused by name
     def backward(ctx, dy):
         x, weight, bias, stats = ctx.saved_tensors
         n, c = x.shape[:2]

@@ -18,9 +18,10 @@ from triton.compiler import ASTSource
 from gn_detection import triton_group_norm as gn
 
 # (images, channels, pixels, channels per group) of real layers: FPN P2 at 800x1216 for 2 and 8 images, the
-# stem's 64 channels, a box-head conv on 512 7x7 RoIs, G = 1 and G = C on small maps
+# stem's 64 channels, a box-head conv on 512 7x7 RoIs, G = 1 and G = C on small maps, G = 1 (the paper's
+# LayerNorm-like ablation) on a 7x7 res5 map and in the box head
 LAYERS = [(2, 256, 200 * 304, 8), (8, 256, 200 * 304, 8), (1, 64, 400 * 608, 2), (512, 256, 7 * 7, 8),
-          (2, 48, 25 * 38, 48), (1, 16, 9, 1)]
+          (2, 48, 25 * 38, 48), (1, 16, 9, 1), (1, 2048, 7 * 7, 2048), (512, 256, 7 * 7, 256)]
 DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 
 
