@@ -1,5 +1,7 @@
 """tools/benchmark.py and gn_detection.benchmark on the CPU: tiny inputs, one timed iteration."""
+import importlib.util
 import json
+import os
 
 import numpy as np
 import pytest
@@ -7,7 +9,7 @@ import torch
 
 from gn_detection import benchmark as bench
 
-from .conftest import SHAPES_CONFIG, make_cfg, run_tool
+from .conftest import REPO, SHAPES_CONFIG, make_cfg, run_tool
 
 # Shrink the per-image work of every variant (Detectron2's R-50 ones included) to CPU-test size.
 SMALL_WORK = ["MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 32, "MODEL.RPN.POST_NMS_TOPK_TRAIN", 100,
@@ -83,6 +85,18 @@ def test_cli_rejects_bad_requests_naming_what_is_wrong(args, message, tmp_path):
 def test_cuda_device_without_a_gpu_says_to_use_the_cpu(tmp_path):
     result = run_tool(["tools/benchmark.py", "--device", "cuda"], {}, timeout=120)
     assert result.returncode == 2 and "--device cpu" in result.stderr
+
+
+@pytest.mark.parametrize("name, selected", [("cuda", []), ("cuda:1", [1]), ("cpu", [])])
+def test_only_an_indexed_cuda_device_is_made_current(name, selected, monkeypatch):
+    # the default --device cuda has no index, and torch.cuda.set_device refuses an unindexed device
+    spec = importlib.util.spec_from_file_location("benchmark_tool", os.path.join(REPO, "tools", "benchmark.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(torch.device(device).index))
+    tool.use_device(name)
+    assert calls == selected
 
 
 def test_op_task_times_eager_and_our_layer(tmp_path):

@@ -154,12 +154,19 @@ def write_json(path: str, report: dict) -> None:
     os.replace(path + ".part", path)
 
 
+def use_device(name: str) -> None:
+    """Make ``--device cuda:N`` the current CUDA device (Triton launches there); plain ``cuda`` keeps the
+    current one."""
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logger = setup_logger(name="gn_detection.benchmark", abbrev_name="bench")
     logger.setLevel(logging.INFO)
-    if args.device.startswith("cuda"):
-        torch.cuda.set_device(args.device)  # Triton launches on the current device
+    use_device(args.device)
     header = {"task": args.task, "machine": bench.machine_description(args.device), "command": " ".join(sys.argv),
               "settings": vars(args)}
     if args.task == "op":
