@@ -101,10 +101,10 @@ def _channel_block(W, B, MEAN, M2, n, channels, channel_ok, C, HW, CPG, CHUNK, S
     index, mask, _, count = _group_slots(n, channels, channel_ok, C, HW, CPG, CHUNK, S, BLOCK_MEMBERS)
     slot_mean = tl.load(MEAN + index, mask=mask, other=0.0)
     slot_m2 = tl.load(M2 + index, mask=mask, other=0.0)
-    mean = tl.sum(slot_mean * count, axis=1) / (CPG * HW)
+    mean = tl.sum(slot_mean * count, axis=1) / (CPG * 1.0 * HW)
     spread = tl.where(mask, slot_mean - mean[:, None], 0.0)
     m2 = tl.sum(slot_m2, axis=1) + tl.sum(count * spread * spread, axis=1)
-    rstd = 1.0 / tl.sqrt(m2 / (CPG * HW) + eps)
+    rstd = 1.0 / tl.sqrt(m2 / (CPG * 1.0 * HW) + eps)
     weight = tl.load(W + channels, mask=channel_ok, other=0.0).to(tl.float32)
     bias = tl.load(B + channels, mask=channel_ok, other=0.0).to(tl.float32)
     return mean, rstd, weight, bias
@@ -184,7 +184,7 @@ def _backward_dx_kernel(
     index, members, member_channel, _ = _group_slots(n, channels, channel_ok, C, HW, CPG, CHUNK, S,
                                                      BLOCK_MEMBERS)
     member_w = tl.load(W + member_channel, mask=members, other=0.0).to(tl.float32)
-    count = CPG * HW * 1.0
+    count = CPG * 1.0 * HW
     mean_dxhat = tl.sum(member_w * tl.load(DZ_SUM + index, mask=members, other=0.0), axis=1) / count
     mean_dxhat_xhat = tl.sum(member_w * tl.load(DZ_XHAT_SUM + index, mask=members, other=0.0), axis=1) / count
     end = tl.minimum(chunk * CHUNK + CHUNK, HW)
@@ -264,6 +264,15 @@ class _GroupNormFunction(torch.autograd.Function):
         return dx, grad_weight, grad_bias, None, None, None
 
 
+def _per_channel(name: str, parameter: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``parameter`` checked to hold one value per channel of ``x`` on its device; contiguous, as the kernels
+    index it."""
+    if parameter.shape != (x.shape[1],) or parameter.device != x.device:
+        raise ValueError(f"group_norm: {name} must have shape ({x.shape[1]},) on {x.device} for an input of "
+                         f"shape {tuple(x.shape)}, got shape {tuple(parameter.shape)} on {parameter.device}")
+    return parameter.contiguous()
+
+
 def group_norm(
     x: torch.Tensor,
     num_groups: int,
@@ -288,8 +297,6 @@ def group_norm(
             "'torch' or 'auto', or run with TRITON_INTERPRET=1 to execute them on the CPU (slow; for tests)"
         )
     channels = x.shape[1]
-    if weight is None:
-        weight = x.new_ones(channels, dtype=torch.float32)
-    if bias is None:
-        bias = x.new_zeros(channels, dtype=torch.float32)
+    weight = x.new_ones(channels, dtype=torch.float32) if weight is None else _per_channel("weight", weight, x)
+    bias = x.new_zeros(channels, dtype=torch.float32) if bias is None else _per_channel("bias", bias, x)
     return _GroupNormFunction.apply(x, weight, bias, num_groups, float(eps), bool(relu))

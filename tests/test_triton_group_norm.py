@@ -146,6 +146,21 @@ def test_non_contiguous_input():
     assert_matches_float64(x, 4, weight, bias, relu=False)
 
 
+def test_non_contiguous_parameters():
+    x, _, _ = random_inputs((2, 8, 7, 9), torch.float32)
+    parameters = torch.randn(8, 2, device=DEVICE, requires_grad=True)
+    weight, bias = parameters[:, 0], parameters[:, 1]  # strided views
+    assert not weight.is_contiguous()
+    assert_matches_float64(x, 4, weight, bias, relu=True)
+
+
+@pytest.mark.parametrize("name", ["weight", "bias"])
+def test_parameters_must_hold_one_value_per_channel(name):
+    x = torch.randn(1, 8, 2, 2, device=DEVICE)
+    with pytest.raises(ValueError, match=rf"{name} must have shape \(8,\).*got shape \(4,\)"):
+        triton_group_norm.group_norm(x, 2, **{name: torch.ones(4, device=DEVICE)})
+
+
 def test_groups_must_divide_channels():
     with pytest.raises(ValueError, match="3 groups do not divide"):
         triton_group_norm.group_norm(torch.randn(1, 8, 2, 2, device=DEVICE), 3)
