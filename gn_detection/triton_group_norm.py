@@ -18,6 +18,9 @@ which stays as it is. ``torch.nn.functional.group_norm`` is the reference these 
 (in float64, with ``TRITON_INTERPRET=1`` on the CPU).
 """
 import contextlib
+import functools
+import math
+import types
 from typing import Optional
 
 import torch
@@ -196,6 +199,7 @@ def _backward_dx_kernel(
         tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
 
 
+@functools.lru_cache(maxsize=None)  # a layer's shape recurs every step; the Python here costs as much as a launch
 def _launch_shape(samples: int, channels: int, pixels: int, channels_per_group: int):
     """Grid, CHUNK and S, and block sizes: whole channels per program (several when the maps are small),
     and each channel's pixels cut into S chunks of CHUNK pixels when the launch would have few programs.
@@ -213,13 +217,16 @@ def _launch_shape(samples: int, channels: int, pixels: int, channels_per_group: 
         if block_c == 1 or block_c * members <= _MAX_MEMBER_TILE:
             break
         block_c //= 2
-    blocks = {"BLOCK_C": block_c, "BLOCK_HW": block_hw, "BLOCK_MEMBERS": members}
+    blocks = types.MappingProxyType({"BLOCK_C": block_c, "BLOCK_HW": block_hw, "BLOCK_MEMBERS": members})
     return (samples, columns, chunks), chunk, chunks, blocks
 
 
 def _on_device_of(x: torch.Tensor):
-    """Triton launches on the current CUDA device: make it x's."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    """Triton launches on the current CUDA device: make it x's (switching only when it is not, since
+    entering ``torch.cuda.device`` costs a few microseconds per launch)."""
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
 
 
 class _GroupNormFunction(torch.autograd.Function):
@@ -228,16 +235,16 @@ class _GroupNormFunction(torch.autograd.Function):
         x = x.contiguous()
         n, c = x.shape[:2]
         y = torch.empty_like(x)
-        stats = x.new_zeros((2, 0), dtype=torch.float32)
         if x.numel():
-            pixels, cpg = x[0, 0].numel(), c // num_groups
+            pixels, cpg = math.prod(x.shape[2:]), c // num_groups
             grid, chunk, chunks, blocks = _launch_shape(n, c, pixels, cpg)
             stats = x.new_empty((2, n * c * chunks), dtype=torch.float32)  # per-slot mean, M2
+            mean, m2 = stats  # views, made once: each indexing is a dispatched op
             with _on_device_of(x):
-                _slot_stats_kernel[grid](x, stats[0], stats[1], c, pixels, chunk, chunks, blocks["BLOCK_C"],
-                                         blocks["BLOCK_HW"])
-                _forward_kernel[grid](x, y, weight, bias, stats[0], stats[1], c, pixels, cpg, chunk, chunks, eps,
-                                      relu, **blocks)
+                _slot_stats_kernel[grid](x, mean, m2, c, pixels, chunk, chunks, blocks["BLOCK_C"], blocks["BLOCK_HW"])
+                _forward_kernel[grid](x, y, weight, bias, mean, m2, c, pixels, cpg, chunk, chunks, eps, relu, **blocks)
+        else:
+            stats = x.new_zeros((2, 0), dtype=torch.float32)
         ctx.save_for_backward(x, weight, bias, stats)
         ctx.num_groups, ctx.eps, ctx.relu = num_groups, eps, relu
         return y
@@ -248,19 +255,20 @@ class _GroupNormFunction(torch.autograd.Function):
         x, weight, bias, stats = ctx.saved_tensors
         n, c = x.shape[:2]
         dx = torch.empty_like(x)
-        sums = x.new_zeros((2, n, c, 1), dtype=torch.float32)
         if x.numel():
             dy = dy.contiguous()
-            pixels, cpg = x[0, 0].numel(), c // ctx.num_groups
+            pixels, cpg = math.prod(x.shape[2:]), c // ctx.num_groups
             grid, chunk, chunks, blocks = _launch_shape(n, c, pixels, cpg)
             sums = x.new_empty((2, n, c, chunks), dtype=torch.float32)  # per-slot sums of dz, of dz * x_hat
-            args = (weight, bias, stats[0], stats[1], sums[0], sums[1], c, pixels, cpg, chunk, chunks, ctx.eps,
-                    ctx.relu)
+            args = (weight, bias, *stats, *sums, c, pixels, cpg, chunk, chunks, ctx.eps, ctx.relu)
             with _on_device_of(x):
                 _backward_sums_kernel[grid](x, dy, *args, **blocks)
                 _backward_dx_kernel[grid](x, dy, dx, *args, **blocks)
-        grad_weight = sums[1].sum((0, 2)).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        grad_bias = sums[0].sum((0, 2)).to(bias.dtype) if ctx.needs_input_grad[2] else None
+            channel_sums = sums.sum((1, 3))  # (2, c): one reduction for both parameters' gradients
+        else:
+            channel_sums = x.new_zeros((2, c), dtype=torch.float32)
+        grad_weight = channel_sums[1].to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_bias = channel_sums[0].to(bias.dtype) if ctx.needs_input_grad[2] else None
         return dx, grad_weight, grad_bias, None, None, None
 
 
