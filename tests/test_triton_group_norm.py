@@ -264,6 +264,20 @@ DETECTRON2_BUILDERS = ["MODEL.BACKBONE.NAME", "build_resnet_fpn_backbone", "MODE
                        "FastRCNNConvFCHead", "MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead"]
 
 
+@pytest.fixture
+def exact_fp32():
+    """fp32 convolutions without TF32 on a GPU, so fp32 results are exact to fp32 rounding as on the CPU:
+    TF32 rounding would swamp the differences these tests bound and can reorder the RPN's proposals."""
+    with torch.backends.cudnn.flags(enabled=True, deterministic=True, allow_tf32=False):
+        yield
+
+
+def tiny_model(*opts):
+    cfg = make_cfg(SHAPES_CONFIG, *TINY_SAME_ARCH, *opts)
+    cfg.MODEL.DEVICE = DEVICE  # make_cfg builds for the CPU
+    return build_model(cfg)
+
+
 def training_batch():
     torch.manual_seed(1)
     batch = []
@@ -289,10 +303,10 @@ def losses_and_gradients(model, batch):
                                                       if p.grad is not None}
 
 
-def test_model_with_kernels_trains_like_detectron2_gn_model():
+def test_model_with_kernels_trains_like_detectron2_gn_model(exact_fp32):
     torch.manual_seed(0)
-    theirs = build_model(make_cfg(SHAPES_CONFIG, *TINY_SAME_ARCH, *DETECTRON2_BUILDERS, "MODEL.DEVICE", DEVICE))
-    ours = build_model(make_cfg(SHAPES_CONFIG, *TINY_SAME_ARCH, "MODEL.GN.IMPL", "triton", "MODEL.DEVICE", DEVICE))
+    theirs = tiny_model(*DETECTRON2_BUILDERS)
+    ours = tiny_model("MODEL.GN.IMPL", "triton")
     assert not any(isinstance(m, FusedGroupNorm) for m in theirs.modules())
     with torch.no_grad():
         for m in theirs.modules():
@@ -333,12 +347,12 @@ def relative_error(a, b):
     return ((a.float() - b.float()).norm() / (b.float().norm() + 1e-12)).item()
 
 
-def test_backbone_under_autocast_matches_detectron2_gn_within_amp_tolerance():
+def test_backbone_under_autocast_matches_detectron2_gn_within_amp_tolerance(exact_fp32):
     # Ours keeps GN in half precision (fp32 statistics) with the kernels; Detectron2's runs torch's GN in fp32
     # under autocast. Against the fp32 result, ours may be no further off than Detectron2's own AMP is.
     torch.manual_seed(0)
-    theirs = build_model(make_cfg(SHAPES_CONFIG, *TINY_SAME_ARCH, *DETECTRON2_BUILDERS, "MODEL.DEVICE", DEVICE))
-    ours = build_model(make_cfg(SHAPES_CONFIG, *TINY_SAME_ARCH, "MODEL.GN.IMPL", "triton", "MODEL.DEVICE", DEVICE))
+    theirs = tiny_model(*DETECTRON2_BUILDERS)
+    ours = tiny_model("MODEL.GN.IMPL", "triton")
     ours.load_state_dict(theirs.state_dict())
     images = torch.randn(2, 3, 64, 96, device=DEVICE)
     exact_features, exact_grads = backbone_features_and_gradients(theirs, images, autocast=False)
