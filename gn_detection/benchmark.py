@@ -22,6 +22,8 @@ from detectron2.modeling import build_model
 from detectron2.solver import build_optimizer
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity
 
 from .config import load_config
 from .model_zoo import CONFIG_DIR
@@ -197,8 +199,10 @@ class Cell:
     error: Optional[str] = None
 
 
-def measure_training(cfg: CfgNode, batch: List[dict], precision: str, warmup: int, iters: int) -> Cell:
-    """Training images/s and peak memory for one batch size; losses that are not finite are counted."""
+def measure_training(cfg: CfgNode, batch: List[dict], precision: str, warmup: int, iters: int,
+                     profile_path: str = "") -> Cell:
+    """Training images/s and peak memory for one batch size; losses that are not finite are counted. With
+    ``profile_path``, :func:`profile_table` of a few more steps is written there."""
     device = cfg.MODEL.DEVICE
     torch.manual_seed(0)  # the same random weights, hence the same proposals, in every cell of a variant
     model = build_model(cfg).train()
@@ -211,15 +215,20 @@ def measure_training(cfg: CfgNode, batch: List[dict], precision: str, warmup: in
         loss = training_step(model, optimizer, batch, dtype, scaler, device)
         cell.nonfinite_losses += int(not torch.isfinite(loss).item())
 
-    with EventStorage(), PeakMemory(device) as peak:
-        seconds = median_seconds(step, device, warmup, iters)
+    with EventStorage():
+        with PeakMemory(device) as peak:
+            seconds = median_seconds(step, device, warmup, iters)
+        if profile_path:  # after the peak is read: the profiler's own buffers would count on the CPU
+            write_atomically(profile_path, profile_table(step, device))
     cell.train_images_per_s = len(batch) / seconds
     cell.peak_memory_gb = peak.bytes / 1e9
     return cell
 
 
-def measure_inference(cfg: CfgNode, image: dict, precision: str, warmup: int, iters: int) -> float:
-    """Seconds per image, one image per call as Detectron2's evaluation runs it."""
+def measure_inference(cfg: CfgNode, image: dict, precision: str, warmup: int, iters: int,
+                      profile_path: str = "") -> float:
+    """Seconds per image, one image per call as Detectron2's evaluation runs it; ``profile_path`` as in
+    :func:`measure_training`."""
     device = cfg.MODEL.DEVICE
     torch.manual_seed(0)
     model = build_model(cfg).eval()
@@ -231,7 +240,37 @@ def measure_inference(cfg: CfgNode, image: dict, precision: str, warmup: int, it
                                                     enabled=dtype is not None):
             model(inputs)
 
-    return median_seconds(step, device, warmup, iters)
+    seconds = median_seconds(step, device, warmup, iters)
+    if profile_path:
+        write_atomically(profile_path, profile_table(step, device))
+    return seconds
+
+
+def profile_table(step: Callable[[], object], device: str, steps: int = 3, rows: int = 25) -> str:
+    """``torch.profiler`` over ``steps`` more calls of a warmed-up ``step``: a first line with the CPU time and
+    the device time per call (when the CPU time is the larger, launching work, not the GPU, bounds the step),
+    then the ``rows`` ops that took the most device time (CPU time on the CPU)."""
+    on_cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    events = profiler.key_averages()
+    cpu_ms = sum(e.self_cpu_time_total for e in events) / 1e3 / steps
+    device_ms = sum(e.self_device_time_total for e in events
+                    if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)) / 1e3 / steps
+    sort_by = "self_device_time_total" if on_cuda else "self_cpu_time_total"
+    table = events.table(sort_by=sort_by, row_limit=rows, max_name_column_width=80)
+    return f"per step ({steps} steps): {cpu_ms:.1f} ms of CPU time, {device_ms:.1f} ms of device time\n{table}"
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all (a temporary file, then a rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".part", "w") as f:
+        f.write(text)
+    os.replace(path + ".part", path)
 
 
 def machine_description(device: str) -> dict:

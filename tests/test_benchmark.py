@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -52,13 +53,20 @@ def test_a_failing_cell_is_recorded_and_the_run_goes_on(tmp_path):
     result = run_tool(
         ["tools/benchmark.py", "--config-file", SHAPES_CONFIG, "--variants", "ours:MODEL.GN.IMPL=triton", "ours",
          "--images-per-gpu", "1", "--precision", "fp32", "--input-size", "96", "128", "--boxes", "2",
-         "--warmup", "0", "--iters", "1", "--output", str(out), *map(str, SMALL_WORK)],
+         "--warmup", "0", "--iters", "1", "--output", str(out), "--profile", str(tmp_path / "profiles"),
+         *map(str, SMALL_WORK)],
         {"TRITON_INTERPRET": "0"},
     )
     assert result.returncode == 1, result.stderr[-3000:]
     failed, measured = json.loads(out.read_text())["rows"]
     assert "need a CUDA tensor" in failed["error"] and failed["train_images_per_s"] is None
     assert measured["variant"] == "ours" and measured["error"] is None and measured["train_images_per_s"] > 0
+    # --profile: a table for each measurement that ran, none for the failed ones
+    profiles = {p.name: p.read_text() for p in (tmp_path / "profiles").iterdir()}
+    assert set(profiles) == {"ours_fp32_1img_train.txt", "ours_fp32_inference.txt"}
+    for text in profiles.values():
+        cpu_ms = re.match(r"per step \(3 steps\): ([\d.]+) ms of CPU time, 0\.0 ms of device time\n", text)
+        assert cpu_ms and float(cpu_ms.group(1)) > 0 and "convolution" in text
     assert "1 measurement(s) failed" in result.stdout + result.stderr
 
 
@@ -73,6 +81,7 @@ def test_a_failing_cell_is_recorded_and_the_run_goes_on(tmp_path):
         (["--iters", "0"], "--iters"),
         (["--dataset", "no_such_dataset"], "Dataset 'no_such_dataset' is not registered"),
         (["--task", "op", "--op-shape", "2", "30", "4", "4"], "divisible by --op-groups 32"),
+        (["--profile", "/proc/gn_profiles"], "--profile /proc/gn_profiles: cannot create"),
     ],
 )
 def test_cli_rejects_bad_requests_naming_what_is_wrong(args, message, tmp_path):

@@ -6,6 +6,7 @@
     python tools/benchmark.py --variants ours "ours:MODEL.GN.FUSE_RELU=False" detectron2_gn   # one lever
     python tools/benchmark.py --dataset shapes_train --config-file configs/shapes/mask_rcnn_R18_FPN_gn_scratch.yaml
     python tools/benchmark.py --task op --op-shape 8 256 200 304 --op-dtype fp16 --compile
+    python tools/benchmark.py --images-per-gpu 2 --precision fp32 --profile output/profiles    # where the time goes
 
 Model task: training images/s (full step with the optimizer), inference s/image (one image per call) and peak
 memory, random weights, on synthetic COCO-sized inputs (--input-size, --boxes) or the first images of a
@@ -18,6 +19,7 @@ import gc
 import json
 import logging
 import os
+import re
 import sys
 import time
 
@@ -50,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=30, help="timed iterations per cell (median reported)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", default="output/benchmark/benchmark.json", help="JSON results file")
+    parser.add_argument("--profile", default="", metavar="DIR",
+                        help="also profile 3 more steps of every measurement: CPU vs device time per step and "
+                             "the top ops, one text file each in DIR")
     parser.add_argument("--op-shape", type=int, nargs="+", default=[8, 256, 200, 304], metavar="DIM")
     parser.add_argument("--op-groups", type=int, default=32)
     parser.add_argument("--op-dtype", choices=list(OP_DTYPES), default="fp16")
@@ -65,6 +70,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if len(args.op_shape) < 2 or args.op_shape[1] % args.op_groups:
         parser.error(f"--op-shape needs N C [spatial...] with C divisible by --op-groups {args.op_groups}, "
                      f"got {args.op_shape}")
+    if args.profile:
+        try:
+            os.makedirs(args.profile, exist_ok=True)
+        except OSError as e:
+            parser.error(f"--profile {args.profile}: cannot create that folder ({e.strerror}); give a writable one")
     return args
 
 
@@ -104,14 +114,17 @@ def run_models(args, variants, logger, save) -> dict:
             inference, inference_error = None, None
             if "inference" not in args.skip:
                 try:
-                    inference = bench.measure_inference(cfg, batch[0], precision, args.warmup, args.iters)
+                    inference = bench.measure_inference(cfg, batch[0], precision, args.warmup, args.iters,
+                                                        profile_path(args, variant.name, precision, "inference"))
                 except Exception as e:  # noqa: BLE001 (recorded, the other cells still run)
                     inference_error = f"inference: {bench.error_text(e)}"
             for count in args.images_per_gpu:
                 cell = bench.Cell(variant.name, precision, count)
                 if "train" not in args.skip:
                     try:
-                        cell = bench.measure_training(cfg, batch[:count], precision, args.warmup, args.iters)
+                        cell = bench.measure_training(cfg, batch[:count], precision, args.warmup, args.iters,
+                                                      profile_path(args, variant.name, precision, f"{count}img",
+                                                                   "train"))
                     except Exception as e:  # noqa: BLE001
                         cell.error = bench.error_text(e)
                 cell.variant, cell.inference_s_per_image = variant.name, inference
@@ -147,11 +160,15 @@ def run_op(args, logger) -> dict:
 
 
 def write_json(path: str, report: dict) -> None:
-    """Write ``report`` to ``path`` whole or not at all (temp file, then rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".part", "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(path + ".part", path)
+    bench.write_atomically(path, json.dumps(report, indent=2))
+
+
+def profile_path(args, *parts) -> str:
+    """Where ``--profile`` puts one measurement's table ("" without --profile); variant specs become file
+    names by replacing what is not a letter, digit, '.' or '-'."""
+    if not args.profile:
+        return ""
+    return os.path.join(args.profile, re.sub(r"[^\w.-]+", "_", "_".join(map(str, parts))) + ".txt")
 
 
 def use_device(name: str) -> None:
