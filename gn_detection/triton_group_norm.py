@@ -199,7 +199,9 @@ def _backward_dx_kernel(
         tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
 
 
-@functools.lru_cache(maxsize=None)  # a layer's shape recurs every step; the Python here costs as much as a launch
+# A layer's shape recurs every step and this Python costs as much as a launch; bounded, since the mask head's
+# RoI count and the image sizes make new keys over a training run.
+@functools.lru_cache(maxsize=4096)
 def _launch_shape(samples: int, channels: int, pixels: int, channels_per_group: int):
     """Grid, CHUNK and S, and block sizes: whole channels per program (several when the maps are small),
     and each channel's pixels cut into S chunks of CHUNK pixels when the launch would have few programs.
@@ -267,8 +269,9 @@ class _GroupNormFunction(torch.autograd.Function):
             channel_sums = sums.sum((1, 3))  # (2, c): one reduction for both parameters' gradients
         else:
             channel_sums = x.new_zeros((2, c), dtype=torch.float32)
-        grad_weight = channel_sums[1].to(weight.dtype) if ctx.needs_input_grad[1] else None
-        grad_bias = channel_sums[0].to(bias.dtype) if ctx.needs_input_grad[2] else None
+        # copies, so the two gradients do not share storage (code may resize or reuse one in place)
+        grad_weight = channel_sums[1].to(weight.dtype, copy=True) if ctx.needs_input_grad[1] else None
+        grad_bias = channel_sums[0].to(bias.dtype, copy=True) if ctx.needs_input_grad[2] else None
         return dx, grad_weight, grad_bias, None, None, None
 
 

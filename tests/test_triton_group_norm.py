@@ -138,6 +138,7 @@ def test_empty_batch_gives_empty_output_and_zero_parameter_gradients():
     assert y.shape == (0, 8, 7, 7)
     dx, dweight, dbias = torch.autograd.grad(y.sum(), (x, weight, bias))
     assert dx.shape == x.shape and not dweight.any() and not dbias.any()
+    assert dweight.shape == dbias.shape == (8,) and dweight.dtype == dbias.dtype == torch.float32
 
 
 def test_non_contiguous_input():
