@@ -6,6 +6,7 @@ before and after, after warm-up; the median is reported. Peak memory is ``torch.
 on CUDA and the process's peak resident set (VmHWM, reset per cell) on the CPU.
 """
 import gc
+import logging
 import os
 import platform
 import statistics
@@ -28,6 +29,7 @@ from torch.profiler import ProfilerActivity
 from .config import load_config
 from .model_zoo import CONFIG_DIR
 
+logger = logging.getLogger(__name__)
 PRECISIONS = {"fp32": None, "amp_fp16": torch.float16, "amp_bf16": torch.bfloat16}
 REFERENCE_VARIANT = "detectron2_gn"
 
@@ -218,10 +220,10 @@ def measure_training(cfg: CfgNode, batch: List[dict], precision: str, warmup: in
     with EventStorage():
         with PeakMemory(device) as peak:
             seconds = median_seconds(step, device, warmup, iters)
+        cell.train_images_per_s = len(batch) / seconds
+        cell.peak_memory_gb = peak.bytes / 1e9
         if profile_path:  # after the peak is read: the profiler's own buffers would count on the CPU
-            write_atomically(profile_path, profile_table(step, device))
-    cell.train_images_per_s = len(batch) / seconds
-    cell.peak_memory_gb = peak.bytes / 1e9
+            write_profile(profile_path, lambda: training_step(model, optimizer, batch, dtype, scaler, device), device)
     return cell
 
 
@@ -242,27 +244,40 @@ def measure_inference(cfg: CfgNode, image: dict, precision: str, warmup: int, it
 
     seconds = median_seconds(step, device, warmup, iters)
     if profile_path:
-        write_atomically(profile_path, profile_table(step, device))
+        write_profile(profile_path, step, device)
     return seconds
 
 
 def profile_table(step: Callable[[], object], device: str, steps: int = 3, rows: int = 25) -> str:
-    """``torch.profiler`` over ``steps`` more calls of a warmed-up ``step``: a first line with the CPU time and
-    the device time per call (when the CPU time is the larger, launching work, not the GPU, bounds the step),
-    then the ``rows`` ops that took the most device time (CPU time on the CPU)."""
+    """``torch.profiler`` over ``steps`` more calls of a warmed-up ``step``: a first line with, per call, the
+    wall time, the CPU time spent inside ops and the device time (where the device time is well below the
+    wall time, launching work, not the GPU, bounds the step; the profiler itself slows the CPU side), then the
+    ``rows`` ops that took the most device time (CPU time on the CPU)."""
     on_cuda = device.startswith("cuda")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     with torch.profiler.profile(activities=activities) as profiler:
+        synchronize(device)
+        start = time.perf_counter()
         for _ in range(steps):
             step()
         synchronize(device)
+        wall_ms = (time.perf_counter() - start) * 1e3 / steps
     events = profiler.key_averages()
     cpu_ms = sum(e.self_cpu_time_total for e in events) / 1e3 / steps
     device_ms = sum(e.self_device_time_total for e in events
                     if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)) / 1e3 / steps
     sort_by = "self_device_time_total" if on_cuda else "self_cpu_time_total"
     table = events.table(sort_by=sort_by, row_limit=rows, max_name_column_width=80)
-    return f"per step ({steps} steps): {cpu_ms:.1f} ms of CPU time, {device_ms:.1f} ms of device time\n{table}"
+    return (f"per step ({steps} steps, under the profiler): {wall_ms:.1f} ms wall, {cpu_ms:.1f} ms of CPU time in "
+            f"ops, {device_ms:.1f} ms of device time\n{table}")
+
+
+def write_profile(path: str, step: Callable[[], object], device: str) -> None:
+    """:func:`profile_table` to ``path``; a failure is logged and loses only the profile, not the measurement."""
+    try:
+        write_atomically(path, profile_table(step, device))
+    except Exception as e:  # noqa: BLE001 (the profiler or the disk; the timing is already taken)
+        logger.warning("Could not write the profile %s: %s", path, error_text(e))
 
 
 def write_atomically(path: str, text: str) -> None:
@@ -285,7 +300,9 @@ def machine_description(device: str) -> dict:
     except (OSError, StopIteration):
         pass
     if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(device)
+        import triton
+
+        info["gpu"], info["triton"] = torch.cuda.get_device_name(device), triton.__version__
     return info
 
 

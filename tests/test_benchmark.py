@@ -65,8 +65,9 @@ def test_a_failing_cell_is_recorded_and_the_run_goes_on(tmp_path):
     profiles = {p.name: p.read_text() for p in (tmp_path / "profiles").iterdir()}
     assert set(profiles) == {"ours_fp32_1img_train.txt", "ours_fp32_inference.txt"}
     for text in profiles.values():
-        cpu_ms = re.match(r"per step \(3 steps\): ([\d.]+) ms of CPU time, 0\.0 ms of device time\n", text)
-        assert cpu_ms and float(cpu_ms.group(1)) > 0 and "convolution" in text
+        times = re.match(r"per step \(3 steps, under the profiler\): ([\d.]+) ms wall, ([\d.]+) ms of CPU time in "
+                         r"ops, 0\.0 ms of device time\n", text)
+        assert times and float(times.group(1)) > 0 and float(times.group(2)) > 0 and "convolution" in text
     assert "1 measurement(s) failed" in result.stdout + result.stderr
 
 
@@ -81,7 +82,7 @@ def test_a_failing_cell_is_recorded_and_the_run_goes_on(tmp_path):
         (["--iters", "0"], "--iters"),
         (["--dataset", "no_such_dataset"], "Dataset 'no_such_dataset' is not registered"),
         (["--task", "op", "--op-shape", "2", "30", "4", "4"], "divisible by --op-groups 32"),
-        (["--profile", "/proc/gn_profiles"], "--profile /proc/gn_profiles: cannot create"),
+        (["--profile", "/proc/gn_profiles"], "--profile /proc/gn_profiles: cannot write there"),
     ],
 )
 def test_cli_rejects_bad_requests_naming_what_is_wrong(args, message, tmp_path):
@@ -119,7 +120,8 @@ def test_op_task_times_eager_and_our_layer(tmp_path):
         assert report["results"][name]["ms"] > 0 and f"| {name} |" in result.stdout
 
 
-def test_training_measurement_on_a_registered_dataset_under_cpu_autocast(tiny_shapes_root):
+def test_training_measurement_on_a_registered_dataset_under_cpu_autocast(tiny_shapes_root, tmp_path, monkeypatch,
+                                                                         caplog):
     from .conftest import TINY_OVERRIDES
 
     variant = bench.Variant("ours", SHAPES_CONFIG, tuple(TINY_OVERRIDES))
@@ -129,6 +131,11 @@ def test_training_measurement_on_a_registered_dataset_under_cpu_autocast(tiny_sh
     assert len(batch) == 2 and batch[0]["image"].shape[1:] == (128, 128)
     cell = bench.measure_training(cfg, batch, "amp_bf16", warmup=0, iters=1)
     assert cell.images_per_iter == 2 and cell.train_images_per_s > 0 and cell.nonfinite_losses == 0
+    # a profile that cannot be made costs only the profile, not the measurement
+    monkeypatch.setattr(bench, "profile_table", lambda step, device: 1 / 0)
+    cell = bench.measure_training(cfg, batch, "fp32", warmup=0, iters=1, profile_path=str(tmp_path / "p.txt"))
+    assert cell.train_images_per_s > 0 and not (tmp_path / "p.txt").exists()
+    assert "Could not write the profile" in caplog.text and "ZeroDivisionError" in caplog.text
     with pytest.raises(ValueError, match="has 48 images; the benchmark needs 100"):
         bench.dataset_batch(cfg, "tiny_shapes_train", 100)
 

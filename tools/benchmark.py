@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 import time
 
 import torch
@@ -73,8 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.profile:
         try:
             os.makedirs(args.profile, exist_ok=True)
+            tempfile.TemporaryFile(dir=args.profile).close()
         except OSError as e:
-            parser.error(f"--profile {args.profile}: cannot create that folder ({e.strerror}); give a writable one")
+            parser.error(f"--profile {args.profile}: cannot write there ({e.strerror}); give a writable folder")
     return args
 
 
