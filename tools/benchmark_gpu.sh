@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of docs/speed.md in one go, each step time-boxed so that one which hangs leaves the
-# others their time; results land in OUTDIR as they are measured (the benchmark writes JSON after each cell).
+# others their time (about 10 minutes if every step ran to its limit, 5 on an H200 as measured); results land in
+# OUTDIR as they are measured (the benchmark writes JSON after each cell).
 #   1. the model table: ours, Detectron2's GN and frozen BN; 2 and 8 images; fp32 and AMP fp16
 #   2. the GroupNorm+ReLU op on the 8x256x200x304 P2 activation, fp16 and fp32, against eager and torch.compile
 #   3. the kernels' tests on CUDA against float64 (the sm_90 compile check is left to CI)
@@ -8,7 +9,7 @@
 #
 #   tools/benchmark_gpu.sh OUTDIR
 set -u
-out=${1:?usage: tools/benchmark_gpu.sh OUTDIR}
+out=$(realpath -m "${1:?usage: tools/benchmark_gpu.sh OUTDIR}")  # before the cd below
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
