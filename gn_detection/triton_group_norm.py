@@ -266,12 +266,11 @@ class _GroupNormFunction(torch.autograd.Function):
             with _on_device_of(x):
                 _backward_sums_kernel[grid](x, dy, *args, **blocks)
                 _backward_dx_kernel[grid](x, dy, dx, *args, **blocks)
-            channel_sums = sums.sum((1, 3))  # (2, c): one reduction for both parameters' gradients
         else:
-            channel_sums = x.new_zeros((2, c), dtype=torch.float32)
-        # copies, so the two gradients do not share storage (code may resize or reuse one in place)
-        grad_weight = channel_sums[1].to(weight.dtype, copy=True) if ctx.needs_input_grad[1] else None
-        grad_bias = channel_sums[0].to(bias.dtype, copy=True) if ctx.needs_input_grad[2] else None
+            sums = x.new_zeros((2, n, c, 1), dtype=torch.float32)
+        # a reduction each: each gradient gets its own storage, and only a needed one is computed
+        grad_weight = sums[1].sum((0, 2)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_bias = sums[0].sum((0, 2)).to(bias.dtype) if ctx.needs_input_grad[2] else None
         return dx, grad_weight, grad_bias, None, None, None
 
 
