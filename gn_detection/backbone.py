@@ -3,7 +3,8 @@
 Built from Detectron2's own ResNet, BasicStem, BasicBlock, BottleneckBlock and FPN modules, so the module
 tree (and thus every checkpoint key) is the same as Detectron2's ``build_resnet_fpn_backbone``; only the
 GN layers differ, and only when MODEL.GN asks for something other than Detectron2's G=32. With
-MODEL.GN.FUSE_RELU the GN blocks are subclasses whose GN layers apply the ReLU that follows them.
+MODEL.GN.FUSE_RELU the GN blocks are subclasses whose GN layers apply the ReLU that follows them, and
+(MODEL.GN.RECOMPUTE_OUTPUT) whose convs keep no GN+ReLU output for the backward.
 """
 from typing import Sequence
 
@@ -15,7 +16,7 @@ from detectron2.modeling.backbone import FPN, ResNet
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock
 
-from .group_norm import GroupNormSpec, NormSetting, fold_relu, gn_layer_context, resolve_norm
+from .group_norm import GroupNormSpec, NormSetting, fold_relu, gn_layer_context, outputs_recomputed, resolve_norm
 
 BLOCKS_PER_STAGE = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
@@ -28,7 +29,8 @@ class GNReLUStem(BasicStem):
         fold_relu(self.conv1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.max_pool2d(self.conv1(x), kernel_size=3, stride=2, padding=1)
+        with outputs_recomputed([self.conv1], x):
+            return F.max_pool2d(self.conv1(x), kernel_size=3, stride=2, padding=1)
 
 
 def _add_shortcut_relu(block, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -45,7 +47,8 @@ class GNReLUBasicBlock(BasicBlock):
         fold_relu(self.conv1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _add_shortcut_relu(self, self.conv2(self.conv1(x)), x)
+        with outputs_recomputed([self.conv1], x):
+            return _add_shortcut_relu(self, self.conv2(self.conv1(x)), x)
 
 
 class GNReLUBottleneckBlock(BottleneckBlock):
@@ -57,7 +60,8 @@ class GNReLUBottleneckBlock(BottleneckBlock):
         fold_relu(self.conv2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _add_shortcut_relu(self, self.conv3(self.conv2(self.conv1(x))), x)
+        with outputs_recomputed([self.conv1, self.conv2], x):
+            return _add_shortcut_relu(self, self.conv3(self.conv2(self.conv1(x))), x)
 
 
 def make_resnet(

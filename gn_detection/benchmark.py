@@ -49,7 +49,8 @@ def builtin_variants(ours_config: str) -> Dict[str, Variant]:
         "ours": Variant("ours", ours_config),
         "ours_stock_gn": Variant(
             "ours_stock_gn", ours_config,
-            ("MODEL.GN.IMPL", "torch", "MODEL.GN.FUSE_RELU", False, "MODEL.GN.AUTOCAST_HALF", False),
+            ("MODEL.GN.IMPL", "torch", "MODEL.GN.FUSE_RELU", False, "MODEL.GN.AUTOCAST_HALF", False,
+             "MODEL.GN.RECOMPUTE_OUTPUT", False),
         ),
         REFERENCE_VARIANT: Variant(
             REFERENCE_VARIANT, detectron2_zoo.get_config_file("Misc/mask_rcnn_R_50_FPN_3x_gn.yaml")

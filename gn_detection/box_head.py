@@ -1,11 +1,12 @@
 """The 4conv1fc box head with GN after each conv."""
 from typing import List
 
+import torch
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.roi_heads import ROI_BOX_HEAD_REGISTRY, FastRCNNConvFCHead
 
-from .group_norm import GroupNormSpec, NormSetting, fold_relus, gn_layer_context, resolve_norm
+from .group_norm import GroupNormSpec, NormSetting, fold_relus, gn_layer_context, outputs_recomputed, resolve_norm
 
 
 @ROI_BOX_HEAD_REGISTRY.register()
@@ -37,6 +38,10 @@ class GNConvFCHead(FastRCNNConvFCHead):
                 input_shape, conv_dims=conv_dims, fc_dims=fc_dims, conv_norm=resolve_norm(conv_norm, gn)
             )
         fold_relus(self.conv_norm_relus, conv_norm, gn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with outputs_recomputed(self.conv_norm_relus, x):
+            return super().forward(x)
 
     @classmethod
     def from_config(cls, cfg, input_shape):

@@ -10,11 +10,13 @@ parameters; they can also apply the ReLU that follows them, and run as fused Tri
 import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Union
+from typing import Callable, ContextManager, Iterable, Iterator, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .recompute import recomputed_outputs
 
 IMPLEMENTATIONS = ("auto", "triton", "torch")
 NormSetting = Union[str, Callable[[int], nn.Module]]
@@ -40,6 +42,7 @@ class GroupNormSpec:
     impl: str = "auto"
     fuse_relu: bool = True
     autocast_half: bool = True
+    recompute_output: bool = True
 
     def __post_init__(self):
         if self.num_groups < 1:
@@ -65,6 +68,7 @@ class GroupNormSpec:
             impl=gn.IMPL,
             fuse_relu=gn.FUSE_RELU,
             autocast_half=gn.AUTOCAST_HALF,
+            recompute_output=gn.RECOMPUTE_OUTPUT,
         )
 
     def setting(self) -> str:
@@ -90,7 +94,8 @@ class GroupNormSpec:
     def __call__(self, channels: int) -> "FusedGroupNorm":
         """Build the GN layer for ``channels`` channels (usable as a Detectron2 ``norm`` callable)."""
         return FusedGroupNorm(
-            self.groups_for(channels), channels, eps=self.eps, impl=self.impl, autocast_half=self.autocast_half
+            self.groups_for(channels), channels, eps=self.eps, impl=self.impl, autocast_half=self.autocast_half,
+            recompute_output=self.recompute_output,
         )
 
 
@@ -108,6 +113,8 @@ class FusedGroupNorm(nn.GroupNorm):
             (fp32 statistics) and return that dtype. If False, GN runs in fp32 under autocast, as CUDA autocast
             does for torch's group_norm. Torch's group_norm otherwise keeps autocast's own policy (fp32 on
             CUDA), since it would compute the parameter gradients in half precision.
+        recompute_output: with the Triton kernels, inside :func:`gn_detection.recompute.recomputed_outputs`,
+            the output is not kept for the op that consumes it but rebuilt from the input in the backward.
     """
 
     def __init__(
@@ -120,27 +127,31 @@ class FusedGroupNorm(nn.GroupNorm):
         relu: bool = False,
         impl: str = "auto",
         autocast_half: bool = True,
+        recompute_output: bool = True,
     ):
         super().__init__(num_groups, num_channels, eps=eps, affine=affine)
         if impl not in IMPLEMENTATIONS:
             raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
-        self.relu, self.impl, self.autocast_half = relu, impl, autocast_half
+        self.relu, self.impl, self.autocast_half, self.recompute_output = relu, impl, autocast_half, recompute_output
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, relu={self.relu}, impl={self.impl}, autocast_half={self.autocast_half}"
+        return (f"{super().extra_repr()}, relu={self.relu}, impl={self.impl}, autocast_half={self.autocast_half}, "
+                f"recompute_output={self.recompute_output}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.autocast_half and torch.is_autocast_enabled(x.device.type):
             x = x.float()  # GN in fp32 under autocast, as CUDA autocast does for torch's group_norm
-        if self._uses_triton(x):
+        if self.uses_triton(x):
             from . import triton_group_norm
 
             # a custom autograd function: autocast casts nothing, the kernels keep x's dtype
-            return triton_group_norm.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.relu)
+            return triton_group_norm.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.relu,
+                                                self.recompute_output)
         y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)  # autocast picks the dtype
         return F.relu_(y) if self.relu else y
 
-    def _uses_triton(self, x: torch.Tensor) -> bool:
+    def uses_triton(self, x: torch.Tensor) -> bool:
+        """Whether this layer runs the Triton kernels on ``x`` (see ``impl``)."""
         if self.impl == "torch":
             return False
         if self.impl == "triton":
@@ -175,6 +186,16 @@ def fold_relus(convs: Iterable[nn.Module], norm: NormSetting, gn: GroupNormSpec)
     if norm == "GN" and gn.fuse_relu:
         for conv in convs:
             fold_relu(conv)
+
+
+def outputs_recomputed(convs: Sequence[nn.Module], x: torch.Tensor) -> ContextManager:
+    """:func:`gn_detection.recompute.recomputed_outputs` for a module that runs these Detectron2 ``Conv2d`` s on
+    ``x``: open when one of them has a GN+ReLU layer (see :func:`fold_relu`) that lets its output be recomputed
+    and runs the Triton kernels on inputs like ``x``. Otherwise nothing would be recomputed (a GN output
+    followed by a separate ReLU is kept by no one), and a caller's own saved-tensor hooks stay in charge."""
+    norms = [conv.norm for conv in convs
+             if isinstance(conv.norm, FusedGroupNorm) and conv.norm.relu and conv.norm.recompute_output]
+    return recomputed_outputs(bool(norms) and norms[0].uses_triton(x))
 
 
 def resolve_norm(norm: NormSetting, spec: GroupNormSpec) -> NormSetting:

@@ -1,11 +1,12 @@
 """The mask head with GN after each of its convs."""
 from typing import List
 
+import torch
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.roi_heads import ROI_MASK_HEAD_REGISTRY, MaskRCNNConvUpsampleHead
 
-from .group_norm import GroupNormSpec, NormSetting, fold_relus, gn_layer_context, resolve_norm
+from .group_norm import GroupNormSpec, NormSetting, fold_relus, gn_layer_context, outputs_recomputed, resolve_norm
 
 
 @ROI_MASK_HEAD_REGISTRY.register()
@@ -42,6 +43,10 @@ class GNMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
                 **kwargs,
             )
         fold_relus(self.conv_norm_relus, conv_norm, gn)
+
+    def layers(self, x: torch.Tensor) -> torch.Tensor:
+        with outputs_recomputed(self.conv_norm_relus, x):
+            return super().layers(x)
 
     @classmethod
     def from_config(cls, cfg, input_shape):

@@ -28,6 +28,8 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from .recompute import remember, remembering
+
 # Set when this module was imported with TRITON_INTERPRET=1: the kernels then run on CPU tensors.
 INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
 
@@ -231,12 +233,22 @@ def _on_device_of(x: torch.Tensor):
     return contextlib.nullcontext()
 
 
+def _normalized_output(x, weight, bias, stats, num_groups, eps, relu) -> torch.Tensor:
+    """The forward's output from x and its slot statistics (kernel 2); also what a recomputation runs."""
+    n, c = x.shape[:2]
+    pixels, cpg = math.prod(x.shape[2:]), c // num_groups
+    grid, chunk, chunks, blocks = _launch_shape(n, c, pixels, cpg)
+    y = torch.empty_like(x)
+    with _on_device_of(x):
+        _forward_kernel[grid](x, y, weight, bias, *stats, c, pixels, cpg, chunk, chunks, eps, relu, **blocks)
+    return y
+
+
 class _GroupNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, num_groups, eps, relu):
+    def forward(ctx, x, weight, bias, num_groups, eps, relu, registry):
         x = x.contiguous()
         n, c = x.shape[:2]
-        y = torch.empty_like(x)
         if x.numel():
             pixels, cpg = math.prod(x.shape[2:]), c // num_groups
             grid, chunk, chunks, blocks = _launch_shape(n, c, pixels, cpg)
@@ -244,9 +256,12 @@ class _GroupNormFunction(torch.autograd.Function):
             mean, m2 = stats  # views, made once: each indexing is a dispatched op
             with _on_device_of(x):
                 _slot_stats_kernel[grid](x, mean, m2, c, pixels, chunk, chunks, blocks["BLOCK_C"], blocks["BLOCK_HW"])
-                _forward_kernel[grid](x, y, weight, bias, mean, m2, c, pixels, cpg, chunk, chunks, eps, relu, **blocks)
+            y = _normalized_output(x, weight, bias, (mean, m2), num_groups, eps, relu)
+            if registry is not None:  # what this function saves below is all a recomputation reads
+                remember(registry, y, functools.partial(_normalized_output, x, weight, bias, (mean, m2), num_groups,
+                                                        eps, relu), x, weight, bias)
         else:
-            stats = x.new_zeros((2, 0), dtype=torch.float32)
+            y, stats = torch.empty_like(x), x.new_zeros((2, 0), dtype=torch.float32)
         ctx.save_for_backward(x, weight, bias, stats)
         ctx.num_groups, ctx.eps, ctx.relu = num_groups, eps, relu
         return y
@@ -271,7 +286,7 @@ class _GroupNormFunction(torch.autograd.Function):
         # a reduction each: each gradient gets its own storage, and only a needed one is computed
         grad_weight = sums[1].sum((0, 2)).to(weight.dtype) if ctx.needs_input_grad[1] else None
         grad_bias = sums[0].sum((0, 2)).to(bias.dtype) if ctx.needs_input_grad[2] else None
-        return dx, grad_weight, grad_bias, None, None, None
+        return dx, grad_weight, grad_bias, None, None, None, None
 
 
 def _per_channel(name: str, parameter: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -290,11 +305,14 @@ def group_norm(
     bias: Optional[torch.Tensor] = None,
     eps: float = 1e-5,
     relu: bool = False,
+    recompute: bool = False,
 ) -> torch.Tensor:
     """``F.group_norm(x, num_groups, weight, bias, eps)``, then ReLU if ``relu``, by the Triton kernels.
 
     ``x`` is (N, C, *) in fp32, fp16 or bf16 and the output has its dtype; statistics are fp32. ``x`` must be
-    on a CUDA device, or on the CPU when this module was imported with ``TRITON_INTERPRET=1``.
+    on a CUDA device, or on the CPU when this module was imported with ``TRITON_INTERPRET=1``. With
+    ``recompute``, an op inside a :func:`gn_detection.recompute.recomputed_outputs` context that saves the
+    output for its backward saves a recipe instead, and the output is rebuilt from ``x`` then.
     """
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"The Triton GroupNorm kernels take {SUPPORTED_DTYPES}, got {x.dtype}")
@@ -309,4 +327,5 @@ def group_norm(
     channels = x.shape[1]
     weight = x.new_ones(channels, dtype=torch.float32) if weight is None else _per_channel("weight", weight, x)
     bias = x.new_zeros(channels, dtype=torch.float32) if bias is None else _per_channel("bias", bias, x)
-    return _GroupNormFunction.apply(x, weight, bias, num_groups, float(eps), bool(relu))
+    registry = remembering() if recompute else None
+    return _GroupNormFunction.apply(x, weight, bias, num_groups, float(eps), bool(relu), registry)

@@ -168,5 +168,6 @@ def test_variant_overrides_reach_the_config():
     cfg = bench.variant_config(variant, "cpu", ["MODEL.GN.NUM_GROUPS", 16])
     assert (cfg.MODEL.GN.IMPL, cfg.MODEL.GN.AUTOCAST_HALF, cfg.MODEL.GN.NUM_GROUPS) == ("torch", False, 16)
     stock = bench.variant_config(builtins["ours_stock_gn"], "cpu")
-    assert (stock.MODEL.GN.IMPL, stock.MODEL.GN.FUSE_RELU, stock.MODEL.GN.AUTOCAST_HALF) == ("torch", False, False)
+    gn = stock.MODEL.GN
+    assert (gn.IMPL, gn.FUSE_RELU, gn.AUTOCAST_HALF, gn.RECOMPUTE_OUTPUT) == ("torch", False, False, False)
     assert make_cfg(SHAPES_CONFIG).MODEL.GN.IMPL == "auto"
