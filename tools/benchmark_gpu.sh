@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The GPU measurements of docs/speed.md in one go, each step time-boxed so that one which hangs leaves the
-# others their time (about 10 minutes if every step ran to its limit, 5 on an H200 as measured); results land in
-# OUTDIR as they are measured (the benchmark writes JSON after each cell).
-#   1. the model table: ours, Detectron2's GN and frozen BN; 2 and 8 images; fp32 and AMP fp16
-#   2. the GroupNorm+ReLU op on the 8x256x200x304 P2 activation, fp16 and fp32, against eager and torch.compile
-#   3. the kernels' tests on CUDA against float64 (the sm_90 compile check is left to CI)
-#   4. the levers one at a time at 8 images under AMP, beside Detectron2's GN again
+# The GPU measurements of docs/speed.md in one go, most wanted first, each step time-boxed so that one which
+# hangs leaves the others their time (about 11 minutes if every step ran to its limit, 5 on an H200 as
+# measured); results land in OUTDIR as they are measured (the benchmark writes JSON after each cell).
+#   1. the kernels' and recomputation's tests on CUDA (the sm_90 compile check is left to CI)
+#   2. the levers one at a time at 8 images under AMP, beside Detectron2's GN
+#   3. the model table: ours, Detectron2's GN and frozen BN; 2 and 8 images; fp32 and AMP fp16
+#   4. the GroupNorm+ReLU op on the 8x256x200x304 P2 activation, fp16 and fp32, against eager and torch.compile
 #
 #   tools/benchmark_gpu.sh OUTDIR
 set -u
@@ -24,11 +24,12 @@ step() {  # step SECONDS COMMAND...: run it, at most SECONDS, and say how it end
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+step 150 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_triton_group_norm.py tests/test_recompute.py \
+    -k "not cubins"
+step 130 python3 tools/benchmark.py --images-per-gpu 8 --precision amp_fp16 --skip inference \
+    --variants ours "ours:MODEL.GN.RECOMPUTE_OUTPUT=False" "ours:MODEL.GN.FUSE_RELU=False" \
+    "ours:MODEL.GN.AUTOCAST_HALF=False" ours_stock_gn detectron2_gn --output "$out/levers.json"
 step 240 python3 tools/benchmark.py --images-per-gpu 2 8 --precision fp32 amp_fp16 \
     --variants ours detectron2_gn frozen_bn --output "$out/models.json"
 step 90 python3 tools/benchmark.py --task op --op-dtype fp16 --compile --output "$out/op_fp16.json"
 step 70 python3 tools/benchmark.py --task op --op-dtype fp32 --compile --output "$out/op_fp32.json"
-step 100 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_triton_group_norm.py -k "not cubins"
-step 100 python3 tools/benchmark.py --images-per-gpu 8 --precision amp_fp16 --skip inference \
-    --variants ours "ours:MODEL.GN.FUSE_RELU=False" "ours:MODEL.GN.AUTOCAST_HALF=False" ours_stock_gn \
-    detectron2_gn --output "$out/levers.json"
