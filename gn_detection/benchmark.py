@@ -26,6 +26,7 @@ from detectron2.utils.events import EventStorage
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity
 
+from .atomic_write import write_atomically
 from .config import load_config
 from .model_zoo import CONFIG_DIR
 
@@ -279,14 +280,6 @@ def write_profile(path: str, step: Callable[[], object], device: str) -> None:
         write_atomically(path, profile_table(step, device))
     except Exception as e:  # noqa: BLE001 (the profiler or the disk; the timing is already taken)
         logger.warning("Could not write the profile %s: %s", path, error_text(e))
-
-
-def write_atomically(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` whole or not at all (a temporary file, then a rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".part", "w") as f:
-        f.write(text)
-    os.replace(path + ".part", path)
 
 
 def machine_description(device: str) -> dict:

@@ -7,7 +7,8 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from torch import nn
 
-PARTIAL = ".partial"  # suffix of files still being written; never loaded or tagged as the last checkpoint
+from .atomic_write import PARTIAL, write_atomically  # a PARTIAL file is never loaded or tagged as the last one
+
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         if last_filename_basename.endswith(f"{PARTIAL}.pth"):
             return
-        tag = os.path.join(self.save_dir, "last_checkpoint")
-        with open(tag + PARTIAL, "w") as f:
-            f.write(last_filename_basename)
-        os.replace(tag + PARTIAL, tag)
+        write_atomically(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename)
 
     def _torch_load(self, f: str):
         try:

@@ -17,6 +17,8 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_util
 from tqdm import tqdm
 
+from .atomic_write import write_atomically
+
 SHAPE_CLASSES = ("circle", "square", "triangle", "star")
 SPLIT_SEEDS = {"train": 0, "val": 1}  # mixed into each image's seed, so splits never share an image
 MIN_VISIBLE_FRACTION = 0.5  # an object must keep at least this share of its area visible
@@ -159,8 +161,5 @@ def generate_split(root: str, spec: ShapesSplitSpec, force: bool = False, progre
         "annotations": annotations,
         "categories": [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(SHAPE_CLASSES)],
     }
-    partial = json_file + ".partial"
-    with open(partial, "w") as f:
-        json.dump(coco, f)
-    os.replace(partial, json_file)
+    write_atomically(json_file, json.dumps(coco))
     return json_file

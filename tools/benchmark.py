@@ -30,6 +30,7 @@ from detectron2.utils.logger import setup_logger
 
 import gn_detection  # noqa: F401  (registers our components)
 from gn_detection import benchmark as bench
+from gn_detection.atomic_write import write_atomically
 from gn_detection.model_zoo import CONFIG_DIR
 
 DEFAULT_OURS = os.path.join(CONFIG_DIR, "mask_rcnn_R50_FPN_gn.yaml")
@@ -162,7 +163,7 @@ def run_op(args, logger) -> dict:
 
 
 def write_json(path: str, report: dict) -> None:
-    bench.write_atomically(path, json.dumps(report, indent=2))
+    write_atomically(path, json.dumps(report, indent=2))
 
 
 def profile_path(args, *parts) -> str:
