@@ -16,7 +16,7 @@ from detectron2.modeling.backbone import FPN, ResNet
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock
 
-from .group_norm import GroupNormSpec, NormSetting, fold_relu, gn_layer_context, outputs_recomputed, resolve_norm
+from .group_norm import GroupNormSpec, NormSetting, fold_relu, gn_layer_context, recompute_context, resolve_norm
 
 BLOCKS_PER_STAGE = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
@@ -29,7 +29,7 @@ class GNReLUStem(BasicStem):
         fold_relu(self.conv1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with outputs_recomputed([self.conv1], x):
+        with recompute_context([self.conv1], x):
             return F.max_pool2d(self.conv1(x), kernel_size=3, stride=2, padding=1)
 
 
@@ -47,7 +47,7 @@ class GNReLUBasicBlock(BasicBlock):
         fold_relu(self.conv1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with outputs_recomputed([self.conv1], x):
+        with recompute_context([self.conv1], x):
             return _add_shortcut_relu(self, self.conv2(self.conv1(x)), x)
 
 
@@ -60,7 +60,7 @@ class GNReLUBottleneckBlock(BottleneckBlock):
         fold_relu(self.conv2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with outputs_recomputed([self.conv1, self.conv2], x):
+        with recompute_context([self.conv1, self.conv2], x):
             return _add_shortcut_relu(self, self.conv3(self.conv2(self.conv1(x))), x)
 
 

@@ -6,7 +6,7 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.roi_heads import ROI_BOX_HEAD_REGISTRY, FastRCNNConvFCHead
 
-from .group_norm import GroupNormSpec, NormSetting, fold_relus, gn_layer_context, outputs_recomputed, resolve_norm
+from .group_norm import GroupNormSpec, NormSetting, fold_relus, gn_layer_context, recompute_context, resolve_norm
 
 
 @ROI_BOX_HEAD_REGISTRY.register()
@@ -40,7 +40,7 @@ class GNConvFCHead(FastRCNNConvFCHead):
         fold_relus(self.conv_norm_relus, conv_norm, gn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with outputs_recomputed(self.conv_norm_relus, x):
+        with recompute_context(self.conv_norm_relus, x):
             return super().forward(x)
 
     @classmethod

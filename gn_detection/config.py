@@ -22,8 +22,8 @@ def add_gn_config(cfg: CN) -> None:
     # Under AMP, the Triton kernels keep GN in fp16/bf16 (fp32 statistics) rather than casting to fp32 and back;
     # False runs GN in fp32 under AMP. torch's group_norm follows autocast's own policy.
     cfg.MODEL.GN.AUTOCAST_HALF = True
-    # With the Triton kernels and FUSE_RELU, keep no GN+ReLU output for the conv after it: rebuild it from the
-    # GN input in the backward (bit for bit; saves about a sixth of the activations kept, costs one pass).
+    # With the Triton kernels and FUSE_RELU (and AUTOCAST_HALF under AMP), keep no GN+ReLU output for the conv
+    # after it: rebuild it from the GN input in the backward (bit for bit; about a sixth of the activations kept).
     cfg.MODEL.GN.RECOMPUTE_OUTPUT = True
     # After evaluation, draw predictions on this many images of the first test dataset (0 = none).
     cfg.TEST.VIS_NUM_IMAGES = 0

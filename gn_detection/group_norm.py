@@ -113,8 +113,9 @@ class FusedGroupNorm(nn.GroupNorm):
             (fp32 statistics) and return that dtype. If False, GN runs in fp32 under autocast, as CUDA autocast
             does for torch's group_norm. Torch's group_norm otherwise keeps autocast's own policy (fp32 on
             CUDA), since it would compute the parameter gradients in half precision.
-        recompute_output: with the Triton kernels, inside :func:`gn_detection.recompute.recomputed_outputs`,
-            the output is not kept for the op that consumes it but rebuilt from the input in the backward.
+        recompute_output: with the Triton kernels and ``relu``, inside
+            :func:`gn_detection.recompute.recomputed_outputs`, the output is not kept for the op that consumes
+            it but rebuilt from the input in the backward.
     """
 
     def __init__(
@@ -145,8 +146,9 @@ class FusedGroupNorm(nn.GroupNorm):
             from . import triton_group_norm
 
             # a custom autograd function: autocast casts nothing, the kernels keep x's dtype
+            # only a fused ReLU's output is kept by its consumer alone (and so worth recomputing)
             return triton_group_norm.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.relu,
-                                                self.recompute_output)
+                                                self.recompute_output and self.relu)
         y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)  # autocast picks the dtype
         return F.relu_(y) if self.relu else y
 
@@ -188,7 +190,7 @@ def fold_relus(convs: Iterable[nn.Module], norm: NormSetting, gn: GroupNormSpec)
             fold_relu(conv)
 
 
-def outputs_recomputed(convs: Sequence[nn.Module], x: torch.Tensor) -> ContextManager:
+def recompute_context(convs: Sequence[nn.Module], x: torch.Tensor) -> ContextManager:
     """:func:`gn_detection.recompute.recomputed_outputs` for a module that runs these Detectron2 ``Conv2d`` s on
     ``x``: open when one of them has a GN+ReLU layer (see :func:`fold_relu`) that lets its output be recomputed
     and runs the Triton kernels on inputs like ``x``. Otherwise nothing would be recomputed (a GN output

@@ -39,7 +39,7 @@ class _Recipe:
         return self.rebuild()
 
 
-def remembering() -> Optional[Dict[int, _Recipe]]:
+def active_registry() -> Optional[Dict[int, _Recipe]]:
     """The open context's registry when an output made now could be recomputed (a context is open and grad
     mode is on), else None; ops call :func:`remember` only then, so outside a context they pay nothing."""
     registry = getattr(_state, "registry", None)
@@ -55,6 +55,8 @@ def remember(registry: Dict[int, _Recipe], output: torch.Tensor, rebuild: Callab
 
 
 def _pack(registry: Dict[int, _Recipe], tensor: torch.Tensor):
+    """A recipe for ``tensor`` if it is a remembered output, or a view of one, unchanged since it was made;
+    else ``tensor`` itself, kept as autograd would."""
     for candidate in (tensor, tensor._base):
         recipe = registry.get(id(candidate)) if candidate is not None else None
         if recipe is not None and recipe.output() is candidate and candidate._version == recipe.version:
@@ -62,7 +64,8 @@ def _pack(registry: Dict[int, _Recipe], tensor: torch.Tensor):
     return tensor
 
 
-def _unpack(packed):
+def _unpack(packed) -> torch.Tensor:
+    """What :func:`_pack` was given: kept as is, or rebuilt (with the saved view's size, strides and offset)."""
     if isinstance(packed, torch.Tensor):
         return packed
     recipe, size, stride, offset = packed
@@ -72,14 +75,16 @@ def _unpack(packed):
 @contextlib.contextmanager
 def recomputed_outputs(enabled: bool = True) -> Iterator[None]:
     """Ops inside this context save a recipe instead of any remembered output they keep for their backward
-    (see the module docstring). Nested contexts share the outermost one's registry. Note that, as with any
-    ``saved_tensors_hooks``, hooks a caller opened outside are not applied to tensors saved inside."""
+    (see the module docstring). Nested contexts share the outermost one's registry. As with any
+    ``saved_tensors_hooks``, hooks a caller opened outside (``torch.utils.checkpoint`` without reentrance,
+    ``save_on_cpu``, memory profilers) are not applied to tensors saved inside."""
     if not enabled or getattr(_state, "registry", None) is not None:
         yield
         return
-    _state.registry = {}
+    registry = _state.registry = {}
     try:
-        with torch.autograd.graph.saved_tensors_hooks(functools.partial(_pack, _state.registry), _unpack):
+        with torch.autograd.graph.saved_tensors_hooks(functools.partial(_pack, registry), _unpack):
             yield
     finally:
         _state.registry = None
+        registry.clear()  # recipes already saved live on in the graph; the rest go now, not at a later gc

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from .recompute import remember, remembering
+from .recompute import active_registry, remember
 
 # Set when this module was imported with TRITON_INTERPRET=1: the kernels then run on CPU tensors.
 INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
@@ -256,10 +256,10 @@ class _GroupNormFunction(torch.autograd.Function):
             mean, m2 = stats  # views, made once: each indexing is a dispatched op
             with _on_device_of(x):
                 _slot_stats_kernel[grid](x, mean, m2, c, pixels, chunk, chunks, blocks["BLOCK_C"], blocks["BLOCK_HW"])
-            y = _normalized_output(x, weight, bias, (mean, m2), num_groups, eps, relu)
+            normalize = functools.partial(_normalized_output, x, weight, bias, (mean, m2), num_groups, eps, relu)
+            y = normalize()
             if registry is not None:  # what this function saves below is all a recomputation reads
-                remember(registry, y, functools.partial(_normalized_output, x, weight, bias, (mean, m2), num_groups,
-                                                        eps, relu), x, weight, bias)
+                remember(registry, y, normalize, x, weight, bias)
         else:
             y, stats = torch.empty_like(x), x.new_zeros((2, 0), dtype=torch.float32)
         ctx.save_for_backward(x, weight, bias, stats)
@@ -327,5 +327,5 @@ def group_norm(
     channels = x.shape[1]
     weight = x.new_ones(channels, dtype=torch.float32) if weight is None else _per_channel("weight", weight, x)
     bias = x.new_zeros(channels, dtype=torch.float32) if bias is None else _per_channel("bias", bias, x)
-    registry = remembering() if recompute else None
+    registry = active_registry() if recompute else None
     return _GroupNormFunction.apply(x, weight, bias, num_groups, float(eps), bool(relu), registry)

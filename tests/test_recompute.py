@@ -34,6 +34,13 @@ MODULES = {
 }
 
 
+@pytest.fixture(autouse=True)
+def deterministic_convolutions():
+    """Gradients are compared bit for bit: on a GPU, cuDNN must not pick a nondeterministic algorithm."""
+    with torch.backends.cudnn.flags(enabled=True, deterministic=True, benchmark=False):
+        yield
+
+
 def build(name, recompute):
     torch.manual_seed(0)
     make, shape = MODULES[name]
@@ -111,6 +118,38 @@ def test_an_output_changed_in_place_before_it_is_saved_is_kept_as_changed():
             out = F.conv2d(y, weight, padding=1)
         grads.append(torch.autograd.grad((out * out).sum(), x)[0])
     assert torch.equal(grads[0], grads[1])
+
+
+def test_a_saved_view_with_an_offset_and_strides_is_rebuilt_as_that_view():
+    x = torch.randn(2, 4, 5, 6, device=DEVICE, requires_grad=True)
+    scale = torch.randn(3, 5, 3, device=DEVICE, requires_grad=True)
+    grads = []
+    for context in (recomputed_outputs(), recomputed_outputs(enabled=False)):
+        with context:
+            y = triton_group_norm.group_norm(x, 2, relu=True, recompute=True)
+            view = y[1, 1:, :, ::2].transpose(0, 2)  # offset, reordered and skipped strides
+            out = view * scale  # the multiply keeps the view for the gradient of scale
+        grads.append(torch.autograd.grad((out * out).sum(), (x, scale)))
+    for got, want in zip(*grads):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("relu", [True, False], ids=["gn_relu", "gn"])
+def test_only_a_fused_relus_output_is_recomputed(relu):
+    # Without the ReLU, GN's output is typically added to in place (a block's last GN) or kept by its caller:
+    # a recipe would then only hold GN's input alive for longer.
+    layer = FusedGroupNorm(2, 4, relu=relu, impl="triton").to(DEVICE)
+    x = torch.randn(2, 4, 5, 5, device=DEVICE, requires_grad=True)
+    factor = torch.ones(1, device=DEVICE, requires_grad=True)
+    with recomputed_outputs():
+        y = layer(x)
+        output = StorageWeakRef(y.untyped_storage())
+        product = y * factor  # the multiply keeps y for the gradient of factor
+    del y
+    gc.collect()
+    assert output.expired() == relu
+    (grad,) = torch.autograd.grad(product.sum(), factor)
+    torch.testing.assert_close(grad, layer(x).sum().reshape(1))  # kept or rebuilt, y is y
 
 
 def test_the_config_key_reaches_every_gn_layer():
