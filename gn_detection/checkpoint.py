@@ -10,7 +10,6 @@ from torch import nn
 from .atomic_write import PARTIAL, write_atomically  # a PARTIAL file is never loaded or tagged as the last one
 
 
-
 @dataclass(frozen=True)
 class LoadCounts:
     """What loading a checkpoint did: tensors of the model it set (``loaded``), model tensors it left at

@@ -195,9 +195,9 @@ def recompute_context(convs: Sequence[nn.Module], x: torch.Tensor) -> ContextMan
     ``x``: open when one of them has a GN+ReLU layer (see :func:`fold_relu`) that lets its output be recomputed
     and runs the Triton kernels on inputs like ``x``. Otherwise nothing would be recomputed (a GN output
     followed by a separate ReLU is kept by no one), and a caller's own saved-tensor hooks stay in charge."""
-    norms = [conv.norm for conv in convs
-             if isinstance(conv.norm, FusedGroupNorm) and conv.norm.relu and conv.norm.recompute_output]
-    return recomputed_outputs(bool(norms) and norms[0].uses_triton(x))
+    norm = next((conv.norm for conv in convs
+                 if isinstance(conv.norm, FusedGroupNorm) and conv.norm.relu and conv.norm.recompute_output), None)
+    return recomputed_outputs(norm is not None and norm.uses_triton(x))
 
 
 def resolve_norm(norm: NormSetting, spec: GroupNormSpec) -> NormSetting:

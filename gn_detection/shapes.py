@@ -143,8 +143,7 @@ def generate_split(root: str, spec: ShapesSplitSpec, force: bool = False, progre
     json_file, image_dir = split_paths(root, spec.split)
     if not force and _existing_spec(json_file) == asdict(spec):
         return json_file
-    os.makedirs(image_dir, exist_ok=True)
-    os.makedirs(os.path.dirname(json_file), exist_ok=True)
+    os.makedirs(image_dir, exist_ok=True)  # write_atomically makes the JSON's folder
     images, annotations = [], []
     for index in tqdm(range(spec.num_images), desc=f"shapes {spec.split}", disable=not progress):
         pixels, objects = draw_image(spec, index)

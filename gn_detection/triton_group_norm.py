@@ -233,14 +233,14 @@ def _on_device_of(x: torch.Tensor):
     return contextlib.nullcontext()
 
 
-def _normalized_output(x, weight, bias, stats, num_groups, eps, relu) -> torch.Tensor:
-    """The forward's output from x and its slot statistics (kernel 2); also what a recomputation runs."""
-    n, c = x.shape[:2]
-    pixels, cpg = math.prod(x.shape[2:]), c // num_groups
-    grid, chunk, chunks, blocks = _launch_shape(n, c, pixels, cpg)
+def _normalized_output(x, weight, bias, stats, pixels, cpg, launch, eps, relu) -> torch.Tensor:
+    """The forward's output from x and its slot statistics (kernel 2, with the forward's ``_launch_shape``);
+    also what a recomputation runs."""
+    grid, chunk, chunks, blocks = launch
     y = torch.empty_like(x)
     with _on_device_of(x):
-        _forward_kernel[grid](x, y, weight, bias, *stats, c, pixels, cpg, chunk, chunks, eps, relu, **blocks)
+        _forward_kernel[grid](x, y, weight, bias, *stats, x.shape[1], pixels, cpg, chunk, chunks, eps, relu,
+                              **blocks)
     return y
 
 
@@ -251,15 +251,15 @@ class _GroupNormFunction(torch.autograd.Function):
         n, c = x.shape[:2]
         if x.numel():
             pixels, cpg = math.prod(x.shape[2:]), c // num_groups
-            grid, chunk, chunks, blocks = _launch_shape(n, c, pixels, cpg)
+            launch = grid, chunk, chunks, blocks = _launch_shape(n, c, pixels, cpg)
             stats = x.new_empty((2, n * c * chunks), dtype=torch.float32)  # per-slot mean, M2
-            mean, m2 = stats  # views, made once: each indexing is a dispatched op
+            mean, m2 = slot_stats = tuple(stats)  # views, made once: each indexing is a dispatched op
             with _on_device_of(x):
                 _slot_stats_kernel[grid](x, mean, m2, c, pixels, chunk, chunks, blocks["BLOCK_C"], blocks["BLOCK_HW"])
-            normalize = functools.partial(_normalized_output, x, weight, bias, (mean, m2), num_groups, eps, relu)
-            y = normalize()
+            normalize_args = (x, weight, bias, slot_stats, pixels, cpg, launch, eps, relu)
+            y = _normalized_output(*normalize_args)
             if registry is not None:  # what this function saves below is all a recomputation reads
-                remember(registry, y, normalize, x, weight, bias)
+                remember(registry, y, functools.partial(_normalized_output, *normalize_args), x, weight, bias)
         else:
             y, stats = torch.empty_like(x), x.new_zeros((2, 0), dtype=torch.float32)
         ctx.save_for_backward(x, weight, bias, stats)
