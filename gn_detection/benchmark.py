@@ -3,7 +3,8 @@ seconds per image and peak memory, over images per GPU and precisions, side by s
 
 Used by ``tools/benchmark.py``; see README "Speed: fused GN kernels and the benchmark". Timing is per iteration with the device synchronized
 before and after, after warm-up; the median is reported. Peak memory is ``torch.cuda.max_memory_allocated``
-on CUDA and the process's peak resident set (VmHWM, reset per cell) on the CPU.
+on CUDA and the process's peak resident set (VmHWM, reset per cell) on the CPU; on CUDA the peak reserved by
+the allocator is recorded too, since a CUDA graph's replays use memory its pool reserved without allocating.
 """
 import gc
 import logging
@@ -154,10 +155,11 @@ def median_seconds(step: Callable[[], object], device: str, warmup: int, iters: 
 
 
 class PeakMemory:
-    """Peak memory of the code run inside ``with``: CUDA allocator peak, or the CPU process's peak RSS."""
+    """Peak memory of the code run inside ``with``: CUDA allocator peak, or the CPU process's peak RSS; on
+    CUDA also the peak the allocator reserved (``reserved_bytes``; what CUDA graph pools hold counts here)."""
 
     def __init__(self, device: str):
-        self.device, self.bytes = device, None
+        self.device, self.bytes, self.reserved_bytes = device, None, None
 
     def __enter__(self):
         gc.collect()  # earlier cells' models
@@ -172,6 +174,7 @@ class PeakMemory:
     def __exit__(self, *exc):
         if self.device.startswith("cuda"):
             self.bytes = torch.cuda.max_memory_allocated(self.device)
+            self.reserved_bytes = torch.cuda.max_memory_reserved(self.device)
         else:
             with open("/proc/self/status") as f:
                 kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
@@ -198,6 +201,7 @@ class Cell:
     images_per_iter: int
     train_images_per_s: Optional[float] = None
     peak_memory_gb: Optional[float] = None
+    peak_reserved_gb: Optional[float] = None  # CUDA only
     inference_s_per_image: Optional[float] = None
     nonfinite_losses: int = 0
     error: Optional[str] = None
@@ -224,6 +228,7 @@ def measure_training(cfg: CfgNode, batch: List[dict], precision: str, warmup: in
             seconds = median_seconds(step, device, warmup, iters)
         cell.train_images_per_s = len(batch) / seconds
         cell.peak_memory_gb = peak.bytes / 1e9
+        cell.peak_reserved_gb = None if peak.reserved_bytes is None else peak.reserved_bytes / 1e9
         if profile_path:  # after the peak is read: the profiler's own buffers would count on the CPU
             write_profile(profile_path, lambda: training_step(model, optimizer, batch, dtype, scaler, device), device)
     return cell
@@ -323,8 +328,8 @@ def markdown_table(rows: List[dict]) -> str:
 
     lines = [
         f"| model | precision | images/iter | train img/s | × {REFERENCE_VARIANT} | peak memory GB | "
-        f"inference s/img | × {REFERENCE_VARIANT} |",
-        "|---|---|---|---|---|---|---|---|",
+        f"peak reserved GB | inference s/img | × {REFERENCE_VARIANT} |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         note = f" ({r['error']})" if r["error"] else (f" ({r['nonfinite_losses']} non-finite losses)"
@@ -332,7 +337,8 @@ def markdown_table(rows: List[dict]) -> str:
         lines.append(
             f"| {r['variant']}{note} | {r['precision']} | {r['images_per_iter']} | "
             f"{fmt(r['train_images_per_s'], '{:.2f}')} | {fmt(r.get('train_speedup'), '{:.2f}')} | "
-            f"{fmt(r['peak_memory_gb'], '{:.2f}')} | {fmt(r['inference_s_per_image'], '{:.3f}')} | "
+            f"{fmt(r['peak_memory_gb'], '{:.2f}')} | {fmt(r.get('peak_reserved_gb'), '{:.2f}')} | "
+            f"{fmt(r['inference_s_per_image'], '{:.3f}')} | "
             f"{fmt(r.get('inference_speedup'), '{:.2f}')} |"
         )
     return "\n".join(lines)

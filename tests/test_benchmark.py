@@ -34,6 +34,7 @@ def test_cli_measures_every_variant_side_by_side(tmp_path):
     for row in rows.values():
         assert row["error"] is None and row["nonfinite_losses"] == 0
         assert row["train_images_per_s"] > 0 and row["peak_memory_gb"] > 0.1 and row["inference_s_per_image"] > 0
+        assert row["peak_reserved_gb"] is None  # the CUDA allocator's; nothing on the CPU
     for n in (1, 2):
         reference, ours = rows[("detectron2_gn", n)], rows[("ours", n)]
         assert reference["train_speedup"] == 1.0
@@ -160,6 +161,14 @@ def test_peak_memory_sees_a_large_temporary_allocation_on_the_cpu():
         block = torch.ones(64 * 1024 * 1024)  # 256 MB
         del block
     assert large.bytes - small.bytes > 200e6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_peak_memory_on_cuda_sees_allocated_and_reserved_memory():
+    with bench.PeakMemory("cuda") as peak:
+        block = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda")
+        del block
+    assert peak.reserved_bytes >= peak.bytes >= 256 * 1024 * 1024
 
 
 def test_variant_overrides_reach_the_config():

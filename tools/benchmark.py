@@ -134,9 +134,10 @@ def run_models(args, variants, logger, save) -> dict:
                 cell.error = "; ".join(filter(None, (cell.error, inference_error))) or None
                 cells.append(cell)
                 elapsed = time.time() - start
-                logger.info("[%d/%d] %s %s %d img: %s img/s, peak %s GB, %s s/img inference%s; ETA %.0f s",
-                            len(cells), total, variant.name, precision, count, _short(cell.train_images_per_s),
-                            _short(cell.peak_memory_gb), _short(inference),
+                logger.info("[%d/%d] %s %s %d img: %s img/s, peak %s GB (%s reserved), %s s/img inference%s; "
+                            "ETA %.0f s", len(cells), total, variant.name, precision, count,
+                            _short(cell.train_images_per_s), _short(cell.peak_memory_gb),
+                            _short(cell.peak_reserved_gb), _short(inference),
                             f" ({cell.error})" if cell.error else "", elapsed / len(cells) * (total - len(cells)))
                 save(models_report(variants, cells))
                 gc.collect()
