@@ -4,9 +4,10 @@ Built from Detectron2's own ResNet, BasicStem, BasicBlock, BottleneckBlock and F
 tree (and thus every checkpoint key) is the same as Detectron2's ``build_resnet_fpn_backbone``; only the
 GN layers differ, and only when MODEL.GN asks for something other than Detectron2's G=32. With
 MODEL.GN.FUSE_RELU the GN blocks are subclasses whose GN layers apply the ReLU that follows them, and
-(MODEL.GN.RECOMPUTE_OUTPUT) whose convs keep no GN+ReLU output for the backward.
+(MODEL.GN.RECOMPUTE_OUTPUT) whose convs keep no GN+ReLU output for the backward. With MODEL.CUDA_GRAPHS.BACKBONE
+the FPN is a subclass that trains as CUDA graphs (:mod:`gn_detection.cuda_graph`).
 """
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ from detectron2.modeling.backbone import FPN, ResNet
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock
 
+from .cuda_graph import GraphedFPN
 from .group_norm import GroupNormSpec, NormSetting, fold_relu, gn_layer_context, recompute_context, resolve_norm
 
 BLOCKS_PER_STAGE = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
@@ -145,16 +147,20 @@ def make_resnet_fpn(
     norm: NormSetting = "GN",
     gn: GroupNormSpec = GroupNormSpec(),
     fuse_type: str = "sum",
+    cuda_graph_shapes: Optional[int] = None,
 ) -> FPN:
-    """An FPN (P2-P6, P6 by max-pooling P5) over ``bottom_up`` with GN in its lateral and output convs."""
+    """An FPN (P2-P6, P6 by max-pooling P5) over ``bottom_up`` with GN in its lateral and output convs; with
+    ``cuda_graph_shapes``, a :class:`GraphedFPN` that trains on that many input shapes as CUDA graphs."""
+    fpn_class, graphs = (FPN, {}) if cuda_graph_shapes is None else (GraphedFPN, {"max_graphs": cuda_graph_shapes})
     with gn_layer_context(f"the FPN lateral and output convs (MODEL.FPN.OUT_CHANNELS={out_channels})"):
-        return FPN(
+        return fpn_class(
             bottom_up=bottom_up,
             in_features=list(in_features),
             out_channels=out_channels,
             norm=resolve_norm(norm, gn),
             top_block=LastLevelMaxPool(),
             fuse_type=fuse_type,
+            **graphs,
         )
 
 
@@ -185,7 +191,9 @@ def build_gn_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
 
 @BACKBONE_REGISTRY.register()
 def build_gn_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
-    """ResNet-FPN from ``cfg.MODEL.RESNETS`` and ``cfg.MODEL.FPN``, with GN from ``cfg.MODEL.GN``."""
+    """ResNet-FPN from ``cfg.MODEL.RESNETS`` and ``cfg.MODEL.FPN``, with GN from ``cfg.MODEL.GN``; trained as
+    CUDA graphs with ``cfg.MODEL.CUDA_GRAPHS.BACKBONE``."""
+    graphs = cfg.MODEL.CUDA_GRAPHS
     return make_resnet_fpn(
         build_gn_resnet_backbone(cfg, input_shape),
         in_features=cfg.MODEL.FPN.IN_FEATURES,
@@ -193,4 +201,5 @@ def build_gn_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
         norm=cfg.MODEL.FPN.NORM,
         gn=GroupNormSpec.from_config(cfg),
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+        cuda_graph_shapes=graphs.MAX_SHAPES if graphs.BACKBONE else None,
     )

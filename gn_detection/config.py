@@ -25,6 +25,12 @@ def add_gn_config(cfg: CN) -> None:
     # With the Triton kernels and FUSE_RELU (and AUTOCAST_HALF under AMP), keep no GN+ReLU output for the conv
     # after it: rebuild it from the GN input in the backward (bit for bit; about a sixth of the activations kept).
     cfg.MODEL.GN.RECOMPUTE_OUTPUT = True
+    cfg.MODEL.CUDA_GRAPHS = CN()
+    # Train build_gn_resnet_fpn_backbone's ResNet-FPN as CUDA graphs on CUDA: its forward and backward replay in
+    # one launch each instead of hundreds (which bound steps of few images); the same kernels, the same results.
+    cfg.MODEL.CUDA_GRAPHS.BACKBONE = False
+    # Input shapes given graphs (captured when first seen; each keeps its own activation memory); others run eagerly.
+    cfg.MODEL.CUDA_GRAPHS.MAX_SHAPES = 2
     # After evaluation, draw predictions on this many images of the first test dataset (0 = none).
     cfg.TEST.VIS_NUM_IMAGES = 0
     # Score threshold for the predictions drawn on those images.
@@ -32,9 +38,17 @@ def add_gn_config(cfg: CN) -> None:
 
 
 def load_config(config_file: str, opts: Sequence = ()) -> CN:
-    """Detectron2's defaults plus gn_detection's keys, merged with ``config_file`` and KEY VALUE ``opts``."""
+    """Detectron2's defaults plus gn_detection's keys, merged with ``config_file`` and KEY VALUE ``opts``.
+
+    Raises:
+        ValueError: for settings that would be ignored (CUDA graphs for a backbone that has none).
+    """
     cfg = get_cfg()
     add_gn_config(cfg)
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
+    graphed_backbone = "build_gn_resnet_fpn_backbone"
+    if cfg.MODEL.CUDA_GRAPHS.BACKBONE and cfg.MODEL.BACKBONE.NAME != graphed_backbone:
+        raise ValueError(f"{config_file}: MODEL.CUDA_GRAPHS.BACKBONE needs MODEL.BACKBONE.NAME {graphed_backbone!r}, "
+                         f"got {cfg.MODEL.BACKBONE.NAME!r}; set MODEL.CUDA_GRAPHS.BACKBONE False")
     return cfg
