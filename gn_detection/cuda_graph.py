@@ -50,13 +50,17 @@ class _Graph:
     def __init__(self, graphed: Callable, parameters: List[torch.nn.Parameter]):
         self.graphed = graphed
         self.parameters = parameters
-        self.storage = [p.data_ptr() for p in parameters]
+        self.captured = [(p.data_ptr(), p.requires_grad) for p in parameters]
         self.trainable = [p for p in parameters if p.requires_grad]
         self.calls = 0
 
-    def reads_current_parameters(self) -> bool:
-        """Whether the parameters still live where the capture read them (``.to()`` or an assignment moves them)."""
-        return all(p.data_ptr() == ptr for p, ptr in zip(self.parameters, self.storage))
+    def reads_parameters_of(self, owner: nn.Module) -> bool:
+        """Whether ``owner``'s parameters are the tensors the capture read, where it read them, with the same
+        ``requires_grad`` (``.to()``, ``.data =``, a new ``Parameter`` or unfreezing change that)."""
+        current = list(owner.parameters())
+        return len(current) == len(self.parameters) and all(
+            p is q and (p.data_ptr(), p.requires_grad) == captured
+            for p, q, captured in zip(current, self.parameters, self.captured))
 
     def __call__(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         self.calls += 1
@@ -87,8 +91,8 @@ class TrainingGraphs:
 
     What a graph needs of the training loop, as Detectron2's trainers run it: each call's backward runs
     before the next call, with the parameters' gradients set to None (both checked, with an error); the
-    parameters keep their ``requires_grad`` and are updated in place (if they are moved, the graphs are
-    captured again).
+    parameters are updated in place (if they are replaced, moved or (un)frozen, the graphs are captured
+    again).
 
     Args:
         max_graphs: captures kept; each holds the memory of its input, outputs, parameter gradients and
@@ -116,9 +120,9 @@ class TrainingGraphs:
             return forward(x)
         key = self._key(x)
         graph = self.graphs.get(key)
-        if graph is not None and not graph.reads_current_parameters():
-            logger.info("%s's parameters moved since its CUDA graphs were captured; capturing them again",
-                        type(owner).__name__)
+        if graph is not None and not graph.reads_parameters_of(owner):
+            logger.info("%s's parameters were replaced, moved or (un)frozen since its CUDA graphs were captured; "
+                        "capturing them again", type(owner).__name__)
             self.graphs.clear()
             graph = None
         if graph is None:
@@ -148,7 +152,8 @@ class TrainingGraphs:
             message = (f"Capturing {type(owner).__name__}'s training step on an input of shape {tuple(x.shape)} as "
                        f"CUDA graphs failed ({e}); lower MODEL.CUDA_GRAPHS.MAX_SHAPES if memory ran out, "
                        + DISABLE_HINT)
-            raise (torch.OutOfMemoryError if isinstance(e, torch.OutOfMemoryError) else RuntimeError)(message) from e
+            out_of_memory = any(isinstance(error, torch.OutOfMemoryError) for error in (e, e.__context__))
+            raise (torch.OutOfMemoryError if out_of_memory else RuntimeError)(message) from e
         logger.info("Captured %s's training forward and backward for inputs of shape %s as CUDA graphs in %.1f s "
                     "(%d of MODEL.CUDA_GRAPHS.MAX_SHAPES=%d; %.2f GB more memory reserved)", type(owner).__name__,
                     tuple(x.shape), time.perf_counter() - start, len(self.graphs) + 1, self.max_graphs,

@@ -109,6 +109,19 @@ def test_a_failed_capture_names_the_keys_to_change_keeps_the_error_type_and_is_n
     assert raised.value.__cause__ is error and not fpn.graphs.graphs
 
 
+def test_an_out_of_memory_error_seen_while_a_capture_ends_stays_one():
+    try:
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        except torch.OutOfMemoryError:  # torch.cuda.graph's exit ends the capture, which can fail in turn
+            raise RuntimeError("capture_end failed")
+    except RuntimeError as error:
+        ending = error
+    fpn, _ = recorded_fpn(error=ending)
+    with pytest.raises(torch.OutOfMemoryError, match="lower MODEL.CUDA_GRAPHS.MAX_SHAPES"):
+        fpn(torch.randn(1, 3, 64, 64))
+
+
 def test_replays_train_like_detectron2_and_misuse_of_the_graph_memory_fails_loudly():
     fpn, capture = recorded_fpn()
     x = torch.randn(1, 3, 64, 64)
@@ -123,13 +136,21 @@ def test_replays_train_like_detectron2_and_misuse_of_the_graph_memory_fails_loud
         train_step(fpn, x, set_to_none=False)  # gradients would be added to the graph's own buffers
 
 
-def test_parameters_moved_after_a_capture_are_captured_again(caplog):
+@pytest.mark.parametrize("change", ["move", "replace", "unfreeze"])
+def test_parameters_changed_after_a_capture_are_captured_again(change, caplog):
     fpn, capture = recorded_fpn()
+    fpn.bottom_up.stem.conv1.weight.requires_grad_(False)
     x = torch.randn(1, 3, 64, 64)
     train_step(fpn, x)
-    with torch.no_grad():
-        fpn.fpn_output2.weight.data = fpn.fpn_output2.weight.data.clone()  # as .to() or an assignment does
+    conv = fpn.fpn_output2
+    if change == "move":  # as .to() does
+        conv.weight.data = conv.weight.data.clone()
+    elif change == "replace":  # as load_state_dict(assign=True) does
+        conv.weight = torch.nn.Parameter(conv.weight.detach().clone())
+    else:
+        fpn.bottom_up.stem.conv1.weight.requires_grad_(True)
     with caplog.at_level(logging.INFO, logger="gn_detection.cuda_graph"):
+        train_step(fpn, x)
         train_step(fpn, x)
     assert len(capture.samples) == 2 and "capturing them again" in caplog.text
 
@@ -192,3 +213,20 @@ def test_cuda_graphs_train_like_the_eager_fpn(freeze_at):
     assert len(graphed.graphs.graphs) == 3  # two shapes, one of them also under AMP
     for mine, theirs in zip(graphed.parameters(), eager.parameters()):
         torch.testing.assert_close(mine, theirs, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_real_cuda_graphs_refuse_misuse_and_are_captured_again_for_new_parameters():
+    fpn = tiny_fpn(cuda_graph_shapes=2).cuda()
+    x = torch.randn(2, 3, 96, 128, device="cuda")
+    train_step(fpn, x)
+    stale = fpn(x)
+    fpn(x)
+    with pytest.raises(RuntimeError, match="before this call's backward"):
+        stale["p2"].float().sum().backward()
+    with pytest.raises(RuntimeError, match="set them to None before each backward"):
+        train_step(fpn, x, set_to_none=False)
+    fpn.fpn_output2.weight = torch.nn.Parameter(fpn.fpn_output2.weight.detach().clone())
+    first = next(iter(fpn.graphs.graphs.values()))
+    train_step(fpn, x)
+    assert fpn.fpn_output2.weight.grad is not None and next(iter(fpn.graphs.graphs.values())) is not first
