@@ -2,6 +2,7 @@
 bit for bit, while the outputs' memory is freed between forward and backward. Without a GPU the kernels run in
 Triton's interpreter (see conftest)."""
 import gc
+import threading
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from gn_detection.backbone import GNReLUBasicBlock, GNReLUBottleneckBlock, GNReL
 from gn_detection.box_head import GNConvFCHead
 from gn_detection.group_norm import FusedGroupNorm, GroupNormSpec
 from gn_detection.mask_head import GNMaskRCNNConvUpsampleHead
-from gn_detection.recompute import recomputed_outputs
+from gn_detection.recompute import active_registry, recomputed_outputs
 
 from .conftest import SHAPES_CONFIG, make_cfg
 
@@ -176,3 +177,55 @@ def test_where_the_kernels_do_not_run_a_callers_saved_tensor_hooks_still_see_eve
         block = GNReLUBottleneckBlock(16, 32, bottleneck_channels=8, norm=gn).to(DEVICE)
         counts[recompute] = saved_tensor_count(block, x)
     assert counts[True] == counts[False] > 0
+
+
+def gn_relu_output_then_kept(x):
+    """A GN+ReLU output that a multiply keeps for its backward, and a weak reference to the output's memory."""
+    y = triton_group_norm.group_norm(x, 2, relu=True, recompute=True)
+    product = y * torch.ones(1, device=DEVICE, requires_grad=True)
+    return product, StorageWeakRef(y.untyped_storage())
+
+
+def is_kept(make):
+    """Whether the output ``make()`` builds is still held by the graph once only the graph references it."""
+    product, output = make()
+    gc.collect()
+    return not output.expired()
+
+
+def test_a_nested_context_shares_the_outer_registry_and_leaves_it_open():
+    x = torch.randn(2, 4, 5, 5, device=DEVICE, requires_grad=True)
+    with recomputed_outputs():
+        outer = active_registry()
+        with recomputed_outputs():
+            assert active_registry() is outer
+            assert not is_kept(lambda: gn_relu_output_then_kept(x))
+        assert active_registry() is outer  # closing the inner context did not close the outer one
+        assert not is_kept(lambda: gn_relu_output_then_kept(x))
+    assert active_registry() is None
+    assert is_kept(lambda: gn_relu_output_then_kept(x))
+
+
+def test_without_grad_mode_nothing_is_remembered():
+    with recomputed_outputs():
+        assert active_registry() is not None
+        with torch.no_grad():
+            assert active_registry() is None
+        with torch.inference_mode():
+            assert active_registry() is None
+
+
+def test_a_context_is_per_thread():
+    x = torch.randn(2, 4, 5, 5, device=DEVICE, requires_grad=True)
+    seen = {}
+
+    def other_thread():
+        seen["registry"] = active_registry()
+        seen["kept"] = is_kept(lambda: gn_relu_output_then_kept(x))
+
+    with recomputed_outputs():
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+        assert not is_kept(lambda: gn_relu_output_then_kept(x))  # this thread's outputs are recomputed
+    assert seen == {"registry": None, "kept": True}
