@@ -92,6 +92,21 @@ def test_cli_rejects_bad_requests_naming_what_is_wrong(args, message, tmp_path):
     assert not (tmp_path / "b.json").exists()
 
 
+def test_amp_bf16_on_a_cpu_without_fast_bf16_convolutions_is_warned_about(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "cpu_has_fast_bf16", lambda: False)
+    assert "--precision amp_bf16" in bench.slow_precision_warning("cpu", ["fp32", "amp_bf16"])
+    assert bench.slow_precision_warning("cpu", ["fp32", "amp_fp16"]) is None
+    assert bench.slow_precision_warning("cuda", ["amp_bf16"]) is None
+    monkeypatch.setattr(bench, "cpu_has_fast_bf16", lambda: True)
+    assert bench.slow_precision_warning("cpu", ["amp_bf16"]) is None
+    # the CLI says it before anything else (here the unknown variant stops it at once)
+    result = run_tool(["tools/benchmark.py", "--device", "cpu", "--precision", "amp_bf16", "--variants", "resnet",
+                       "--output", str(tmp_path / "b.json")], {}, timeout=120)
+    assert result.returncode == 2
+    monkeypatch.undo()
+    assert ("no fast bf16 path" in result.stdout + result.stderr) == (not bench.cpu_has_fast_bf16())
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_cuda_device_without_a_gpu_says_to_use_the_cpu(tmp_path):
     result = run_tool(["tools/benchmark.py", "--device", "cuda"], {}, timeout=120)

@@ -193,6 +193,9 @@ def main(argv=None) -> int:
     if args.task == "op":
         result = run_op(args, logger)
     else:
+        warning = bench.slow_precision_warning(args.device, args.precision)
+        if warning:
+            logger.warning(warning)
         try:
             variants = prepare_variants(args)
         except ValueError as e:  # unknown variant, key or dataset, missing config file
