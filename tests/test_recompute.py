@@ -179,16 +179,13 @@ def test_where_the_kernels_do_not_run_a_callers_saved_tensor_hooks_still_see_eve
     assert counts[True] == counts[False] > 0
 
 
-def gn_relu_output_then_kept(x):
-    """A GN+ReLU output that a multiply keeps for its backward, and a weak reference to the output's memory."""
+def gn_relu_output_is_kept(x):
+    """Whether a GN+ReLU output made from ``x``, which a multiply keeps for its backward, still holds memory
+    once only the autograd graph refers to it (it does unless a recipe was saved instead)."""
     y = triton_group_norm.group_norm(x, 2, relu=True, recompute=True)
-    product = y * torch.ones(1, device=DEVICE, requires_grad=True)
-    return product, StorageWeakRef(y.untyped_storage())
-
-
-def is_kept(make):
-    """Whether the output ``make()`` builds is still held by the graph once only the graph references it."""
-    product, output = make()
+    product = y * torch.ones(1, device=DEVICE, requires_grad=True)  # noqa: F841 (keeps the graph alive)
+    output = StorageWeakRef(y.untyped_storage())
+    del y
     gc.collect()
     return not output.expired()
 
@@ -199,11 +196,11 @@ def test_a_nested_context_shares_the_outer_registry_and_leaves_it_open():
         outer = active_registry()
         with recomputed_outputs():
             assert active_registry() is outer
-            assert not is_kept(lambda: gn_relu_output_then_kept(x))
+            assert not gn_relu_output_is_kept(x)
         assert active_registry() is outer  # closing the inner context did not close the outer one
-        assert not is_kept(lambda: gn_relu_output_then_kept(x))
+        assert not gn_relu_output_is_kept(x)
     assert active_registry() is None
-    assert is_kept(lambda: gn_relu_output_then_kept(x))
+    assert gn_relu_output_is_kept(x)
 
 
 def test_without_grad_mode_nothing_is_remembered():
@@ -221,11 +218,11 @@ def test_a_context_is_per_thread():
 
     def other_thread():
         seen["registry"] = active_registry()
-        seen["kept"] = is_kept(lambda: gn_relu_output_then_kept(x))
+        seen["kept"] = gn_relu_output_is_kept(x)
 
     with recomputed_outputs():
         thread = threading.Thread(target=other_thread)
         thread.start()
         thread.join()
-        assert not is_kept(lambda: gn_relu_output_then_kept(x))  # this thread's outputs are recomputed
+        assert not gn_relu_output_is_kept(x)  # this thread's outputs are recomputed
     assert seen == {"registry": None, "kept": True}
