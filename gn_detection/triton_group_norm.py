@@ -12,9 +12,11 @@ GPU enough programs:
                  the recomputed ReLU)                                     reads x, dy
               4. dx from the group's sums                                 reads x, dy, writes dx
 
-Nothing of activation size is saved for the backward: x_hat and the ReLU mask are recomputed from x and
-the slots' statistics. Statistics and sums are fp32 whatever the activation's dtype (fp32/fp16/bf16),
-which stays as it is. ``torch.nn.functional.group_norm`` is the reference these kernels are tested against
+A 4-D input laid out channels last (NHWC) is read and written in that layout, as are the output and the
+input gradient, so a channels-last network needs no conversions around its GN layers; any other input is
+made NCHW-contiguous. Nothing of activation size is saved for the backward: x_hat and the ReLU mask are
+recomputed from x and the slots' statistics. Statistics and sums are fp32 whatever the activation's dtype
+(fp32/fp16/bf16), which stays as it is. ``torch.nn.functional.group_norm`` is the reference these kernels are tested against
 (in float64, with ``TRITON_INTERPRET=1`` on the CPU).
 """
 import contextlib
@@ -38,37 +40,47 @@ _TILE = 2048  # elements per program per step: channels x pixels
 _MAX_PIXEL_BLOCK = 1024
 _MAX_MEMBER_TILE = 4096  # channels x group slots per program, see _launch_shape
 _MIN_PROGRAMS = 1024  # cut maps into pixel chunks until a launch has this many programs (H100: 132 SMs)
+_CHANNELS_LAST_BLOCK = 64  # channels per program in NHWC: 128 adjacent bytes of each pixel in fp16
 
 
 @triton.jit
-def _slot(C, HW, CHUNK, BLOCK_C: tl.constexpr):
-    """This program's sample, chunk, channels and their mask, and the offset of each channel's first pixel."""
+def _slot(C, HW, BLOCK_C: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    """This program's sample, chunk, channels and their mask, and the offset of each channel's first pixel
+    (NCHW: channels HW apart, pixels adjacent; CHANNELS_LAST, i.e. NHWC: channels adjacent, pixels C apart)."""
     n = tl.program_id(0)
     chunk = tl.program_id(2)
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_ok = channels < C
-    rows = (n * C + channels).to(tl.int64) * HW
+    if CHANNELS_LAST:
+        rows = n.to(tl.int64) * C * HW + channels
+    else:
+        rows = (n * C + channels).to(tl.int64) * HW
     return n, chunk, channels, channel_ok, rows
 
 
 @triton.jit
-def _pixel_tile(rows, channel_ok, start, end, BLOCK_HW: tl.constexpr):
+def _pixel_tile(rows, channel_ok, start, end, C, BLOCK_HW: tl.constexpr, CHANNELS_LAST: tl.constexpr):
     """Offsets and mask of the [channels, BLOCK_HW] tile that starts at pixel ``start`` (and stops before
-    ``end``) of each row."""
+    ``end``) of each channel."""
     pixels = start + tl.arange(0, BLOCK_HW)
-    return rows[:, None] + pixels[None, :], channel_ok[:, None] & (pixels < end)[None, :]
+    if CHANNELS_LAST:
+        offsets = rows[:, None] + pixels.to(tl.int64)[None, :] * C
+    else:
+        offsets = rows[:, None] + pixels[None, :]
+    return offsets, channel_ok[:, None] & (pixels < end)[None, :]
 
 
 @triton.jit
-def _slot_stats_kernel(X, MEAN, M2, C, HW, CHUNK, S, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+def _slot_stats_kernel(X, MEAN, M2, C, HW, CHUNK, S, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+                       CHANNELS_LAST: tl.constexpr):
     """Per (sample, channel, chunk): mean and sum of squared deviations over the chunk's pixels."""
-    n, chunk, channels, channel_ok, rows = _slot(C, HW, CHUNK, BLOCK_C)
+    n, chunk, channels, channel_ok, rows = _slot(C, HW, BLOCK_C, CHANNELS_LAST)
     first = chunk * CHUNK
     end = tl.minimum(first + CHUNK, HW)
     mean = tl.zeros([BLOCK_C], tl.float32)
     m2 = tl.zeros([BLOCK_C], tl.float32)
     for start in range(first, end, BLOCK_HW):
-        offsets, mask = _pixel_tile(rows, channel_ok, start, end, BLOCK_HW)
+        offsets, mask = _pixel_tile(rows, channel_ok, start, end, C, BLOCK_HW, CHANNELS_LAST)
         x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
         count = tl.minimum(end - start, BLOCK_HW).to(tl.float32)
         block_mean = tl.sum(x, axis=1) / count
@@ -137,15 +149,16 @@ def _load_x_dz(X, DY, offsets, mask, mean, scale, bias, RELU: tl.constexpr):
 def _forward_kernel(
     X, Y, W, B, MEAN, M2, C, HW, CPG, CHUNK, S, eps,
     RELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_MEMBERS: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
 ):
     """y = x_hat * w + b (then ReLU), one slot per program."""
-    n, chunk, channels, channel_ok, rows = _slot(C, HW, CHUNK, BLOCK_C)
+    n, chunk, channels, channel_ok, rows = _slot(C, HW, BLOCK_C, CHANNELS_LAST)
     mean, rstd, weight, bias = _channel_block(W, B, MEAN, M2, n, channels, channel_ok, C, HW, CPG, CHUNK, S,
                                               eps, BLOCK_MEMBERS)
     scale = weight * rstd
     end = tl.minimum(chunk * CHUNK + CHUNK, HW)
     for start in range(chunk * CHUNK, end, BLOCK_HW):
-        offsets, mask = _pixel_tile(rows, channel_ok, start, end, BLOCK_HW)
+        offsets, mask = _pixel_tile(rows, channel_ok, start, end, C, BLOCK_HW, CHANNELS_LAST)
         y = _normalized(tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32), mean, scale, bias)
         if RELU:  # NaN stays NaN, as with torch.relu, so a diverging run is still seen
             y = tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)
@@ -156,9 +169,10 @@ def _forward_kernel(
 def _backward_sums_kernel(
     X, DY, W, B, MEAN, M2, DZ_SUM, DZ_XHAT_SUM, C, HW, CPG, CHUNK, S, eps,
     RELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_MEMBERS: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
 ):
     """Per slot: sum of dz and of dz * x_hat."""
-    n, chunk, channels, channel_ok, rows = _slot(C, HW, CHUNK, BLOCK_C)
+    n, chunk, channels, channel_ok, rows = _slot(C, HW, BLOCK_C, CHANNELS_LAST)
     mean, rstd, weight, bias = _channel_block(W, B, MEAN, M2, n, channels, channel_ok, C, HW, CPG, CHUNK, S,
                                               eps, BLOCK_MEMBERS)
     scale = weight * rstd
@@ -166,7 +180,7 @@ def _backward_sums_kernel(
     dz_xhat_acc = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
     end = tl.minimum(chunk * CHUNK + CHUNK, HW)
     for start in range(chunk * CHUNK, end, BLOCK_HW):
-        offsets, mask = _pixel_tile(rows, channel_ok, start, end, BLOCK_HW)
+        offsets, mask = _pixel_tile(rows, channel_ok, start, end, C, BLOCK_HW, CHANNELS_LAST)
         x, dz = _load_x_dz(X, DY, offsets, mask, mean, scale, bias, RELU)
         dz_acc += dz
         dz_xhat_acc += dz * ((x - mean[:, None]) * rstd[:, None])
@@ -179,9 +193,10 @@ def _backward_sums_kernel(
 def _backward_dx_kernel(
     X, DY, DX, W, B, MEAN, M2, DZ_SUM, DZ_XHAT_SUM, C, HW, CPG, CHUNK, S, eps,
     RELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_MEMBERS: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
 ):
     """dx = rstd * (dz * w - mean(dz * w) - x_hat * mean(dz * w * x_hat)), means over the group."""
-    n, chunk, channels, channel_ok, rows = _slot(C, HW, CHUNK, BLOCK_C)
+    n, chunk, channels, channel_ok, rows = _slot(C, HW, BLOCK_C, CHANNELS_LAST)
     mean, rstd, weight, bias = _channel_block(W, B, MEAN, M2, n, channels, channel_ok, C, HW, CPG, CHUNK, S,
                                               eps, BLOCK_MEMBERS)
     scale = weight * rstd
@@ -194,7 +209,7 @@ def _backward_dx_kernel(
     mean_dxhat_xhat = tl.sum(member_w * tl.load(DZ_XHAT_SUM + index, mask=members, other=0.0), axis=1) / count
     end = tl.minimum(chunk * CHUNK + CHUNK, HW)
     for start in range(chunk * CHUNK, end, BLOCK_HW):
-        offsets, mask = _pixel_tile(rows, channel_ok, start, end, BLOCK_HW)
+        offsets, mask = _pixel_tile(rows, channel_ok, start, end, C, BLOCK_HW, CHANNELS_LAST)
         x, dz = _load_x_dz(X, DY, offsets, mask, mean, scale, bias, RELU)
         x_hat = (x - mean[:, None]) * rstd[:, None]
         dx = rstd[:, None] * (dz * weight[:, None] - mean_dxhat[:, None] - x_hat * mean_dxhat_xhat[:, None])
@@ -204,15 +219,22 @@ def _backward_dx_kernel(
 # A layer's shape recurs every step and this Python costs as much as a launch; bounded, since the mask head's
 # RoI count and the image sizes make new keys over a training run.
 @functools.lru_cache(maxsize=4096)
-def _launch_shape(samples: int, channels: int, pixels: int, channels_per_group: int):
-    """Grid, CHUNK and S, and block sizes: whole channels per program (several when the maps are small),
-    and each channel's pixels cut into S chunks of CHUNK pixels when the launch would have few programs.
-    Fewer channels go in a program while its [channels, group slots] tile would exceed _MAX_MEMBER_TILE
-    (large groups, e.g. G=1, on small maps): such tiles sit in registers, and one of 32 x 2048 took ptxas
-    over 6 minutes."""
-    block_hw = min(triton.next_power_of_2(pixels), _MAX_PIXEL_BLOCK)
-    block_c = min(triton.next_power_of_2(channels), max(1, _TILE // block_hw))
+def _launch_shape(samples: int, channels: int, pixels: int, channels_per_group: int,
+                  channels_last: bool = False):
+    """Grid, CHUNK and S, the block sizes for every kernel, and those for the statistics kernel. A program
+    takes a block of channels and a chunk of their pixels: in NCHW whole channel rows (several when the maps
+    are small), channels last up to _CHANNELS_LAST_BLOCK adjacent channels; the pixels are cut into S chunks
+    of CHUNK pixels when the launch would have few programs. Fewer channels go in a program while its
+    [channels, group slots] tile would exceed _MAX_MEMBER_TILE (large groups, e.g. G=1, on small maps): such
+    tiles sit in registers, and one of 32 x 2048 took ptxas over 6 minutes."""
+    if channels_last:
+        block_c = min(triton.next_power_of_2(channels), _CHANNELS_LAST_BLOCK)
+    else:
+        block_hw = min(triton.next_power_of_2(pixels), _MAX_PIXEL_BLOCK)
+        block_c = min(triton.next_power_of_2(channels), max(1, _TILE // block_hw))
     while True:
+        if channels_last:  # the channels' axis is the contiguous one; pixels fill the rest of the tile
+            block_hw = min(triton.next_power_of_2(pixels), max(1, _TILE // block_c))
         columns = triton.cdiv(channels, block_c)
         wanted = min(triton.cdiv(pixels, block_hw), triton.cdiv(_MIN_PROGRAMS, samples * columns))
         chunk = triton.cdiv(triton.cdiv(pixels, max(1, wanted)), block_hw) * block_hw  # a multiple of the block
@@ -221,8 +243,20 @@ def _launch_shape(samples: int, channels: int, pixels: int, channels_per_group: 
         if block_c == 1 or block_c * members <= _MAX_MEMBER_TILE:
             break
         block_c //= 2
-    blocks = types.MappingProxyType({"BLOCK_C": block_c, "BLOCK_HW": block_hw, "BLOCK_MEMBERS": members})
-    return (samples, columns, chunks), chunk, chunks, blocks
+    stats_blocks = {"BLOCK_C": block_c, "BLOCK_HW": block_hw, "CHANNELS_LAST": channels_last}
+    blocks = types.MappingProxyType({**stats_blocks, "BLOCK_MEMBERS": members})
+    return (samples, columns, chunks), chunk, chunks, blocks, types.MappingProxyType(stats_blocks)
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a 4-D map laid out channels last (NHWC) and not also NCHW-contiguous (as 1x1 maps
+    are); the kernels then run in that layout, and every other input is made NCHW-contiguous."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _memory_format(channels_last: bool) -> torch.memory_format:
+    """The layout the kernels run in (see :func:`_is_channels_last`)."""
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def _on_device_of(x: torch.Tensor):
@@ -236,8 +270,8 @@ def _on_device_of(x: torch.Tensor):
 def _normalized_output(x, weight, bias, stats, pixels, cpg, launch, eps, relu) -> torch.Tensor:
     """The forward's output from x and its slot statistics (kernel 2, with the forward's ``_launch_shape``);
     also what a recomputation runs."""
-    grid, chunk, chunks, blocks = launch
-    y = torch.empty_like(x)
+    grid, chunk, chunks, blocks, _ = launch
+    y = torch.empty_like(x)  # in x's layout
     with _on_device_of(x):
         _forward_kernel[grid](x, y, weight, bias, *stats, x.shape[1], pixels, cpg, chunk, chunks, eps, relu,
                               **blocks)
@@ -247,15 +281,16 @@ def _normalized_output(x, weight, bias, stats, pixels, cpg, launch, eps, relu) -
 class _GroupNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, num_groups, eps, relu, registry):
-        x = x.contiguous()
+        channels_last = _is_channels_last(x)
+        x = x.contiguous(memory_format=_memory_format(channels_last))
         n, c = x.shape[:2]
         if x.numel():
             pixels, cpg = math.prod(x.shape[2:]), c // num_groups
-            launch = grid, chunk, chunks, blocks = _launch_shape(n, c, pixels, cpg)
+            launch = grid, chunk, chunks, _, stats_blocks = _launch_shape(n, c, pixels, cpg, channels_last)
             stats = x.new_empty((2, n * c * chunks), dtype=torch.float32)  # per-slot mean, M2
             mean, m2 = slot_stats = tuple(stats)  # views, made once: each indexing is a dispatched op
             with _on_device_of(x):
-                _slot_stats_kernel[grid](x, mean, m2, c, pixels, chunk, chunks, blocks["BLOCK_C"], blocks["BLOCK_HW"])
+                _slot_stats_kernel[grid](x, mean, m2, c, pixels, chunk, chunks, **stats_blocks)
             normalize_args = (x, weight, bias, slot_stats, pixels, cpg, launch, eps, relu)
             y = _normalized_output(*normalize_args)
             if registry is not None:  # what this function saves below is all a recomputation reads
@@ -263,19 +298,23 @@ class _GroupNormFunction(torch.autograd.Function):
         else:
             y, stats = torch.empty_like(x), x.new_zeros((2, 0), dtype=torch.float32)
         ctx.save_for_backward(x, weight, bias, stats)
-        ctx.num_groups, ctx.eps, ctx.relu = num_groups, eps, relu
+        ctx.num_groups, ctx.eps, ctx.relu, ctx.channels_last = num_groups, eps, relu, channels_last
         return y
 
     @staticmethod
     @once_differentiable  # the kernels' backward is not differentiable: a second derivative is refused by name
     def backward(ctx, dy):
         x, weight, bias, stats = ctx.saved_tensors
+        # the forward's layout, whatever a caller's saved-tensor hooks gave x back in: the slot statistics were
+        # cut by that layout's launch shape
+        layout = _memory_format(ctx.channels_last)
+        x = x.contiguous(memory_format=layout)
         n, c = x.shape[:2]
         dx = torch.empty_like(x)
         if x.numel():
-            dy = dy.contiguous()
+            dy = dy.contiguous(memory_format=layout)
             pixels, cpg = math.prod(x.shape[2:]), c // ctx.num_groups
-            grid, chunk, chunks, blocks = _launch_shape(n, c, pixels, cpg)
+            grid, chunk, chunks, blocks, _ = _launch_shape(n, c, pixels, cpg, ctx.channels_last)
             sums = x.new_empty((2, n, c, chunks), dtype=torch.float32)  # per-slot sums of dz, of dz * x_hat
             args = (weight, bias, *stats, *sums, c, pixels, cpg, chunk, chunks, ctx.eps, ctx.relu)
             with _on_device_of(x):
@@ -309,10 +348,11 @@ def group_norm(
 ) -> torch.Tensor:
     """``F.group_norm(x, num_groups, weight, bias, eps)``, then ReLU if ``relu``, by the Triton kernels.
 
-    ``x`` is (N, C, *) in fp32, fp16 or bf16 and the output has its dtype; statistics are fp32. ``x`` must be
-    on a CUDA device, or on the CPU when this module was imported with ``TRITON_INTERPRET=1``. With
-    ``recompute``, an op inside a :func:`gn_detection.recompute.recomputed_outputs` context that saves the
-    output for its backward saves a recipe instead, and the output is rebuilt from ``x`` then.
+    ``x`` is (N, C, *) in fp32, fp16 or bf16 and the output has its dtype (and, for a channels-last 4-D ``x``,
+    its layout); statistics are fp32. ``x`` must be on a CUDA device, or on the CPU when this module was
+    imported with ``TRITON_INTERPRET=1``. With ``recompute``, an op inside a
+    :func:`gn_detection.recompute.recomputed_outputs` context that saves the output for its backward saves a
+    recipe instead, and the output is rebuilt from ``x`` then.
     """
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"The Triton GroupNorm kernels take {SUPPORTED_DTYPES}, got {x.dtype}")

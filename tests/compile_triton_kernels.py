@@ -2,14 +2,17 @@
 (TTIR, TTGIR, LLVM IR, PTX, and ptxas to a cubin) runs on the CPU. Catches what the interpreter cannot:
 typing and lowering errors of the real compiler. Where a layer's pixel count is a multiple of 16 (as
 Triton's launcher then tells the compiler), also checks that every kernel reads the activations in 16-byte
-vectors, the access pattern that streaming at full bandwidth needs. Run in a process without
-TRITON_INTERPRET.
+vectors, the access pattern that streaming at full bandwidth needs; likewise in the channels-last (NHWC)
+layout where the channel count is a multiple of 16 (there by comparing with a compile whose activations
+are not aligned). Run in a process without TRITON_INTERPRET.
 
     python tests/compile_triton_kernels.py 90      # compute capability (90 = H100)
 """
+import os
 import re
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -22,12 +25,18 @@ from gn_detection import triton_group_norm as gn
 # LayerNorm-like ablation) on a 7x7 res5 map and in the box head
 LAYERS = [(2, 256, 200 * 304, 8), (8, 256, 200 * 304, 8), (1, 64, 400 * 608, 2), (512, 256, 7 * 7, 8),
           (2, 48, 25 * 38, 48), (1, 16, 9, 1), (1, 2048, 7 * 7, 2048), (512, 256, 7 * 7, 256)]
+# channels last: FPN P2 at 8 images (32 channels x 64 pixels a program, as the stem's), a res5 map at 2 (16 x 128)
+CHANNELS_LAST_LAYERS = [(8, 256, 200 * 304, 8), (2, 2048, 25 * 38, 64)]
 DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 
 
-def compile_kernel(target, kernel, pointers, ints, constexprs, aligned):
+ACTIVATIONS = ("X", "Y", "DY", "DX")
+
+
+def compile_kernel(target, kernel, pointers, ints, constexprs, misaligned=()):
     """Compile ``kernel`` as Triton's launcher would for these int arguments: an int equal to 1 becomes a
-    constant; ``aligned``: pointers, HW and CHUNK divisible by 16."""
+    constant, and the ints that are multiples of 16 and the pointers (torch's allocations are aligned), except
+    the ``misaligned`` ones, are marked divisible by 16."""
     ints = {name: value for name, value in ints.items() if name in kernel.arg_names}
     constexprs = {**constexprs, **{name: 1 for name, value in ints.items() if value == 1}}
     signature = {name: "*fp32" for name in kernel.arg_names if name.isupper() and name not in ints
@@ -37,37 +46,54 @@ def compile_kernel(target, kernel, pointers, ints, constexprs, aligned):
     signature.update({name: "fp32" for name in kernel.arg_names if name == "eps"})
     signature.update({name: "constexpr" for name in constexprs})
     signature = {name: signature[name] for name in kernel.arg_names}  # in argument order
-    divisible = [name for name, kind in signature.items() if kind.startswith("*") or name in ("HW", "CHUNK")]
-    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible} if aligned else None
+    divisible = [name for name, kind in signature.items()
+                 if (kind.startswith("*") and name not in misaligned) or ints.get(name, 1) % 16 == 0]
+    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
                               target=target)
     assert compiled.asm["cubin"], f"{kernel.__name__}: no cubin produced"
-    if aligned and not re.search(r"ld\.global(\.\w+)*\.v4", compiled.asm["ptx"]):
-        raise AssertionError(f"{kernel.__name__} {constexprs}: no 16-byte vector loads with aligned rows")
     return compiled
 
 
-def main(capability: int) -> None:
+def vector_loads(compiled) -> int:
+    """How many 16-byte vector loads a compiled kernel's PTX has."""
+    return len(re.findall(r"ld\.global(?:\.\w+)*\.v4", compiled.asm["ptx"]))
+
+
+def compile_layer(capability: int, layer: tuple, channels_last: bool, dtype: str) -> int:
+    """Compile every kernel variant one layer needs in one dtype, checking the activations' vector loads where
+    the contiguous axis' length is a multiple of 16; print what was checked; return the count."""
     target = GPUTarget("cuda", capability, 32)
-    count, start = 0, time.time()
-    for images, channels, pixels, cpg in LAYERS:
-        grid, chunk, chunks, blocks = gn._launch_shape(images, channels, pixels, cpg)
-        ints = {"C": channels, "HW": pixels, "CPG": cpg, "CHUNK": chunk, "S": chunks}
-        aligned = pixels % 16 == 0
-        for dtype, pointer in DTYPES.items():
-            activations = {"X": pointer, "Y": pointer, "DY": pointer, "DX": pointer}
-            stats_blocks = {"BLOCK_C": blocks["BLOCK_C"], "BLOCK_HW": blocks["BLOCK_HW"]}
-            compiled = [compile_kernel(target, gn._slot_stats_kernel, {"X": pointer}, ints, stats_blocks,
-                                       aligned)]
-            for kernel in (gn._forward_kernel, gn._backward_sums_kernel, gn._backward_dx_kernel):
-                pointers = {k: v for k, v in activations.items() if k in kernel.arg_names}
-                for relu in (False, True):
-                    compiled.append(compile_kernel(target, kernel, pointers, ints, {"RELU": relu, **blocks},
-                                                   aligned))
-            count += len(compiled)
-            print(f"sm_{capability} N={images} C={channels} HW={pixels} cpg={cpg} {dtype} grid {grid} {blocks}: "
-                  f"{len(compiled)} kernels"
-                  f"{', 16-byte vector loads' if aligned else ''}", flush=True)
+    images, channels, pixels, cpg = layer
+    grid, chunk, chunks, blocks, stats_blocks = gn._launch_shape(images, channels, pixels, cpg, channels_last)
+    ints = {"C": channels, "HW": pixels, "CPG": cpg, "CHUNK": chunk, "S": chunks}
+    aligned = (channels if channels_last else pixels) % 16 == 0
+    pointer = DTYPES[dtype]
+    activations = {name: pointer for name in ACTIVATIONS}
+    variants = [(gn._slot_stats_kernel, {"X": pointer}, dict(stats_blocks))] + [
+        (kernel, {k: v for k, v in activations.items() if k in kernel.arg_names}, {"RELU": relu, **blocks})
+        for kernel in (gn._forward_kernel, gn._backward_sums_kernel, gn._backward_dx_kernel) for relu in (False, True)]
+    for kernel, pointers, constexprs in variants:
+        compiled = compile_kernel(target, kernel, pointers, ints, constexprs)
+        if aligned:
+            # NCHW, a program's few channels of weight, bias and statistics make no vector loads: any is the
+            # activations'. Channels last, 16 or more channels a program may: count those without the activations'.
+            others = (vector_loads(compile_kernel(target, kernel, pointers, ints, constexprs, ACTIVATIONS))
+                      if channels_last else 0)
+            if vector_loads(compiled) <= others:
+                raise AssertionError(f"{kernel.__name__} {constexprs}: activations not read in 16-byte vectors")
+    print(f"sm_{capability} N={images} C={channels} HW={pixels} cpg={cpg} {dtype} grid {grid} {dict(blocks)}: "
+          f"{len(variants)} kernels{', activations read in 16-byte vectors' if aligned else ''}", flush=True)
+    return len(variants)
+
+
+def main(capability: int) -> None:
+    """Compile every layer and dtype, in as many processes as there are CPUs (ptxas runs one kernel at a time)."""
+    start = time.time()
+    jobs = [(layer, channels_last, dtype) for layers, channels_last in ((LAYERS, False), (CHANNELS_LAST_LAYERS, True))
+            for layer in layers for dtype in DTYPES]
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        count = sum(pool.map(compile_layer, *zip(*[(capability, *job) for job in jobs])))
     print(f"compiled {count} kernels for sm_{capability} in {time.time() - start:.0f} s")
 
 

@@ -34,6 +34,17 @@ def make_cfg(config_file: str, *opts):
     return cfg
 
 
+def backbone_features_and_gradients(model, images, autocast_dtype=None):
+    """FPN features (the forward under autocast to ``autocast_dtype`` if given), and the gradients of a fixed
+    linear function of them w.r.t. the backbone's parameters."""
+    with torch.autocast(images.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        features = model.backbone(images)
+    loss = sum((f.float() * torch.linspace(-1, 1, f.numel(), device=f.device).view_as(f)).sum()
+               for f in features.values())
+    params = dict(model.backbone.named_parameters())
+    return features, dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+
+
 @pytest.fixture(scope="session")
 def tiny_shapes_root(tmp_path_factory):
     """A small shapes dataset (128-pixel images) under ``<tmp>/shapes``, registered as tiny_shapes_*."""

@@ -93,6 +93,23 @@ def test_under_autocast_the_half_precision_outputs_are_freed_too():
         assert torch.equal(got, want)
 
 
+def test_a_channels_last_block_rebuilds_its_outputs_in_their_layout():
+    layouts, results = [], []
+    for recompute in (True, False):
+        module, owner, x = build("bottleneck_block", recompute)
+        hooks = [m.register_forward_hook(lambda m, i, y: layouts.append(triton_group_norm._is_channels_last(y)))
+                 for m in owner.modules() if isinstance(m, FusedGroupNorm)]
+        results.append(kept_outputs_and_gradients(module, owner, x.detach().to(memory_format=torch.channels_last)
+                                                  .requires_grad_()))
+        for hook in hooks:
+            hook.remove()
+    (kept, grads), (kept_without, grads_without) = results
+    assert layouts and all(layouts)  # every GN layer ran the kernels channels last
+    assert kept and not any(kept) and all(kept_without)
+    for got, want in zip(grads, grads_without):
+        assert torch.equal(got, want)
+
+
 def gn_relu_then_conv(x, layer, conv_weight):
     with recomputed_outputs():
         return F.conv2d(layer(x), conv_weight, padding=1)

@@ -13,7 +13,7 @@ from gn_detection import triton_group_norm
 from gn_detection.backbone import GNReLUBasicBlock, GNReLUBottleneckBlock
 from gn_detection.group_norm import FusedGroupNorm, GroupNormSpec
 
-from .conftest import SHAPES_CONFIG, make_cfg, run_tool
+from .conftest import SHAPES_CONFIG, backbone_features_and_gradients, make_cfg, run_tool
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (shape, groups): G = C, G = 1, odd channels per group, odd and multi-block pixel counts, maps cut into 2
@@ -49,11 +49,12 @@ def random_inputs(shape, dtype, mean=0.0):
     return x, weight, bias
 
 
-def assert_matches_float64(x, groups, weight, bias, relu, eps=1e-5):
+def assert_matches_float64(x, groups, weight, bias, relu, eps=1e-5, upstream_format=torch.preserve_format):
+    """Output and gradients of the kernels against float64 autograd; returns the output and input gradient."""
     y = triton_group_norm.group_norm(x, groups, weight, bias, eps, relu)
     assert y.dtype == x.dtype and y.shape == x.shape
     tol = TOLERANCE[x.dtype]
-    upstream = torch.randn_like(y)
+    upstream = torch.randn_like(y, memory_format=upstream_format)
     if relu:
         # Where the pre-ReLU value is within rounding of 0 either side of the kink is right: no gradient
         # flows from there, so the comparison cannot flip on rounding, and every other mask bit must match.
@@ -67,6 +68,7 @@ def assert_matches_float64(x, groups, weight, bias, relu, eps=1e-5):
         # the parameter gradients are sums over N*H*W elements: scale the tolerance with their size
         scale = 1.0 if name == "dx" else max(1.0, want.abs().max().item())
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * scale, msg=lambda m: f"{name}: {m}")
+    return y, grads[0]
 
 
 @pytest.mark.parametrize("relu", [False, True], ids=["gn", "gn_relu"])
@@ -83,6 +85,31 @@ def test_half_precision_activations_keep_their_dtype(shape, groups, dtype):
     assert_matches_float64(x, groups, weight, bias, relu=True)
 
 
+# (shape, groups) channels last: chunked pixels (8 chunks; 11 with a short last one), odd channels and pixels,
+# G = 1 over more channels than a program takes
+CHANNELS_LAST_SHAPES = [((2, 32, 20, 24), 8), ((1, 4, 70, 75), 2), ((2, 6, 7, 5), 3), ((1, 96, 5, 6), 1)]
+
+
+@pytest.mark.parametrize("upstream_format", [torch.channels_last, torch.contiguous_format], ids=["nhwc_dy", "nchw_dy"])
+@pytest.mark.parametrize("shape, groups", CHANNELS_LAST_SHAPES, ids=[f"{s}/G{g}" for s, g in CHANNELS_LAST_SHAPES])
+def test_channels_last_inputs_match_float64_and_keep_their_layout(shape, groups, upstream_format):
+    x, weight, bias = random_inputs(shape, torch.float32)
+    x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    y, dx = assert_matches_float64(x, groups, weight, bias, relu=True, upstream_format=upstream_format)
+    assert triton_group_norm._is_channels_last(y) and triton_group_norm._is_channels_last(dx)
+
+
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format], ids=["nhwc", "nchw"])
+def test_a_callers_hooks_that_give_the_input_back_in_another_layout_change_nothing(layout):
+    # e.g. torch.autograd.graph.save_on_cpu(pin_memory=True), which unpacks into a fresh NCHW tensor
+    other = torch.contiguous_format if layout == torch.channels_last else torch.channels_last
+    x, weight, bias = random_inputs((2, 32, 20, 24), torch.float32)
+    x = x.detach().to(memory_format=layout).requires_grad_()
+    relayout = lambda t: t.contiguous(memory_format=other) if t.dim() == 4 else t  # noqa: E731
+    with torch.autograd.graph.saved_tensors_hooks(relayout, lambda t: t):
+        assert_matches_float64(x, 8, weight, bias, relu=True)
+
+
 def test_statistics_stay_accurate_when_the_mean_dwarfs_the_spread():
     # mean 1000, std 3: a one-pass sum of squares in fp32 would lose the variance
     x, weight, bias = random_inputs((2, 16, 48, 40), torch.float32, mean=1000.0)
@@ -94,9 +121,14 @@ LAUNCHES = [(1, 4, 70 * 75, 8), (3, 8, 33 * 40, 8), (2, 256, 200 * 304, 8), (1, 
             (1, 256, 200 * 304, 256), (1, 64, 400 * 608, 64)]
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("samples, channels, pixels, cpg", LAUNCHES)
-def test_large_maps_are_cut_into_pixel_chunks_only_when_a_launch_has_few_programs(samples, channels, pixels, cpg):
-    grid, chunk, chunks, blocks = triton_group_norm._launch_shape(samples, channels, pixels, cpg)
+def test_large_maps_are_cut_into_pixel_chunks_only_when_a_launch_has_few_programs(samples, channels, pixels, cpg,
+                                                                                   channels_last):
+    grid, chunk, chunks, blocks, stats_blocks = triton_group_norm._launch_shape(samples, channels, pixels, cpg,
+                                                                                channels_last)
+    assert blocks["CHANNELS_LAST"] is channels_last and stats_blocks.items() <= blocks.items()
+    assert blocks["BLOCK_C"] * blocks["BLOCK_HW"] <= triton_group_norm._TILE
     assert grid == (samples, triton_group_norm.triton.cdiv(channels, blocks["BLOCK_C"]), chunks)
     assert chunk % blocks["BLOCK_HW"] == 0 and (chunks - 1) * chunk < pixels <= chunks * chunk
     assert blocks["BLOCK_MEMBERS"] >= cpg * chunks  # every slot of a group is read
@@ -109,11 +141,12 @@ def test_large_maps_are_cut_into_pixel_chunks_only_when_a_launch_has_few_program
         assert chunks > 1 and programs * chunks >= 0.9 * min(triton_group_norm._MIN_PROGRAMS, programs * most)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("samples, channels, pixels, cpg", LAUNCHES)
-def test_a_programs_group_slot_tile_stays_small_for_any_group_size(samples, channels, pixels, cpg):
+def test_a_programs_group_slot_tile_stays_small_for_any_group_size(samples, channels, pixels, cpg, channels_last):
     # The [channels, group slots] tile sits in registers: G=1 on 7x7 maps once made a 32 x 2048 tile that
     # kept ptxas busy for minutes. Only a single channel's slots may go over the bound.
-    _, _, _, blocks = triton_group_norm._launch_shape(samples, channels, pixels, cpg)
+    blocks = triton_group_norm._launch_shape(samples, channels, pixels, cpg, channels_last)[3]
     tile = blocks["BLOCK_C"] * blocks["BLOCK_MEMBERS"]
     assert tile <= triton_group_norm._MAX_MEMBER_TILE or blocks["BLOCK_C"] == 1
 
@@ -343,17 +376,7 @@ def test_kernels_compile_to_h100_cubins_with_the_real_compiler(tmp_path):
     env = {"TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}  # compile for real, not from a cache
     result = run_tool(["tests/compile_triton_kernels.py", "90"], env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "compiled 168 kernels for sm_90" in result.stdout
-
-
-def backbone_features_and_gradients(model, images, autocast):
-    """FPN features, and the gradients of a fixed linear function of them w.r.t. the backbone's parameters."""
-    with torch.autocast(DEVICE, dtype=AUTOCAST_DTYPE, enabled=autocast):
-        features = model.backbone(images)
-    loss = sum((f.float() * torch.linspace(-1, 1, f.numel(), device=DEVICE).view_as(f)).sum()
-               for f in features.values())
-    params = dict(model.backbone.named_parameters())
-    return features, dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+    assert "compiled 210 kernels for sm_90" in result.stdout
 
 
 def relative_error(a, b):
@@ -368,9 +391,9 @@ def test_backbone_under_autocast_matches_detectron2_gn_within_amp_tolerance(exac
     ours = tiny_model("MODEL.GN.IMPL", "triton")
     ours.load_state_dict(theirs.state_dict())
     images = torch.randn(2, 3, 64, 96, device=DEVICE)
-    exact_features, exact_grads = backbone_features_and_gradients(theirs, images, autocast=False)
-    their_features, their_grads = backbone_features_and_gradients(theirs, images, autocast=True)
-    our_features, our_grads = backbone_features_and_gradients(ours, images, autocast=True)
+    exact_features, exact_grads = backbone_features_and_gradients(theirs, images)
+    their_features, their_grads = backbone_features_and_gradients(theirs, images, AUTOCAST_DTYPE)
+    our_features, our_grads = backbone_features_and_gradients(ours, images, AUTOCAST_DTYPE)
     for level, exact in exact_features.items():
         assert our_features[level].dtype == AUTOCAST_DTYPE
         ours_off, theirs_off = relative_error(our_features[level], exact), relative_error(their_features[level], exact)
