@@ -5,9 +5,10 @@ tree (and thus every checkpoint key) is the same as Detectron2's ``build_resnet_
 GN layers differ, and only when MODEL.GN asks for something other than Detectron2's G=32. With
 MODEL.GN.FUSE_RELU the GN blocks are subclasses whose GN layers apply the ReLU that follows them, and
 (MODEL.GN.RECOMPUTE_OUTPUT) whose convs keep no GN+ReLU output for the backward. With MODEL.CUDA_GRAPHS.BACKBONE
-the FPN is a subclass that trains as CUDA graphs (:mod:`gn_detection.cuda_graph`).
+the FPN is a subclass that trains as CUDA graphs (:mod:`gn_detection.cuda_graph`); with
+MODEL.BACKBONE.CHANNELS_LAST the ResNet is a subclass that runs in channels-last memory format.
 """
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +67,22 @@ class GNReLUBottleneckBlock(BottleneckBlock):
             return _add_shortcut_relu(self, self.conv3(self.conv2(self.conv1(x))), x)
 
 
+class ChannelsLastResNet(ResNet):
+    """Detectron2's ResNet (the same modules, so the same checkpoint keys) that runs in channels-last (NHWC)
+    memory format: its input is converted once, and convolutions, GN layers (with the Triton kernels, which
+    keep the layout), residual adds and pooling keep that layout, so its features, and an FPN's and RPN's
+    convolutions on them, are NHWC too. On CUDA, cuDNN's tensor-core convolutions work in NHWC and convert NCHW
+    inputs and outputs around every call. The conv weights are NHWC too (loading a checkpoint keeps that), so
+    that no convolution converts its weight, nor the gradient back."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return super().forward(x.contiguous(memory_format=torch.channels_last))
+
+
 def make_resnet(
     depth: int,
     *,
@@ -80,9 +97,11 @@ def make_resnet(
     res5_dilation: int = 1,
     out_features: Sequence[str] = ("res2", "res3", "res4", "res5"),
     freeze_at: int = 0,
+    channels_last: bool = False,
 ) -> ResNet:
     """A ResNet (BasicBlock for depth 18/34, BottleneckBlock for 50+) with GN layers from ``gn`` wherever
-    ``norm`` is ``"GN"``. Widths double per stage from ``res2_out_channels``, as in Detectron2."""
+    ``norm`` is ``"GN"``. Widths double per stage from ``res2_out_channels``, as in Detectron2. With
+    ``channels_last``, a :class:`ChannelsLastResNet`."""
     if depth not in BLOCKS_PER_STAGE:
         raise ValueError(f"MODEL.RESNETS.DEPTH must be one of {sorted(BLOCKS_PER_STAGE)}, got {depth}")
     if res5_dilation not in (1, 2):
@@ -136,7 +155,8 @@ def make_resnet(
                 )
             )
         stage_in = stage_out
-    return ResNet(stem, stages, out_features=list(out_features), freeze_at=freeze_at)
+    resnet_class = ChannelsLastResNet if channels_last else ResNet
+    return resnet_class(stem, stages, out_features=list(out_features), freeze_at=freeze_at)
 
 
 def make_resnet_fpn(
@@ -150,10 +170,11 @@ def make_resnet_fpn(
     cuda_graph_shapes: Optional[int] = None,
 ) -> FPN:
     """An FPN (P2-P6, P6 by max-pooling P5) over ``bottom_up`` with GN in its lateral and output convs; with
-    ``cuda_graph_shapes``, a :class:`GraphedFPN` that trains on that many input shapes as CUDA graphs."""
+    ``cuda_graph_shapes``, a :class:`GraphedFPN` that trains on that many input shapes as CUDA graphs. Over a
+    :class:`ChannelsLastResNet`, its conv weights are channels last too."""
     fpn_class, graphs = (FPN, {}) if cuda_graph_shapes is None else (GraphedFPN, {"max_graphs": cuda_graph_shapes})
     with gn_layer_context(f"the FPN lateral and output convs (MODEL.FPN.OUT_CHANNELS={out_channels})"):
-        return fpn_class(
+        fpn = fpn_class(
             bottom_up=bottom_up,
             in_features=list(in_features),
             out_channels=out_channels,
@@ -162,6 +183,9 @@ def make_resnet_fpn(
             fuse_type=fuse_type,
             **graphs,
         )
+    if isinstance(bottom_up, ChannelsLastResNet):  # NHWC features: the FPN's conv weights NHWC too
+        fpn.to(memory_format=torch.channels_last)
+    return fpn
 
 
 @BACKBONE_REGISTRY.register()
@@ -186,6 +210,7 @@ def build_gn_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
         res5_dilation=r.RES5_DILATION,
         out_features=r.OUT_FEATURES,
         freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
+        channels_last=cfg.MODEL.BACKBONE.CHANNELS_LAST,
     )
 
 

@@ -25,6 +25,9 @@ def add_gn_config(cfg: CN) -> None:
     # With the Triton kernels and FUSE_RELU (and AUTOCAST_HALF under AMP), keep no GN+ReLU output for the conv
     # after it: rebuild it from the GN input in the backward (bit for bit; about a sixth of the activations kept).
     cfg.MODEL.GN.RECOMPUTE_OUTPUT = True
+    # Run build_gn_resnet(_fpn)_backbone's ResNet, and so the FPN and RPN after it, in channels-last (NHWC) memory
+    # format, the layout cuDNN's tensor-core convolutions use (NCHW ones convert around each); the GN kernels keep it.
+    cfg.MODEL.BACKBONE.CHANNELS_LAST = False
     cfg.MODEL.CUDA_GRAPHS = CN()
     # Train build_gn_resnet_fpn_backbone's ResNet-FPN as CUDA graphs on CUDA: its forward and backward replay in
     # one launch each instead of hundreds (which bound steps of few images); the same kernels, the same results.
@@ -41,14 +44,19 @@ def load_config(config_file: str, opts: Sequence = ()) -> CN:
     """Detectron2's defaults plus gn_detection's keys, merged with ``config_file`` and KEY VALUE ``opts``.
 
     Raises:
-        ValueError: for settings that would be ignored (CUDA graphs for a backbone that has none).
+        ValueError: for settings that would be ignored (CUDA graphs or channels last for a backbone that has
+            neither).
     """
     cfg = get_cfg()
     add_gn_config(cfg)
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
-    graphed_backbone = "build_gn_resnet_fpn_backbone"
+    graphed_backbone, our_backbones = "build_gn_resnet_fpn_backbone", ("build_gn_resnet_fpn_backbone",
+                                                                       "build_gn_resnet_backbone")
     if cfg.MODEL.CUDA_GRAPHS.BACKBONE and cfg.MODEL.BACKBONE.NAME != graphed_backbone:
         raise ValueError(f"{config_file}: MODEL.CUDA_GRAPHS.BACKBONE needs MODEL.BACKBONE.NAME {graphed_backbone!r}, "
                          f"got {cfg.MODEL.BACKBONE.NAME!r}; set MODEL.CUDA_GRAPHS.BACKBONE False")
+    if cfg.MODEL.BACKBONE.CHANNELS_LAST and cfg.MODEL.BACKBONE.NAME not in our_backbones:
+        raise ValueError(f"{config_file}: MODEL.BACKBONE.CHANNELS_LAST needs MODEL.BACKBONE.NAME to be one of "
+                         f"{our_backbones}, got {cfg.MODEL.BACKBONE.NAME!r}; set MODEL.BACKBONE.CHANNELS_LAST False")
     return cfg

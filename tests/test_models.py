@@ -11,9 +11,9 @@ from detectron2.modeling import BACKBONE_REGISTRY, ROI_BOX_HEAD_REGISTRY, ROI_MA
 from torch import nn
 
 import gn_detection
-from gn_detection.group_norm import GroupNormChannelsError
+from gn_detection.group_norm import GroupNormChannelsError, GroupNormSpec
 
-from .conftest import CONFIGS, SHAPES_CONFIG, make_cfg
+from .conftest import CONFIGS, SHAPES_CONFIG, backbone_features_and_gradients, make_cfg
 
 ALL_CONFIGS = sorted(glob.glob(os.path.join(CONFIGS, "**", "*.yaml"), recursive=True))
 
@@ -30,6 +30,7 @@ def test_config_keys_and_defaults():
     gn_detection.add_gn_config(cfg)
     assert (cfg.MODEL.GN.NUM_GROUPS, cfg.MODEL.GN.CHANNELS_PER_GROUP, cfg.MODEL.GN.EPS) == (32, 0, 1e-5)
     assert cfg.TEST.VIS_NUM_IMAGES == 0
+    assert cfg.MODEL.BACKBONE.CHANNELS_LAST is False
 
 
 def gn_layers(model):
@@ -182,3 +183,48 @@ def test_components_are_usable_from_python_without_a_config():
                           gn=GroupNormSpec(num_groups=8))
     features = fpn(torch.randn(1, 3, 64, 64))
     assert sorted(features) == ["p2", "p3", "p4", "p5", "p6"] and features["p2"].shape == (1, 32, 16, 16)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_channels_last_backbone_computes_what_the_nchw_one_does(impl):
+    # Against the NCHW model with torch's GN; "triton": the kernels in their channels-last layout (in the
+    # interpreter without a GPU). Convolutions sum in another order channels last, and GN of small groups
+    # magnifies that: hence tolerances of 1e-3.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    nchw = build_model(make_cfg(SHAPES_CONFIG, "MODEL.GN.IMPL", "torch", "MODEL.FPN.OUT_CHANNELS", 32))
+    nhwc = build_model(make_cfg(SHAPES_CONFIG, "MODEL.GN.IMPL", impl, "MODEL.FPN.OUT_CHANNELS", 32,
+                                "MODEL.BACKBONE.CHANNELS_LAST", True))
+    incompatible = nhwc.load_state_dict(nchw.state_dict(), strict=True)  # the same checkpoint keys
+    assert not incompatible.missing_keys and not incompatible.unexpected_keys
+    kernels = [p for p in nhwc.backbone.parameters() if p.dim() == 4 and p.shape[-1] > 1]  # 3x3 and 7x7 convs
+    assert kernels and all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)
+    images = torch.randn(1, 3, 64, 96, device=device)  # one small image: the kernels run in the interpreter
+    with torch.backends.cudnn.flags(enabled=True, deterministic=True, allow_tf32=False):  # fp32 as on the CPU
+        want_features, want_grads = backbone_features_and_gradients(nchw.to(device), images)
+        features, grads = backbone_features_and_gradients(nhwc.to(device), images)
+    # torch's group_norm keeps the layout only on the CPU; on CUDA it returns NCHW (hence the kernels' layout)
+    keeps_layout = impl == "triton" or device == "cpu"
+    for level, want in want_features.items():
+        assert features[level].is_contiguous(memory_format=torch.channels_last) or not keeps_layout, level
+        assert want.is_contiguous(), level  # the default stays NCHW
+        torch.testing.assert_close(features[level], want, rtol=1e-3, atol=1e-3, msg=lambda m: f"{level}: {m}")
+    for name, want in want_grads.items():
+        scale = want.abs().max().item() + 1e-6
+        torch.testing.assert_close(grads[name], want, rtol=1e-3, atol=1e-3 * scale, msg=lambda m: f"{name}: {m}")
+
+
+def test_a_channels_last_resnet_keeps_its_conv_weights_channels_last():
+    from gn_detection.backbone import make_resnet
+
+    resnet = make_resnet(18, res2_out_channels=64, gn=GroupNormSpec(num_groups=8), channels_last=True)
+    kernels = [p for p in resnet.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+    assert kernels and all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)
+    resnet.load_state_dict(make_resnet(18, res2_out_channels=64, gn=GroupNormSpec(num_groups=8)).state_dict())
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)  # loading keeps the layout
+
+
+def test_channels_last_is_refused_for_a_backbone_that_would_ignore_it():
+    with pytest.raises(ValueError, match="MODEL.BACKBONE.CHANNELS_LAST needs MODEL.BACKBONE.NAME"):
+        make_cfg(SHAPES_CONFIG, "MODEL.BACKBONE.CHANNELS_LAST", True,
+                 "MODEL.BACKBONE.NAME", "build_resnet_fpn_backbone")

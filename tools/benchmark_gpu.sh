@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU measurements of docs/speed.md in one go, most wanted first, each step time-boxed so that one which
-# hangs leaves the others their time (about 17 minutes if every step ran to its limit, 5 on an H200 as
+# hangs leaves the others their time (about 18 minutes if every step ran to its limit, 5 on an H200 as
 # measured before steps 3 and 6 were added); results land in OUTDIR as they are measured (the benchmark
 # writes JSON after each cell).
-#   1. the kernels', recomputation's and CUDA graphs' tests on CUDA (the sm_90 compile check is left to CI)
+#   1. the kernels', recomputation's, CUDA graphs' and the channels-last backbone's tests on CUDA (the sm_90
+#      compile check is left to CI)
 #   2. the levers one at a time at 8 images under AMP, beside Detectron2's GN
 #   3. the backbone as CUDA graphs at 2 images, fp32 and AMP fp16, beside ours and Detectron2's GN
 #   4. the model table: ours, Detectron2's GN and frozen BN; 2 and 8 images; fp32 and AMP fp16
@@ -29,11 +30,14 @@ step() {  # step SECONDS COMMAND...: run it, at most SECONDS, and say how it end
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-step 150 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_triton_group_norm.py tests/test_recompute.py \
-    tests/test_cuda_graph.py tests/test_benchmark.py::test_peak_memory_on_cuda_sees_allocated_and_reserved_memory \
-    -k "not cubins"
-step 150 python3 tools/benchmark.py --images-per-gpu 8 --precision amp_fp16 --skip inference \
+# --timeout (pytest-timeout, as pytest-xdist in the device image): a test that hangs fails with its traceback
+# instead of the step being cut silently
+step 180 python3 -m pytest -q -n 8 -p no:cacheprovider --timeout 120 tests/test_triton_group_norm.py \
+    tests/test_recompute.py tests/test_cuda_graph.py tests/test_models.py -k "not cubins and (not test_models or \
+    channels_last_backbone)" tests/test_benchmark.py::test_peak_memory_on_cuda_sees_allocated_and_reserved_memory
+step 180 python3 tools/benchmark.py --images-per-gpu 8 --precision amp_fp16 --skip inference \
     --variants ours "ours:MODEL.GN.RECOMPUTE_OUTPUT=False" "ours:MODEL.CUDA_GRAPHS.BACKBONE=True" \
+    "ours:MODEL.BACKBONE.CHANNELS_LAST=True" \
     "ours:MODEL.GN.FUSE_RELU=False" "ours:MODEL.GN.AUTOCAST_HALF=False" ours_stock_gn detectron2_gn \
     --output "$out/levers.json"
 step 150 python3 tools/benchmark.py --images-per-gpu 2 --precision fp32 amp_fp16 --skip inference \
