@@ -47,7 +47,7 @@ def cpu_has_fast_bf16() -> bool:
 def slow_precision_warning(device: str, precisions: Sequence[str]) -> Optional[str]:
     """A warning, before any measurement, when ``amp_bf16`` is asked of a CPU without fast bf16
     convolutions (see :func:`cpu_has_fast_bf16`); else None."""
-    if device == "cpu" and "amp_bf16" in precisions and not cpu_has_fast_bf16():
+    if device.split(":")[0] == "cpu" and "amp_bf16" in precisions and not cpu_has_fast_bf16():
         return ("--precision amp_bf16 on this CPU: its convolutions have no fast bf16 path (no AVX512-BF16/AMX "
                 "in oneDNN), so the bf16 cells will take far longer than fp32 ones (one 3x3 convolution: 16 s against "
                 "0.07 s on an AVX2 VM); drop amp_bf16 or use a GPU")

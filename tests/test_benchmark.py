@@ -95,6 +95,7 @@ def test_cli_rejects_bad_requests_naming_what_is_wrong(args, message, tmp_path):
 def test_amp_bf16_on_a_cpu_without_fast_bf16_convolutions_is_warned_about(monkeypatch, tmp_path):
     monkeypatch.setattr(bench, "cpu_has_fast_bf16", lambda: False)
     assert "--precision amp_bf16" in bench.slow_precision_warning("cpu", ["fp32", "amp_bf16"])
+    assert "--precision amp_bf16" in bench.slow_precision_warning("cpu:0", ["amp_bf16"])
     assert bench.slow_precision_warning("cpu", ["fp32", "amp_fp16"]) is None
     assert bench.slow_precision_warning("cuda", ["amp_bf16"]) is None
     monkeypatch.setattr(bench, "cpu_has_fast_bf16", lambda: True)
