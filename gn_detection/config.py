@@ -51,8 +51,8 @@ def load_config(config_file: str, opts: Sequence = ()) -> CN:
     add_gn_config(cfg)
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
-    graphed_backbone, our_backbones = "build_gn_resnet_fpn_backbone", ("build_gn_resnet_fpn_backbone",
-                                                                       "build_gn_resnet_backbone")
+    graphed_backbone = "build_gn_resnet_fpn_backbone"
+    our_backbones = (graphed_backbone, "build_gn_resnet_backbone")
     if cfg.MODEL.CUDA_GRAPHS.BACKBONE and cfg.MODEL.BACKBONE.NAME != graphed_backbone:
         raise ValueError(f"{config_file}: MODEL.CUDA_GRAPHS.BACKBONE needs MODEL.BACKBONE.NAME {graphed_backbone!r}, "
                          f"got {cfg.MODEL.BACKBONE.NAME!r}; set MODEL.CUDA_GRAPHS.BACKBONE False")

@@ -16,8 +16,8 @@ A 4-D input laid out channels last (NHWC) is read and written in that layout, as
 input gradient, so a channels-last network needs no conversions around its GN layers; any other input is
 made NCHW-contiguous. Nothing of activation size is saved for the backward: x_hat and the ReLU mask are
 recomputed from x and the slots' statistics. Statistics and sums are fp32 whatever the activation's dtype
-(fp32/fp16/bf16), which stays as it is. ``torch.nn.functional.group_norm`` is the reference these kernels are tested against
-(in float64, with ``TRITON_INTERPRET=1`` on the CPU).
+(fp32/fp16/bf16), which stays as it is. ``torch.nn.functional.group_norm`` is the reference these kernels
+are tested against (in float64, with ``TRITON_INTERPRET=1`` on the CPU).
 """
 import contextlib
 import functools

@@ -185,6 +185,11 @@ def test_components_are_usable_from_python_without_a_config():
     assert sorted(features) == ["p2", "p3", "p4", "p5", "p6"] and features["p2"].shape == (1, 32, 16, 16)
 
 
+def spatial_conv_weights(module):
+    """The 3x3 and 7x7 conv weights of ``module`` (a 1x1 weight is laid out alike either way)."""
+    return [p for p in module.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+
+
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_channels_last_backbone_computes_what_the_nchw_one_does(impl):
     # Against the NCHW model with torch's GN; "triton": the kernels in their channels-last layout (in the
@@ -197,7 +202,7 @@ def test_channels_last_backbone_computes_what_the_nchw_one_does(impl):
                                 "MODEL.BACKBONE.CHANNELS_LAST", True))
     incompatible = nhwc.load_state_dict(nchw.state_dict(), strict=True)  # the same checkpoint keys
     assert not incompatible.missing_keys and not incompatible.unexpected_keys
-    kernels = [p for p in nhwc.backbone.parameters() if p.dim() == 4 and p.shape[-1] > 1]  # 3x3 and 7x7 convs
+    kernels = spatial_conv_weights(nhwc.backbone)
     assert kernels and all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)
     images = torch.randn(1, 3, 64, 96, device=device)  # one small image: the kernels run in the interpreter
     with torch.backends.cudnn.flags(enabled=True, deterministic=True, allow_tf32=False):  # fp32 as on the CPU
@@ -218,7 +223,7 @@ def test_a_channels_last_resnet_keeps_its_conv_weights_channels_last():
     from gn_detection.backbone import make_resnet
 
     resnet = make_resnet(18, res2_out_channels=64, gn=GroupNormSpec(num_groups=8), channels_last=True)
-    kernels = [p for p in resnet.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+    kernels = spatial_conv_weights(resnet)
     assert kernels and all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)
     resnet.load_state_dict(make_resnet(18, res2_out_channels=64, gn=GroupNormSpec(num_groups=8)).state_dict())
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)  # loading keeps the layout
