@@ -35,6 +35,7 @@ def test_cli_measures_every_variant_side_by_side(tmp_path):
         assert row["error"] is None and row["nonfinite_losses"] == 0
         assert row["train_images_per_s"] > 0 and row["peak_memory_gb"] > 0.1 and row["inference_s_per_image"] > 0
         assert row["peak_reserved_gb"] is None  # the CUDA allocator's; nothing on the CPU
+        assert 0 <= row["inference_detections"] <= 5  # TEST.DETECTIONS_PER_IMAGE of SMALL_WORK
     for n in (1, 2):
         reference, ours = rows[("detectron2_gn", n)], rows[("ours", n)]
         assert reference["train_speedup"] == 1.0
@@ -155,6 +156,28 @@ def test_training_measurement_on_a_registered_dataset_under_cpu_autocast(tiny_sh
     assert "Could not write the profile" in caplog.text and "ZeroDivisionError" in caplog.text
     with pytest.raises(ValueError, match="has 48 images; the benchmark needs 100"):
         bench.dataset_batch(cfg, "tiny_shapes_train", 100)
+
+
+@pytest.mark.parametrize("threshold, detections", [(0.0, 5), (1.0, 0)])
+def test_inference_counts_the_detections_that_pass_the_configs_score_threshold(threshold, detections):
+    from .conftest import TINY_OVERRIDES
+
+    variant = bench.Variant("ours", SHAPES_CONFIG, tuple(TINY_OVERRIDES))
+    cfg = bench.variant_config(variant, "cpu", ["TEST.DETECTIONS_PER_IMAGE", 5,
+                                                "MODEL.ROI_HEADS.SCORE_THRESH_TEST", threshold])
+    image = bench.synthetic_batch(1, 96, 128, boxes=2, num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES)[0]
+    seconds, found = bench.measure_inference(cfg, image, "fp32", warmup=0, iters=1)
+    assert seconds > 0 and found == detections
+
+
+def test_inference_keeps_the_configs_score_threshold():
+    # issue 5's table ran Detectron2's configs as they are; a threshold of 0 would add a class-wise NMS over
+    # every proposal x class to each model's inference time
+    builtins = bench.builtin_variants(SHAPES_CONFIG)
+    for name in ("detectron2_gn", "frozen_bn"):
+        assert bench.variant_config(builtins[name], "cpu").MODEL.ROI_HEADS.SCORE_THRESH_TEST == 0.05
+    assert (bench.variant_config(builtins["ours"], "cpu").MODEL.ROI_HEADS.SCORE_THRESH_TEST
+            == make_cfg(SHAPES_CONFIG).MODEL.ROI_HEADS.SCORE_THRESH_TEST)
 
 
 def test_synthetic_batch_has_boxes_inside_the_image_and_masks_inside_their_boxes():

@@ -8,9 +8,10 @@
     python tools/benchmark.py --task op --op-shape 8 256 200 304 --op-dtype fp16 --compile
     python tools/benchmark.py --images-per-gpu 2 --precision fp32 --profile output/profiles    # where the time goes
 
-Model task: training images/s (full step with the optimizer), inference s/image (one image per call) and peak
-memory, random weights, on synthetic COCO-sized inputs (--input-size, --boxes) or the first images of a
-registered dataset. Writes JSON (--output) and prints a Markdown table whose ratios are to detectron2_gn.
+Model task: training images/s (full step with the optimizer), inference s/image (one image per call, with the
+detections it returned: the config's SCORE_THRESH_TEST holds; MODEL.ROI_HEADS.SCORE_THRESH_TEST 0 returns
+TEST.DETECTIONS_PER_IMAGE) and peak memory, random weights, on synthetic COCO-sized inputs (--input-size,
+--boxes) or the first images of a registered dataset. Writes JSON (--output) and prints a Markdown table whose ratios are to detectron2_gn.
 --config-file replaces the config of `ours` (and `ours_stock_gn`); trailing KEY VALUE pairs apply to every
 variant.
 """
@@ -114,11 +115,12 @@ def run_models(args, variants, logger, save) -> dict:
     cells, total, start = [], len(variants) * len(args.precision) * len(args.images_per_gpu), time.time()
     for variant, (cfg, batch) in variants.items():
         for precision in args.precision:
-            inference, inference_error = None, None
+            inference, detections, inference_error = None, None, None
             if "inference" not in args.skip:
                 try:
-                    inference = bench.measure_inference(cfg, batch[0], precision, args.warmup, args.iters,
-                                                        profile_path(args, variant.name, precision, "inference"))
+                    inference, detections = bench.measure_inference(
+                        cfg, batch[0], precision, args.warmup, args.iters,
+                        profile_path(args, variant.name, precision, "inference"))
                 except Exception as e:  # noqa: BLE001 (recorded, the other cells still run)
                     inference_error = f"inference: {bench.error_text(e)}"
             for count in args.images_per_gpu:
@@ -131,13 +133,14 @@ def run_models(args, variants, logger, save) -> dict:
                     except Exception as e:  # noqa: BLE001
                         cell.error = bench.error_text(e)
                 cell.variant, cell.inference_s_per_image = variant.name, inference
+                cell.inference_detections = detections
                 cell.error = "; ".join(filter(None, (cell.error, inference_error))) or None
                 cells.append(cell)
                 elapsed = time.time() - start
-                logger.info("[%d/%d] %s %s %d img: %s img/s, peak %s GB (%s reserved), %s s/img inference%s; "
-                            "ETA %.0f s", len(cells), total, variant.name, precision, count,
+                logger.info("[%d/%d] %s %s %d img: %s img/s, peak %s GB (%s reserved), %s s/img inference "
+                            "(%s detections)%s; ETA %.0f s", len(cells), total, variant.name, precision, count,
                             _short(cell.train_images_per_s), _short(cell.peak_memory_gb),
-                            _short(cell.peak_reserved_gb), _short(inference),
+                            _short(cell.peak_reserved_gb), _short(inference), _short(detections),
                             f" ({cell.error})" if cell.error else "", elapsed / len(cells) * (total - len(cells)))
                 save(models_report(variants, cells))
                 gc.collect()
