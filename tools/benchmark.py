@@ -9,11 +9,11 @@
     python tools/benchmark.py --images-per-gpu 2 --precision fp32 --profile output/profiles    # where the time goes
 
 Model task: training images/s (full step with the optimizer), inference s/image (one image per call, with the
-detections it returned: the config's SCORE_THRESH_TEST holds; MODEL.ROI_HEADS.SCORE_THRESH_TEST 0 returns
+detections it returned: the config's SCORE_THRESH_TEST holds; MODEL.ROI_HEADS.SCORE_THRESH_TEST 0.0 returns
 TEST.DETECTIONS_PER_IMAGE) and peak memory, random weights, on synthetic COCO-sized inputs (--input-size,
---boxes) or the first images of a registered dataset. Writes JSON (--output) and prints a Markdown table whose ratios are to detectron2_gn.
---config-file replaces the config of `ours` (and `ours_stock_gn`); trailing KEY VALUE pairs apply to every
-variant.
+--boxes) or the first images of a registered dataset. Writes JSON (--output) and prints a Markdown table
+whose ratios are to detectron2_gn. --config-file replaces the config of `ours` (and `ours_stock_gn`);
+trailing KEY VALUE pairs apply to every variant.
 """
 import argparse
 import gc
