@@ -20,9 +20,10 @@ import torch
 from detectron2 import model_zoo as detectron2_zoo
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, DatasetMapper
+from detectron2.data.detection_utils import annotations_to_instances
 from detectron2.modeling import build_model
 from detectron2.solver import build_optimizer
-from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.structures import BoxMode
 from detectron2.utils.events import EventStorage
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity
@@ -34,6 +35,7 @@ from .model_zoo import CONFIG_DIR
 logger = logging.getLogger(__name__)
 PRECISIONS = {"fp32": None, "amp_fp16": torch.float16, "amp_bf16": torch.bfloat16}
 REFERENCE_VARIANT = "detectron2_gn"
+_POLYGON_VERTICES = 32  # per synthetic mask; COCO's polygons have a few dozen
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -112,26 +114,27 @@ def variant_config(variant: Variant, device: str, opts: Sequence = ()) -> CfgNod
     return load_config(variant.config_file, [*variant.opts, *fixed, *opts])
 
 
-def synthetic_batch(count: int, height: int, width: int, boxes: int, num_classes: int, seed: int = 0) -> List[dict]:
+def synthetic_batch(count: int, height: int, width: int, boxes: int, num_classes: int,
+                    mask_format: str = "polygon", seed: int = 0) -> List[dict]:
     """COCO-sized training inputs as Detectron2's mapper produces them: uint8 CHW images on the CPU, each with
-    ``boxes`` boxes and filled-ellipse bit masks of random classes."""
+    ``boxes`` boxes of random classes whose masks are filled ellipses, given as COCO polygons and made into
+    instances by Detectron2's ``annotations_to_instances`` in ``mask_format`` (INPUT.MASK_FORMAT).
+
+    The format matters for memory: with "bitmask" the ROI heads give each of the 512 sampled proposals of an
+    image its own full-size copy of its ground-truth mask (0.5 GB per 800x1216 image, alive while the mask
+    head runs); Detectron2's default "polygon", which COCO training uses, copies only the polygons."""
     rng = np.random.default_rng(seed)
+    angles = np.linspace(0, 2 * np.pi, _POLYGON_VERTICES, endpoint=False)
     batch = []
     for _ in range(count):
         sizes = rng.uniform(0.05, 0.5, size=(boxes, 2)) * [width, height]
         corners = rng.uniform(0, 1, size=(boxes, 2)) * ([width, height] - sizes)
-        xyxy = np.concatenate([corners, corners + sizes], axis=1).astype(np.float32)
-        ys, xs = np.mgrid[:height, :width]
-        masks = np.zeros((boxes, height, width), dtype=bool)
-        for mask, (x0, y0, x1, y1) in zip(masks, xyxy):
-            cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
-            mask[:] = ((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 <= 1
-        instances = Instances(
-            (height, width),
-            gt_boxes=Boxes(torch.from_numpy(xyxy)),
-            gt_classes=torch.from_numpy(rng.integers(0, num_classes, size=boxes)),
-            gt_masks=BitMasks(torch.from_numpy(masks)),
-        )
+        annotations = []
+        for corner, size, category in zip(corners, sizes, rng.integers(0, num_classes, size=boxes)):
+            outline = corner + size / 2 * (1 + np.stack([np.cos(angles), np.sin(angles)], axis=1))  # (x, y) rows
+            annotations.append({"bbox": [*corner, *(corner + size)], "bbox_mode": BoxMode.XYXY_ABS,
+                                "category_id": int(category), "segmentation": [outline.ravel()]})
+        instances = annotations_to_instances(annotations, (height, width), mask_format=mask_format)
         image = torch.from_numpy(rng.integers(0, 256, size=(3, height, width), dtype=np.uint8))
         batch.append({"image": image, "instances": instances, "height": height, "width": width})
     return batch

@@ -1,12 +1,15 @@
 """tools/benchmark.py and gn_detection.benchmark on the CPU: tiny inputs, one timed iteration."""
+import argparse
 import importlib.util
 import json
+import math
 import os
 import re
 
 import numpy as np
 import pytest
 import torch
+from detectron2.structures import BitMasks, PolygonMasks
 
 from gn_detection import benchmark as bench
 
@@ -15,6 +18,14 @@ from .conftest import REPO, SHAPES_CONFIG, make_cfg, run_tool
 # Shrink the per-image work of every variant (Detectron2's R-50 ones included) to CPU-test size.
 SMALL_WORK = ["MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 32, "MODEL.RPN.POST_NMS_TOPK_TRAIN", 100,
               "MODEL.RPN.POST_NMS_TOPK_TEST", 50, "TEST.DETECTIONS_PER_IMAGE", 5]
+
+
+def load_tool():
+    """tools/benchmark.py as a module."""
+    spec = importlib.util.spec_from_file_location("benchmark_tool", os.path.join(REPO, "tools", "benchmark.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
 
 
 def test_cli_measures_every_variant_side_by_side(tmp_path):
@@ -118,9 +129,7 @@ def test_cuda_device_without_a_gpu_says_to_use_the_cpu(tmp_path):
 @pytest.mark.parametrize("name, selected", [("cuda", []), ("cuda:1", [1]), ("cpu", [])])
 def test_only_an_indexed_cuda_device_is_made_current(name, selected, monkeypatch):
     # the default --device cuda has no index, and torch.cuda.set_device refuses an unindexed device
-    spec = importlib.util.spec_from_file_location("benchmark_tool", os.path.join(REPO, "tools", "benchmark.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool()
     calls = []
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(torch.device(device).index))
     tool.use_device(name)
@@ -180,17 +189,34 @@ def test_inference_keeps_the_configs_score_threshold():
             == make_cfg(SHAPES_CONFIG).MODEL.ROI_HEADS.SCORE_THRESH_TEST)
 
 
-def test_synthetic_batch_has_boxes_inside_the_image_and_masks_inside_their_boxes():
-    batch = bench.synthetic_batch(2, 80, 120, boxes=5, num_classes=3)
-    for item in batch:
+def test_synthetic_batch_has_boxes_inside_the_image_and_the_same_masks_in_both_formats():
+    polygons, bitmasks = (bench.synthetic_batch(2, 80, 120, boxes=5, num_classes=3, mask_format=f)
+                          for f in ("polygon", "bitmask"))
+    for item, same in zip(polygons, bitmasks):
         assert item["image"].shape == (3, 80, 120) and item["image"].dtype == torch.uint8
+        assert torch.equal(item["image"], same["image"])
         boxes = item["instances"].gt_boxes.tensor
+        assert torch.equal(boxes, same["instances"].gt_boxes.tensor)
+        assert torch.equal(item["instances"].gt_classes, same["instances"].gt_classes)
         assert len(boxes) == 5 and (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 120).all()
         assert (boxes[:, 3] <= 80).all() and (boxes[:, 2:] > boxes[:, :2]).all()
-        masks = item["instances"].gt_masks.tensor
-        for mask, (x0, y0, x1, y1) in zip(masks, boxes.tolist()):
+        masks = same["instances"].gt_masks
+        assert isinstance(item["instances"].gt_masks, PolygonMasks) and isinstance(masks, BitMasks)
+        areas = item["instances"].gt_masks.area()
+        for mask, area, (x0, y0, x1, y1) in zip(masks.tensor, areas.tolist(), boxes.tolist()):
             ys, xs = np.nonzero(mask.numpy())
             assert len(xs) and xs.min() >= x0 - 1 and xs.max() <= x1 and ys.min() >= y0 - 1 and ys.max() <= y1
+            assert abs(len(xs) - area) <= 0.1 * area + 4  # the rasterized polygon is the polygon
+            assert area == pytest.approx(math.pi * (x1 - x0) * (y1 - y0) / 4, rel=0.02)  # an ellipse in its box
+
+
+@pytest.mark.parametrize("mask_format, masks_type", [("polygon", PolygonMasks), ("bitmask", BitMasks)])
+def test_benchmark_inputs_follow_the_configs_mask_format(mask_format, masks_type):
+    # "bitmask" gives each sampled proposal a full-size mask: 0.5 GB per 800x1216 image on the GPU
+    cfg = make_cfg(SHAPES_CONFIG, "INPUT.MASK_FORMAT", mask_format)
+    args = argparse.Namespace(dataset="", input_size=(64, 96), boxes=3)
+    (item,) = load_tool().inputs_for(cfg, args, 1)
+    assert isinstance(item["instances"].gt_masks, masks_type) and len(item["instances"]) == 3
 
 
 def test_peak_memory_sees_a_large_temporary_allocation_on_the_cpu():

@@ -86,7 +86,8 @@ def inputs_for(cfg, args, count):
     if args.dataset:
         return bench.dataset_batch(cfg, args.dataset, count)
     height, width = args.input_size
-    return bench.synthetic_batch(count, height, width, args.boxes, cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+    return bench.synthetic_batch(count, height, width, args.boxes, cfg.MODEL.ROI_HEADS.NUM_CLASSES,
+                                 cfg.INPUT.MASK_FORMAT)
 
 
 def prepare_variants(args) -> dict:

@@ -5,7 +5,9 @@
 # writes JSON after each cell).
 #   1. the kernels', recomputation's, CUDA graphs' and the channels-last backbone's tests on CUDA (the sm_90
 #      compile check is left to CI)
-#   2. the levers one at a time at 8 images under AMP, beside Detectron2's GN
+#   2. the levers one at a time at 8 images under AMP, beside Detectron2's GN (the fused ReLU and GN in half
+#      precision were measured before: h200_levers_amp8.json), and both GN models with bit masks, as every
+#      run before polygons became the benchmark's default
 #   3. the backbone as CUDA graphs at 2 images, fp32 and AMP fp16, beside ours and Detectron2's GN
 #   4. the model table: ours, Detectron2's GN and frozen BN; 2 and 8 images; fp32 and AMP fp16
 #   5. the GroupNorm+ReLU op on the 8x256x200x304 P2 activation, fp16 and fp32, against eager and torch.compile
@@ -37,8 +39,8 @@ step 180 python3 -m pytest -q -n 8 -p no:cacheprovider --timeout 120 tests/test_
     channels_last_backbone)" tests/test_benchmark.py::test_peak_memory_on_cuda_sees_allocated_and_reserved_memory
 step 180 python3 tools/benchmark.py --images-per-gpu 8 --precision amp_fp16 --skip inference \
     --variants ours "ours:MODEL.GN.RECOMPUTE_OUTPUT=False" "ours:MODEL.CUDA_GRAPHS.BACKBONE=True" \
-    "ours:MODEL.BACKBONE.CHANNELS_LAST=True" \
-    "ours:MODEL.GN.FUSE_RELU=False" "ours:MODEL.GN.AUTOCAST_HALF=False" ours_stock_gn detectron2_gn \
+    "ours:MODEL.BACKBONE.CHANNELS_LAST=True" ours_stock_gn detectron2_gn \
+    "ours:INPUT.MASK_FORMAT=bitmask" "detectron2_gn:INPUT.MASK_FORMAT=bitmask" \
     --output "$out/levers.json"
 step 150 python3 tools/benchmark.py --images-per-gpu 2 --precision fp32 amp_fp16 --skip inference \
     --variants ours "ours:MODEL.CUDA_GRAPHS.BACKBONE=True" detectron2_gn --output "$out/graphs_2img.json"
