@@ -7,11 +7,14 @@ on CUDA and the process's peak resident set (VmHWM, reset per cell) on the CPU; 
 the allocator is recorded too, since a CUDA graph's replays use memory its pool reserved without allocating.
 """
 import gc
+import json
 import logging
 import os
 import platform
 import statistics
+import tempfile
 import time
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -304,10 +307,78 @@ def profile_table(step: Callable[[], object], device: str, steps: int = 3, rows:
             f"ops, {device_ms:.1f} ms of device time\n{table}")
 
 
+def allocations_alive_at_peak(trace_events: List[dict], device_type: int) -> Tuple[int, List[dict]]:
+    """From a profiled run's Chrome-trace events (``profile_memory=True``): the peak of the memory allocated
+    on one device type (Kineto's "Device Type": 0 CPU, 1 CUDA) above what it was when profiling began, and
+    the allocation events whose memory was alive at that peak (allocations and frees paired by address)."""
+    memory = sorted((e for e in trace_events
+                     if e.get("name") == "[memory]" and e["args"].get("Device Type") == device_type),
+                    key=lambda e: e["ts"])
+    live, total, peak, alive = {}, 0, 0, []
+    for event in memory:
+        total += event["args"]["Bytes"]
+        if event["args"]["Bytes"] > 0:
+            live[event["args"]["Addr"]] = event
+        else:
+            live.pop(event["args"]["Addr"], None)
+        if total > peak:
+            peak, alive = total, list(live.values())
+    return peak, alive
+
+
+def allocation_sites(trace_events: List[dict], allocations: List[dict]) -> Counter:
+    """Bytes of ``allocations`` by where each was made, in its thread: the outermost op around it (the
+    backward's ops are autograd nodes), the innermost ``nn.Module`` and the innermost source line outside
+    torch (the backward's have neither)."""
+    spans = defaultdict(list)
+    for e in trace_events:
+        if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "python_function"):
+            spans[e["tid"]].append(e)
+    by_thread = {}
+    for tid, events in spans.items():
+        starts = np.array([e["ts"] for e in events])
+        by_thread[tid] = (events, starts, starts + np.array([e["dur"] for e in events]))
+    sites = Counter()
+    for allocation in allocations:
+        events, starts, ends = by_thread.get(allocation["tid"], ([], np.zeros(0), np.zeros(0)))
+        around = [events[i] for i in np.flatnonzero((starts <= allocation["ts"]) & (ends >= allocation["ts"]))]
+        ops = [e for e in around if e["cat"] == "cpu_op"]
+        modules = [e for e in around if e["name"].startswith("nn.Module: ")]
+        lines = [e for e in around if ".py(" in e["name"] and "torch/" not in e["name"]]
+        site = (max(ops, key=lambda e: e["dur"])["name"] if ops else "?",
+                min(modules, key=lambda e: e["dur"])["name"][len("nn.Module: "):] if modules else "",
+                min(lines, key=lambda e: e["dur"])["name"] if lines else "")
+        sites[site] += allocation["args"]["Bytes"]
+    return sites
+
+
+def peak_memory_table(step: Callable[[], object], device: str, rows: int = 25) -> str:
+    """``torch.profiler`` with ``profile_memory`` over one more call of a warmed-up ``step``: the peak memory
+    allocated on ``device`` above the call's start, and the ``rows`` largest sites (op, module, source line)
+    of the memory alive at that peak: where the peak goes."""
+    on_cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with torch.profiler.profile(activities=activities, profile_memory=True, with_stack=True) as profiler:
+        step()
+        synchronize(device)
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "trace.json")
+        profiler.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    peak, alive = allocations_alive_at_peak(events, 1 if on_cuda else 0)
+    lines = [f"peak memory of one step: {peak / 1e9:.3f} GB above its start; alive then, by where it was "
+             f"allocated ({len(alive)} allocations):", "| GB | op | module | source |", "|---|---|---|---|"]
+    for (op, module, source), size in allocation_sites(events, alive).most_common(rows):
+        lines.append(f"| {size / 1e9:.3f} | {op} | {module} | {source} |")
+    return "\n".join(lines)
+
+
 def write_profile(path: str, step: Callable[[], object], device: str) -> None:
-    """:func:`profile_table` to ``path``; a failure is logged and loses only the profile, not the measurement."""
+    """:func:`profile_table`, then :func:`peak_memory_table`, to ``path``; a failure is logged and loses only
+    the profile, not the measurement."""
     try:
-        write_atomically(path, profile_table(step, device))
+        write_atomically(path, f"{profile_table(step, device)}\n\n{peak_memory_table(step, device)}\n")
     except Exception as e:  # noqa: BLE001 (the profiler or the disk; the timing is already taken)
         logger.warning("Could not write the profile %s: %s", path, error_text(e))
 

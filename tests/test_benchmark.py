@@ -78,6 +78,9 @@ def test_a_failing_cell_is_recorded_and_the_run_goes_on(tmp_path):
     profiles = {p.name: p.read_text() for p in (tmp_path / "profiles").iterdir()}
     assert set(profiles) == {"ours_fp32_1img_train.txt", "ours_fp32_inference.txt"}
     for text in profiles.values():
+        peak = re.search(r"^peak memory of one step: ([\d.]+) GB above its start", text, re.M)
+        rows = text[peak.end():].splitlines()[3:] if peak else []
+        assert peak and float(peak.group(1)) > 0.001 and rows and all(row.startswith("| 0.") for row in rows)
         times = re.match(r"per step \(3 steps, under the profiler\): ([\d.]+) ms wall, ([\d.]+) ms of CPU time in "
                          r"ops, 0\.0 ms of device time\n", text)
         assert times and float(times.group(1)) > 0 and float(times.group(2)) > 0 and "convolution" in text
@@ -187,6 +190,37 @@ def test_inference_keeps_the_configs_score_threshold():
         assert bench.variant_config(builtins[name], "cpu").MODEL.ROI_HEADS.SCORE_THRESH_TEST == 0.05
     assert (bench.variant_config(builtins["ours"], "cpu").MODEL.ROI_HEADS.SCORE_THRESH_TEST
             == make_cfg(SHAPES_CONFIG).MODEL.ROI_HEADS.SCORE_THRESH_TEST)
+
+
+def memory_event(ts, addr, size, device_type=0):
+    return {"name": "[memory]", "ph": "i", "ts": ts, "tid": 1,
+            "args": {"Addr": addr, "Bytes": size, "Device Type": device_type}}
+
+
+def test_the_peak_is_found_with_what_is_alive_at_it_on_one_device():
+    events = [memory_event(1, 1, 100), memory_event(2, 2, 50), memory_event(2.5, 4, 1000, device_type=1),
+              memory_event(3, 1, -100), memory_event(4, 3, 120), memory_event(5, 9, -30),  # 9: from before
+              memory_event(6, 3, -120), {"name": "aten::add", "ph": "X", "ts": 0, "dur": 9, "tid": 1}]
+    peak, alive = bench.allocations_alive_at_peak(events, 0)
+    assert peak == 170 and sorted(e["args"]["Addr"] for e in alive) == [2, 3]
+    peak, alive = bench.allocations_alive_at_peak(events, 1)
+    assert peak == 1000 and [e["args"]["Addr"] for e in alive] == [4]
+
+
+class HoldsATemporary(torch.nn.Module):
+    def forward(self, x):
+        temporary = torch.ones(8 * 1024 * 1024)  # 33.6 MB, alive until the sum is taken
+        return x + temporary.sum()
+
+
+def test_peak_memory_table_names_the_op_module_and_line_that_hold_the_peak():
+    model, x = HoldsATemporary(), torch.ones(4)
+    text = bench.peak_memory_table(lambda: model(x), "cpu")
+    peak = float(re.match(r"peak memory of one step: ([\d.]+) GB above its start", text).group(1))
+    assert 0.0335 <= peak < 0.04
+    top = text.splitlines()[3].split(" | ")
+    assert top[0] == "| 0.034" and top[1] == "aten::ones" and top[2].startswith("HoldsATemporary")
+    assert "test_benchmark.py" in top[3] and "forward" in top[3]
 
 
 def test_synthetic_batch_has_boxes_inside_the_image_and_the_same_masks_in_both_formats():

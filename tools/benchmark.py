@@ -56,8 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", default="output/benchmark/benchmark.json", help="JSON results file")
     parser.add_argument("--profile", default="", metavar="DIR",
-                        help="also profile 3 more steps of every measurement: CPU vs device time per step and "
-                             "the top ops, one text file each in DIR")
+                        help="also profile 3 more steps of every measurement (CPU vs device time per step and "
+                             "the top ops) and one more for memory (the peak and what is alive at it, by op, "
+                             "module and source line), one text file each in DIR")
     parser.add_argument("--op-shape", type=int, nargs="+", default=[8, 256, 200, 304], metavar="DIM")
     parser.add_argument("--op-groups", type=int, default=32)
     parser.add_argument("--op-dtype", choices=list(OP_DTYPES), default="fp16")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU measurements of docs/speed.md in one go, most wanted first, each step time-boxed so that one which
-# hangs leaves the others their time (about 18 minutes if every step ran to its limit, 5 on an H200 as
+# hangs leaves the others their time (about 19 minutes if every step ran to its limit, 5 on an H200 as
 # measured before steps 3 and 6 were added); results land in OUTDIR as they are measured (the benchmark
 # writes JSON after each cell).
 #   1. the kernels', recomputation's, CUDA graphs' and the channels-last backbone's tests on CUDA (the sm_90
@@ -11,9 +11,10 @@
 #   3. the backbone as CUDA graphs at 2 images, fp32 and AMP fp16, beside ours and Detectron2's GN
 #   4. the model table: ours, Detectron2's GN and frozen BN; 2 and 8 images; fp32 and AMP fp16
 #   5. the GroupNorm+ReLU op on the 8x256x200x304 P2 activation, fp16 and fp32, against eager and torch.compile
-#   6. profiles (wall, CPU and GPU time per step, top ops): training at 8 images under AMP for ours, ours with
-#      CUDA graphs and frozen BN (is the step bound by the CPU there too?), and ours' inference in fp32 and
-#      AMP fp16 (why AMP inference was slower in one run)
+#   6. profiles (wall, CPU and GPU time per step, top ops; the peak memory and what is alive at it): training
+#      at 8 images under AMP for ours, ours with CUDA graphs and frozen BN (is the step bound by the CPU there
+#      too? where is the peak?), and ours' inference in fp32 and AMP fp16 (why AMP inference was slower in
+#      one run)
 #
 #   tools/benchmark_gpu.sh OUTDIR
 set -u
@@ -48,7 +49,7 @@ step 240 python3 tools/benchmark.py --images-per-gpu 2 8 --precision fp32 amp_fp
     --variants ours detectron2_gn frozen_bn --output "$out/models.json"
 step 90 python3 tools/benchmark.py --task op --op-dtype fp16 --compile --output "$out/op_fp16.json"
 step 70 python3 tools/benchmark.py --task op --op-dtype fp32 --compile --output "$out/op_fp32.json"
-step 120 python3 tools/benchmark.py --images-per-gpu 8 --precision amp_fp16 --skip inference --warmup 5 --iters 10 \
+step 150 python3 tools/benchmark.py --images-per-gpu 8 --precision amp_fp16 --skip inference --warmup 5 --iters 10 \
     --variants ours "ours:MODEL.CUDA_GRAPHS.BACKBONE=True" frozen_bn --profile "$out/profiles" \
     --output "$out/profiles_train.json"
 step 60 python3 tools/benchmark.py --images-per-gpu 1 --precision fp32 amp_fp16 --skip train --warmup 5 --iters 10 \
