@@ -108,9 +108,10 @@ def variant_config(variant: Variant, device: str, opts: Sequence = ()) -> CfgNod
     SOLVER.BASE_LR is 0 unless ``opts`` set it: the SGD step still runs in full (momentum, weight decay, the
     update), but random weights stay as they are, so every timed iteration does the same work and a model
     without normalization (frozen BN at its identity statistics) cannot blow up to Inf mid-measurement.
-    Inference keeps the config's ROI_HEADS.SCORE_THRESH_TEST (Detectron2's 0.05, as in issue 5's table): with
-    random weights few boxes pass it, so the time is mostly the backbone's, the RPN's and the box head's, and
-    each cell records how many detections per image reached NMS and the mask head. ``opts`` of
+    Inference keeps the config's ROI_HEADS.SCORE_THRESH_TEST (Detectron2's 0.05, as in issue 5's table, also
+    of random weights): then no or almost no box passes it (class scores near 1/81), so the time is the
+    backbone's, the RPN's and the box head's, and each cell records the detections per image returned, i.e.
+    the mask head's RoIs. ``opts`` of
     ``MODEL.ROI_HEADS.SCORE_THRESH_TEST 0.0`` make every model return TEST.DETECTIONS_PER_IMAGE instead, at
     the price of a class-wise NMS over all proposals x classes (about 21 of 70 ms per image on an H200)."""
     fixed = ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device, "SOLVER.BASE_LR", 0.0]
@@ -125,7 +126,7 @@ def synthetic_batch(count: int, height: int, width: int, boxes: int, num_classes
 
     The format matters for memory: with "bitmask" the ROI heads give each of the 512 sampled proposals of an
     image its own full-size copy of its ground-truth mask (0.5 GB per 800x1216 image, alive while the mask
-    head runs); Detectron2's default "polygon", which COCO training uses, copies only the polygons."""
+    head runs); with Detectron2's default "polygon", which COCO training uses, they share the polygons."""
     rng = np.random.default_rng(seed)
     angles = np.linspace(0, 2 * np.pi, _POLYGON_VERTICES, endpoint=False)
     batch = []
@@ -229,7 +230,7 @@ class Cell:
     peak_memory_gb: Optional[float] = None
     peak_reserved_gb: Optional[float] = None  # CUDA only
     inference_s_per_image: Optional[float] = None
-    inference_detections: Optional[int] = None  # per image: the NMS and mask-head work inside that time
+    inference_detections: Optional[int] = None  # returned per image: the mask head's RoIs inside that time
     nonfinite_losses: int = 0
     error: Optional[str] = None
 
@@ -237,7 +238,7 @@ class Cell:
 def measure_training(cfg: CfgNode, batch: List[dict], precision: str, warmup: int, iters: int,
                      profile_path: str = "") -> Cell:
     """Training images/s and peak memory for one batch size; losses that are not finite are counted. With
-    ``profile_path``, :func:`profile_table` of a few more steps is written there."""
+    ``profile_path``, :func:`write_profile` profiles a few more steps there."""
     device = cfg.MODEL.DEVICE
     torch.manual_seed(0)  # the same random weights, hence the same proposals, in every cell of a variant
     model = build_model(cfg).train()
@@ -264,23 +265,27 @@ def measure_training(cfg: CfgNode, batch: List[dict], precision: str, warmup: in
 def measure_inference(cfg: CfgNode, image: dict, precision: str, warmup: int, iters: int,
                       profile_path: str = "") -> Tuple[float, int]:
     """Seconds per image, one image per call as Detectron2's evaluation runs it, and the number of
-    detections the model returned for it; ``profile_path`` as in :func:`measure_training`."""
+    detections the model returns for it (the mask head's RoIs); ``profile_path`` as in
+    :func:`measure_training`."""
     device = cfg.MODEL.DEVICE
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     dtype = PRECISIONS[precision]
     inputs = [{k: image[k] for k in ("image", "height", "width")}]
-    detections = []
 
     def step():
         with torch.inference_mode(), torch.autocast(device.split(":")[0], dtype=dtype or torch.float32,
                                                     enabled=dtype is not None):
-            detections[:] = [len(model(inputs)[0]["instances"])]
+            return model(inputs)
 
     seconds = median_seconds(step, device, warmup, iters)
     if profile_path:
         write_profile(profile_path, step, device)
-    return seconds, detections[0]
+    return seconds, len(step()[0]["instances"])
+
+
+def _profiler_activities(device: str) -> List[ProfilerActivity]:
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
 
 
 def profile_table(step: Callable[[], object], device: str, steps: int = 3, rows: int = 25) -> str:
@@ -289,8 +294,7 @@ def profile_table(step: Callable[[], object], device: str, steps: int = 3, rows:
     wall time, launching work, not the GPU, bounds the step; the profiler itself slows the CPU side), then the
     ``rows`` ops that took the most device time (CPU time on the CPU)."""
     on_cuda = device.startswith("cuda")
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
-    with torch.profiler.profile(activities=activities) as profiler:
+    with torch.profiler.profile(activities=_profiler_activities(device)) as profiler:
         synchronize(device)
         start = time.perf_counter()
         for _ in range(steps):
@@ -307,12 +311,21 @@ def profile_table(step: Callable[[], object], device: str, steps: int = 3, rows:
             f"ops, {device_ms:.1f} ms of device time\n{table}")
 
 
-def allocations_alive_at_peak(trace_events: List[dict], device_type: int) -> Tuple[int, List[dict]]:
+def trace_device(device: str) -> Tuple[int, int]:
+    """How a profiler trace's memory events name ``device``: ("Device Type", "Device Id"), e.g. (0, -1) for
+    the CPU and (1, 0) for cuda:0 (c10's device types)."""
+    if not device.startswith("cuda"):
+        return int(DeviceType.CPU), -1
+    index = torch.device(device).index
+    return int(DeviceType.CUDA), torch.cuda.current_device() if index is None else index
+
+
+def allocations_alive_at_peak(trace_events: List[dict], device: Tuple[int, int]) -> Tuple[int, List[dict]]:
     """From a profiled run's Chrome-trace events (``profile_memory=True``): the peak of the memory allocated
-    on one device type (Kineto's "Device Type": 0 CPU, 1 CUDA) above what it was when profiling began, and
-    the allocation events whose memory was alive at that peak (allocations and frees paired by address)."""
-    memory = sorted((e for e in trace_events
-                     if e.get("name") == "[memory]" and e["args"].get("Device Type") == device_type),
+    on ``device`` (see :func:`trace_device`) above what it was when profiling began, and the allocation
+    events whose memory was alive at that peak (allocations and frees paired by address)."""
+    memory = sorted((e for e in trace_events if e.get("name") == "[memory]"
+                     and (e["args"].get("Device Type"), e["args"].get("Device Id")) == device),
                     key=lambda e: e["ts"])
     live, total, peak, alive = {}, 0, 0, []
     for event in memory:
@@ -344,7 +357,7 @@ def allocation_sites(trace_events: List[dict], allocations: List[dict]) -> Count
         around = [events[i] for i in np.flatnonzero((starts <= allocation["ts"]) & (ends >= allocation["ts"]))]
         ops = [e for e in around if e["cat"] == "cpu_op"]
         modules = [e for e in around if e["name"].startswith("nn.Module: ")]
-        lines = [e for e in around if ".py(" in e["name"] and "torch/" not in e["name"]]
+        lines = [e for e in around if ".py(" in e["name"] and not e["name"].startswith("torch/")]
         site = (max(ops, key=lambda e: e["dur"])["name"] if ops else "?",
                 min(modules, key=lambda e: e["dur"])["name"][len("nn.Module: "):] if modules else "",
                 min(lines, key=lambda e: e["dur"])["name"] if lines else "")
@@ -355,10 +368,11 @@ def allocation_sites(trace_events: List[dict], allocations: List[dict]) -> Count
 def peak_memory_table(step: Callable[[], object], device: str, rows: int = 25) -> str:
     """``torch.profiler`` with ``profile_memory`` over one more call of a warmed-up ``step``: the peak memory
     allocated on ``device`` above the call's start, and the ``rows`` largest sites (op, module, source line)
-    of the memory alive at that peak: where the peak goes."""
-    on_cuda = device.startswith("cuda")
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
-    with torch.profiler.profile(activities=activities, profile_memory=True, with_stack=True) as profiler:
+    of the memory allocated in the call and alive at that peak: where the peak goes. Memory held from before
+    (weights, optimizer state, a CUDA graph's pool, which its replays reuse) is in neither number; memory
+    from before that the call frees (the last step's gradients) lowers the peak, not the rows."""
+    with torch.profiler.profile(activities=_profiler_activities(device), profile_memory=True,
+                                with_stack=True) as profiler:
         step()
         synchronize(device)
     with tempfile.TemporaryDirectory() as folder:
@@ -366,19 +380,23 @@ def peak_memory_table(step: Callable[[], object], device: str, rows: int = 25) -
         profiler.export_chrome_trace(path)
         with open(path) as f:
             events = json.load(f)["traceEvents"]
-    peak, alive = allocations_alive_at_peak(events, 1 if on_cuda else 0)
-    lines = [f"peak memory of one step: {peak / 1e9:.3f} GB above its start; alive then, by where it was "
-             f"allocated ({len(alive)} allocations):", "| GB | op | module | source |", "|---|---|---|---|"]
+    peak, alive = allocations_alive_at_peak(events, trace_device(device))
+    lines = [f"peak memory of one step: {peak / 1e9:.3f} GB above its start; alive then, allocated in the step "
+             f"({sum(e['args']['Bytes'] for e in alive) / 1e9:.3f} GB in {len(alive)} allocations), by site:",
+             "| GB | op | module | source |", "|---|---|---|---|"]
     for (op, module, source), size in allocation_sites(events, alive).most_common(rows):
         lines.append(f"| {size / 1e9:.3f} | {op} | {module} | {source} |")
     return "\n".join(lines)
 
 
 def write_profile(path: str, step: Callable[[], object], device: str) -> None:
-    """:func:`profile_table`, then :func:`peak_memory_table`, to ``path``; a failure is logged and loses only
-    the profile, not the measurement."""
+    """:func:`profile_table` to ``path``, then :func:`peak_memory_table` added to it; a failure is logged
+    and loses only what is not written yet, never the measurement."""
+    text = ""
     try:
-        write_atomically(path, f"{profile_table(step, device)}\n\n{peak_memory_table(step, device)}\n")
+        for table in (profile_table, peak_memory_table):
+            text += table(step, device) + "\n\n"
+            write_atomically(path, text)
     except Exception as e:  # noqa: BLE001 (the profiler or the disk; the timing is already taken)
         logger.warning("Could not write the profile %s: %s", path, error_text(e))
 

@@ -79,7 +79,7 @@ def test_a_failing_cell_is_recorded_and_the_run_goes_on(tmp_path):
     assert set(profiles) == {"ours_fp32_1img_train.txt", "ours_fp32_inference.txt"}
     for text in profiles.values():
         peak = re.search(r"^peak memory of one step: ([\d.]+) GB above its start", text, re.M)
-        rows = text[peak.end():].splitlines()[3:] if peak else []
+        rows = text[peak.end():].strip().splitlines()[3:] if peak else []
         assert peak and float(peak.group(1)) > 0.001 and rows and all(row.startswith("| 0.") for row in rows)
         times = re.match(r"per step \(3 steps, under the profiler\): ([\d.]+) ms wall, ([\d.]+) ms of CPU time in "
                          r"ops, 0\.0 ms of device time\n", text)
@@ -166,6 +166,11 @@ def test_training_measurement_on_a_registered_dataset_under_cpu_autocast(tiny_sh
     cell = bench.measure_training(cfg, batch, "fp32", warmup=0, iters=1, profile_path=str(tmp_path / "p.txt"))
     assert cell.train_images_per_s > 0 and not (tmp_path / "p.txt").exists()
     assert "Could not write the profile" in caplog.text and "ZeroDivisionError" in caplog.text
+    # nor does a failing memory table cost the timing table before it
+    monkeypatch.undo()
+    monkeypatch.setattr(bench, "peak_memory_table", lambda step, device: 1 / 0)
+    bench.measure_training(cfg, batch, "fp32", warmup=0, iters=1, profile_path=str(tmp_path / "p.txt"))
+    assert (tmp_path / "p.txt").read_text().startswith("per step (3 steps, under the profiler)")
     with pytest.raises(ValueError, match="has 48 images; the benchmark needs 100"):
         bench.dataset_batch(cfg, "tiny_shapes_train", 100)
 
@@ -192,19 +197,37 @@ def test_inference_keeps_the_configs_score_threshold():
             == make_cfg(SHAPES_CONFIG).MODEL.ROI_HEADS.SCORE_THRESH_TEST)
 
 
-def memory_event(ts, addr, size, device_type=0):
-    return {"name": "[memory]", "ph": "i", "ts": ts, "tid": 1,
-            "args": {"Addr": addr, "Bytes": size, "Device Type": device_type}}
+def memory_event(ts, addr, size, device=(0, -1), tid=1):
+    return {"name": "[memory]", "ph": "i", "ts": ts, "tid": tid,
+            "args": {"Addr": addr, "Bytes": size, "Device Type": device[0], "Device Id": device[1]}}
+
+
+def span(name, ts, dur, tid=1, cat="cpu_op"):
+    return {"name": name, "ph": "X", "cat": cat, "ts": ts, "dur": dur, "tid": tid}
 
 
 def test_the_peak_is_found_with_what_is_alive_at_it_on_one_device():
-    events = [memory_event(1, 1, 100), memory_event(2, 2, 50), memory_event(2.5, 4, 1000, device_type=1),
-              memory_event(3, 1, -100), memory_event(4, 3, 120), memory_event(5, 9, -30),  # 9: from before
-              memory_event(6, 3, -120), {"name": "aten::add", "ph": "X", "ts": 0, "dur": 9, "tid": 1}]
-    peak, alive = bench.allocations_alive_at_peak(events, 0)
+    events = [memory_event(1, 1, 100), memory_event(2, 2, 50), memory_event(2.5, 4, 1000, device=(1, 0)),
+              memory_event(2.6, 5, 3000, device=(1, 1)), memory_event(3, 1, -100), memory_event(4, 3, 120),
+              memory_event(5, 9, -30), memory_event(6, 3, -120), span("aten::add", 0, 9)]  # 9: from before
+    peak, alive = bench.allocations_alive_at_peak(events, bench.trace_device("cpu"))
     assert peak == 170 and sorted(e["args"]["Addr"] for e in alive) == [2, 3]
-    peak, alive = bench.allocations_alive_at_peak(events, 1)
+    peak, alive = bench.allocations_alive_at_peak(events, (1, 0))  # cuda:0, not cuda:1's 3000 bytes
     assert peak == 1000 and [e["args"]["Addr"] for e in alive] == [4]
+    assert bench.trace_device("cuda:1") == (1, 1)
+
+
+def test_allocations_are_placed_in_their_own_threads_ops():
+    # on CUDA the backward runs in autograd's device thread while the main thread waits inside backward()
+    forward = [span("aten::conv2d", 0, 10), span("aten::empty", 1, 1), span("nn.Module: Conv2d_3", 0, 10,
+               cat="python_function"), span("detectron2/layers/wrappers.py(109): forward", 0, 10,
+               cat="python_function"), span("torch/nn/functional.py(1): conv2d", 0.5, 9, cat="python_function")]
+    backward = [span("gn_detection/benchmark.py(200): training_step", 20, 50, cat="python_function"),
+                span("autograd::engine::evaluate_function: ConvolutionBackward0", 30, 5, tid=2)]
+    allocations = [memory_event(1.5, 1, 100), memory_event(31, 2, 40, tid=2), memory_event(31, 3, 2, tid=3)]
+    sites = bench.allocation_sites(forward + backward + allocations, allocations)
+    assert sites == {("aten::conv2d", "Conv2d_3", "detectron2/layers/wrappers.py(109): forward"): 100,
+                     ("autograd::engine::evaluate_function: ConvolutionBackward0", "", ""): 40, ("?", "", ""): 2}
 
 
 class HoldsATemporary(torch.nn.Module):

@@ -142,7 +142,8 @@ def run_models(args, variants, logger, save) -> dict:
                 logger.info("[%d/%d] %s %s %d img: %s img/s, peak %s GB (%s reserved), %s s/img inference "
                             "(%s detections)%s; ETA %.0f s", len(cells), total, variant.name, precision, count,
                             _short(cell.train_images_per_s), _short(cell.peak_memory_gb),
-                            _short(cell.peak_reserved_gb), _short(inference), _short(detections),
+                            _short(cell.peak_reserved_gb), _short(inference),
+                            "–" if detections is None else detections,
                             f" ({cell.error})" if cell.error else "", elapsed / len(cells) * (total - len(cells)))
                 save(models_report(variants, cells))
                 gc.collect()
