@@ -24,6 +24,7 @@ from detectron2 import model_zoo as detectron2_zoo
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, DatasetMapper
 from detectron2.data.detection_utils import annotations_to_instances
+from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from detectron2.solver import build_optimizer
 from detectron2.structures import BoxMode
@@ -69,7 +70,8 @@ class Variant:
 
 
 def builtin_variants(ours_config: str) -> Dict[str, Variant]:
-    """The variants every comparison needs: ours, ours with stock GN, Detectron2's GN and frozen BN."""
+    """The variants every comparison needs: ours, ours with stock GN, Detectron2's GN and frozen BN (whose
+    statistics the measurements calibrate: :func:`calibrate_frozen_batchnorm`)."""
     return {
         "ours": Variant("ours", ours_config),
         "ours_stock_gn": Variant(
@@ -235,6 +237,32 @@ class Cell:
     error: Optional[str] = None
 
 
+def calibrate_frozen_batchnorm(model: torch.nn.Module, inputs: List[dict]) -> int:
+    """Sets every ``FrozenBatchNorm2d`` of ``model``'s backbone to the mean and variance of its input on
+    ``inputs`` (one no-grad backbone forward in which each layer is set before it runs, so it sees layers
+    before it already set), as pretrained statistics would normalize; returns how many were set.
+
+    With random weights and identity statistics a backbone without normalization grows its features to
+    about 1e4: the RPN's proposals collapse to a few empty or whole-image boxes (5 per image instead of
+    1000) and the heads idle, so the benchmark would time another workload than a trained model's."""
+    layers = [m for m in model.backbone.modules() if isinstance(m, FrozenBatchNorm2d)]
+
+    def set_statistics(layer, args):
+        x = args[0].float()
+        layer.running_mean.copy_(x.mean((0, 2, 3)))
+        layer.running_var.copy_(x.var((0, 2, 3), unbiased=False))
+
+    handles = [layer.register_forward_pre_hook(set_statistics) for layer in layers]
+    try:
+        if layers:
+            with torch.no_grad():
+                model.backbone(model.preprocess_image(inputs).tensor)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return len(layers)
+
+
 def measure_training(cfg: CfgNode, batch: List[dict], precision: str, warmup: int, iters: int,
                      profile_path: str = "") -> Cell:
     """Training images/s and peak memory for one batch size; losses that are not finite are counted. With
@@ -242,6 +270,7 @@ def measure_training(cfg: CfgNode, batch: List[dict], precision: str, warmup: in
     device = cfg.MODEL.DEVICE
     torch.manual_seed(0)  # the same random weights, hence the same proposals, in every cell of a variant
     model = build_model(cfg).train()
+    calibrate_frozen_batchnorm(model, batch)
     optimizer = build_optimizer(cfg, model)
     dtype = PRECISIONS[precision]
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
@@ -272,6 +301,7 @@ def measure_inference(cfg: CfgNode, image: dict, precision: str, warmup: int, it
     model = build_model(cfg).eval()
     dtype = PRECISIONS[precision]
     inputs = [{k: image[k] for k in ("image", "height", "width")}]
+    calibrate_frozen_batchnorm(model, inputs)
 
     def step():
         with torch.inference_mode(), torch.autocast(device.split(":")[0], dtype=dtype or torch.float32,

@@ -9,7 +9,9 @@ import re
 import numpy as np
 import pytest
 import torch
+from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, PolygonMasks
+from detectron2.utils.events import EventStorage
 
 from gn_detection import benchmark as bench
 
@@ -195,6 +197,28 @@ def test_inference_keeps_the_configs_score_threshold():
         assert bench.variant_config(builtins[name], "cpu").MODEL.ROI_HEADS.SCORE_THRESH_TEST == 0.05
     assert (bench.variant_config(builtins["ours"], "cpu").MODEL.ROI_HEADS.SCORE_THRESH_TEST
             == make_cfg(SHAPES_CONFIG).MODEL.ROI_HEADS.SCORE_THRESH_TEST)
+
+
+def test_frozen_batchnorm_is_calibrated_so_that_the_rpn_proposes_as_with_trained_weights():
+    from .conftest import TINY_OVERRIDES
+
+    cfg = bench.variant_config(bench.builtin_variants(SHAPES_CONFIG)["frozen_bn"], "cpu", SMALL_WORK)
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    batch = bench.synthetic_batch(2, 256, 384, boxes=2, num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+
+    def proposals_per_image():
+        with EventStorage(), torch.no_grad():
+            images = model.preprocess_image(batch)
+            features = model.backbone(images.tensor)
+            proposals, _ = model.proposal_generator(images, features, [item["instances"] for item in batch])
+        return [len(p) for p in proposals]
+
+    assert max(proposals_per_image()) < 20  # identity statistics: features near 1e4, boxes clipped to nothing
+    assert bench.calibrate_frozen_batchnorm(model, batch) == 53  # stem, 16 blocks x 3, 4 shortcuts
+    assert proposals_per_image() == [100, 100]  # RPN.POST_NMS_TOPK_TRAIN of SMALL_WORK
+    gn_model = build_model(make_cfg(SHAPES_CONFIG, *TINY_OVERRIDES))
+    assert bench.calibrate_frozen_batchnorm(gn_model, batch) == 0
 
 
 def memory_event(ts, addr, size, device=(0, -1), tid=1):
