@@ -113,9 +113,9 @@ def variant_config(variant: Variant, device: str, opts: Sequence = ()) -> CfgNod
     Inference keeps the config's ROI_HEADS.SCORE_THRESH_TEST (Detectron2's 0.05, as in issue 5's table, also
     of random weights): then no or almost no box passes it (class scores near 1/81), so the time is the
     backbone's, the RPN's and the box head's, and each cell records the detections per image returned, i.e.
-    the mask head's RoIs. ``opts`` of
-    ``MODEL.ROI_HEADS.SCORE_THRESH_TEST 0.0`` make every model return TEST.DETECTIONS_PER_IMAGE instead, at
-    the price of a class-wise NMS over all proposals x classes (about 21 of 70 ms per image on an H200)."""
+    the mask head's RoIs. ``opts`` of ``MODEL.ROI_HEADS.SCORE_THRESH_TEST 0.0`` make every model return
+    TEST.DETECTIONS_PER_IMAGE instead, at the price of a class-wise NMS over all proposals x classes (about
+    21 of 70 ms per image on an H200)."""
     fixed = ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device, "SOLVER.BASE_LR", 0.0]
     return load_config(variant.config_file, [*variant.opts, *fixed, *opts])
 

@@ -15,7 +15,7 @@ from detectron2.utils.events import EventStorage
 
 from gn_detection import benchmark as bench
 
-from .conftest import REPO, SHAPES_CONFIG, make_cfg, run_tool
+from .conftest import REPO, SHAPES_CONFIG, TINY_OVERRIDES, make_cfg, run_tool
 
 # Shrink the per-image work of every variant (Detectron2's R-50 ones included) to CPU-test size.
 SMALL_WORK = ["MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 32, "MODEL.RPN.POST_NMS_TOPK_TRAIN", 100,
@@ -154,8 +154,6 @@ def test_op_task_times_eager_and_our_layer(tmp_path):
 
 def test_training_measurement_on_a_registered_dataset_under_cpu_autocast(tiny_shapes_root, tmp_path, monkeypatch,
                                                                          caplog):
-    from .conftest import TINY_OVERRIDES
-
     variant = bench.Variant("ours", SHAPES_CONFIG, tuple(TINY_OVERRIDES))
     cfg = bench.variant_config(variant, "cpu")
     assert cfg.SOLVER.BASE_LR == 0.0 and cfg.MODEL.WEIGHTS == ""
@@ -179,8 +177,6 @@ def test_training_measurement_on_a_registered_dataset_under_cpu_autocast(tiny_sh
 
 @pytest.mark.parametrize("threshold, detections", [(0.0, 5), (1.0, 0)])
 def test_inference_counts_the_detections_that_pass_the_configs_score_threshold(threshold, detections):
-    from .conftest import TINY_OVERRIDES
-
     variant = bench.Variant("ours", SHAPES_CONFIG, tuple(TINY_OVERRIDES))
     cfg = bench.variant_config(variant, "cpu", ["TEST.DETECTIONS_PER_IMAGE", 5,
                                                 "MODEL.ROI_HEADS.SCORE_THRESH_TEST", threshold])
@@ -200,8 +196,6 @@ def test_inference_keeps_the_configs_score_threshold():
 
 
 def test_frozen_batchnorm_is_calibrated_so_that_the_rpn_proposes_as_with_trained_weights():
-    from .conftest import TINY_OVERRIDES
-
     cfg = bench.variant_config(bench.builtin_variants(SHAPES_CONFIG)["frozen_bn"], "cpu", SMALL_WORK)
     torch.manual_seed(0)
     model = build_model(cfg).train()
