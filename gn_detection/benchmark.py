@@ -1,10 +1,11 @@
 """Speed and memory of Mask R-CNN variants: training images/s (full step, optimizer included), inference
 seconds per image and peak memory, over images per GPU and precisions, side by side in one process.
 
-Used by ``tools/benchmark.py``; see README "Speed: fused GN kernels and the benchmark". Timing is per iteration with the device synchronized
-before and after, after warm-up; the median is reported. Peak memory is ``torch.cuda.max_memory_allocated``
-on CUDA and the process's peak resident set (VmHWM, reset per cell) on the CPU; on CUDA the peak reserved by
-the allocator is recorded too, since a CUDA graph's replays use memory its pool reserved without allocating.
+Used by ``tools/benchmark.py``; see README "Speed: fused GN kernels and the benchmark". Timing is per
+iteration with the device synchronized before and after, after warm-up; the median is reported. Peak memory
+is ``torch.cuda.max_memory_allocated`` on CUDA and the process's peak resident set (VmHWM, reset per cell) on
+the CPU; on CUDA the peak reserved by the allocator is recorded too, since a CUDA graph's replays use memory
+its pool reserved without allocating.
 """
 import gc
 import json
@@ -235,6 +236,7 @@ class Cell:
     inference_detections: Optional[int] = None  # returned per image: the mask head's RoIs inside that time
     nonfinite_losses: int = 0
     error: Optional[str] = None
+    repeat: int = 0  # which pass over the variants measured it (--repeats)
 
 
 def calibrate_frozen_batchnorm(model: torch.nn.Module, inputs: List[dict]) -> int:
@@ -450,12 +452,13 @@ def machine_description(device: str) -> dict:
 
 
 def with_ratios(cells: List[Cell]) -> List[dict]:
-    """Rows for the table/JSON, with each speed as a ratio to the reference variant's in the same cell."""
-    reference = {(c.precision, c.images_per_iter): c for c in cells if c.variant == REFERENCE_VARIANT}
+    """Rows for the table/JSON, with each speed as a ratio to the reference variant's in the same cell of the
+    same pass."""
+    reference = {(c.precision, c.images_per_iter, c.repeat): c for c in cells if c.variant == REFERENCE_VARIANT}
     rows = []
     for cell in cells:
         row = asdict(cell)
-        ref = reference.get((cell.precision, cell.images_per_iter))
+        ref = reference.get((cell.precision, cell.images_per_iter, cell.repeat))
         if ref and cell.train_images_per_s and ref.train_images_per_s:
             row["train_speedup"] = cell.train_images_per_s / ref.train_images_per_s
         if ref and cell.inference_s_per_image and ref.inference_s_per_image:
@@ -464,12 +467,12 @@ def with_ratios(cells: List[Cell]) -> List[dict]:
     return rows
 
 
+def _or_dash(value, pattern: str) -> str:
+    return pattern.format(value) if value is not None else "–"
+
+
 def markdown_table(rows: List[dict]) -> str:
-    """The measurements as a Markdown table; ratios are to ``detectron2_gn`` measured in the same run."""
-
-    def fmt(value, pattern):
-        return pattern.format(value) if value is not None else "–"
-
+    """The measurements as a Markdown table; ratios are to ``detectron2_gn`` measured in the same pass."""
     lines = [
         f"| model | precision | images/iter | train img/s | × {REFERENCE_VARIANT} | peak memory GB | "
         f"peak reserved GB | inference s/img | × {REFERENCE_VARIANT} | detections/img |",
@@ -480,10 +483,61 @@ def markdown_table(rows: List[dict]) -> str:
                                                       if r["nonfinite_losses"] else "")
         lines.append(
             f"| {r['variant']}{note} | {r['precision']} | {r['images_per_iter']} | "
-            f"{fmt(r['train_images_per_s'], '{:.2f}')} | {fmt(r.get('train_speedup'), '{:.2f}')} | "
-            f"{fmt(r['peak_memory_gb'], '{:.2f}')} | {fmt(r.get('peak_reserved_gb'), '{:.2f}')} | "
-            f"{fmt(r['inference_s_per_image'], '{:.3f}')} | "
-            f"{fmt(r.get('inference_speedup'), '{:.2f}')} | {fmt(r['inference_detections'], '{:d}')} |"
+            f"{_or_dash(r['train_images_per_s'], '{:.2f}')} | {_or_dash(r.get('train_speedup'), '{:.2f}')} | "
+            f"{_or_dash(r['peak_memory_gb'], '{:.2f}')} | {_or_dash(r.get('peak_reserved_gb'), '{:.2f}')} | "
+            f"{_or_dash(r['inference_s_per_image'], '{:.3f}')} | "
+            f"{_or_dash(r.get('inference_speedup'), '{:.2f}')} | {_or_dash(r['inference_detections'], '{:d}')} |"
+        )
+    return "\n".join(lines)
+
+
+def summarize_repeats(rows: List[dict]) -> List[dict]:
+    """One row per (variant, precision, images per iteration) over the passes of ``rows`` (:func:`with_ratios`
+    rows): medians of the speeds, of the ratios (each taken within its pass) and their ranges, the largest peak
+    memory; passes whose cell failed count in ``failed_passes``, not in the statistics."""
+    groups: Dict[Tuple[str, str, int], List[dict]] = defaultdict(list)
+    for row in rows:
+        groups[(row["variant"], row["precision"], row["images_per_iter"])].append(row)
+
+    def spread(measured, key):
+        values = [r[key] for r in measured if r.get(key) is not None]
+        return (statistics.median(values), min(values), max(values)) if values else (None, None, None)
+
+    summary = []
+    for (variant, precision, images), group in groups.items():
+        measured = [r for r in group if not r["error"]]
+        memory = [r["peak_memory_gb"] for r in measured if r["peak_memory_gb"] is not None]
+        summary.append({
+            "variant": variant, "precision": precision, "images_per_iter": images, "passes": len(measured),
+            "failed_passes": len(group) - len(measured),
+            "train_images_per_s": spread(measured, "train_images_per_s")[0],
+            "train_speedup": spread(measured, "train_speedup"),
+            "peak_memory_gb": max(memory) if memory else None,
+            "inference_s_per_image": spread(measured, "inference_s_per_image")[0],
+            "inference_speedup": spread(measured, "inference_speedup"),
+        })
+    return summary
+
+
+def markdown_summary(summary: List[dict]) -> str:
+    """:func:`summarize_repeats` as a Markdown table: each ratio's median over the passes and its range."""
+
+    def ratio(median_low_high):
+        median, low, high = median_low_high
+        return "–" if median is None else f"{median:.2f} ({low:.2f}–{high:.2f})"
+
+    lines = [
+        f"| model | precision | images/iter | passes | train img/s (median) | × {REFERENCE_VARIANT} (range) | "
+        f"peak memory GB (max) | inference s/img (median) | × {REFERENCE_VARIANT} (range) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in summary:
+        failed = f" ({r['failed_passes']} failed)" if r["failed_passes"] else ""
+        lines.append(
+            f"| {r['variant']} | {r['precision']} | {r['images_per_iter']} | {r['passes']}{failed} | "
+            f"{_or_dash(r['train_images_per_s'], '{:.2f}')} | {ratio(r['train_speedup'])} | "
+            f"{_or_dash(r['peak_memory_gb'], '{:.2f}')} | {_or_dash(r['inference_s_per_image'], '{:.3f}')} | "
+            f"{ratio(r['inference_speedup'])} |"
         )
     return "\n".join(lines)
 

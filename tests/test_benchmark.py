@@ -89,6 +89,50 @@ def test_a_failing_cell_is_recorded_and_the_run_goes_on(tmp_path):
     assert "1 measurement(s) failed" in result.stdout + result.stderr
 
 
+def test_repeated_passes_rotate_the_variants_and_give_each_ratio_its_median_and_range(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_tool(
+        ["tools/benchmark.py", "--config-file", SHAPES_CONFIG, "--variants", "ours", "detectron2_gn",
+         "--images-per-gpu", "1", "--precision", "fp32", "--skip", "inference", "--repeats", "2",
+         "--input-size", "96", "128", "--boxes", "2", "--warmup", "0", "--iters", "1", "--output", str(out),
+         *map(str, SMALL_WORK)],
+        {},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [(r["variant"], r["repeat"]) for r in report["rows"]] == [
+        ("ours", 0), ("detectron2_gn", 0), ("detectron2_gn", 1), ("ours", 1)]
+    speed = {(r["variant"], r["repeat"]): r["train_images_per_s"] for r in report["rows"]}
+    ratios = [speed[("ours", k)] / speed[("detectron2_gn", k)] for k in (0, 1)]  # each within its own pass
+    ours = next(r for r in report["summary"] if r["variant"] == "ours")
+    assert ours["passes"] == 2 and ours["failed_passes"] == 0
+    assert ours["train_speedup"] == pytest.approx([sum(ratios) / 2, min(ratios), max(ratios)])
+    assert ours["train_images_per_s"] == pytest.approx((speed[("ours", 0)] + speed[("ours", 1)]) / 2)
+    assert "Over 2 passes:" in result.stdout and "| ours | fp32 | 1 | 2 |" in result.stdout
+
+
+def test_zero_repeats_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        load_tool().parse_args(["--device", "cpu", "--repeats", "0"])
+    assert "--repeats must be >= 1" in capsys.readouterr().err
+
+
+def test_summary_over_passes_leaves_failed_cells_out_of_the_statistics():
+    cells = [bench.Cell("ours", "fp32", 2, train_images_per_s=3.0, peak_memory_gb=1.0, repeat=0),
+             bench.Cell("detectron2_gn", "fp32", 2, train_images_per_s=2.0, peak_memory_gb=2.0, repeat=0),
+             bench.Cell("detectron2_gn", "fp32", 2, train_images_per_s=1.0, peak_memory_gb=2.0, repeat=1),
+             bench.Cell("ours", "fp32", 2, train_images_per_s=2.0, peak_memory_gb=1.5, repeat=1),
+             bench.Cell("ours", "fp32", 2, error="out of memory", repeat=2),
+             bench.Cell("detectron2_gn", "fp32", 2, train_images_per_s=9.0, peak_memory_gb=2.0, repeat=2)]
+    ours, theirs = bench.summarize_repeats(bench.with_ratios(cells))
+    assert (ours["variant"], ours["passes"], ours["failed_passes"]) == ("ours", 2, 1)
+    assert ours["train_speedup"] == (1.75, 1.5, 2.0) and ours["train_images_per_s"] == 2.5
+    assert ours["peak_memory_gb"] == 1.5 and ours["inference_speedup"] == (None, None, None)
+    assert theirs["train_speedup"] == (1.0, 1.0, 1.0) and theirs["passes"] == 3
+    table = bench.markdown_summary([ours, theirs])
+    assert "| ours | fp32 | 2 | 2 (1 failed) | 2.50 | 1.75 (1.50–2.00) | 1.50 | – | – |" in table
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -7,6 +7,7 @@
     python tools/benchmark.py --dataset shapes_train --config-file configs/shapes/mask_rcnn_R18_FPN_gn_scratch.yaml
     python tools/benchmark.py --task op --op-shape 8 256 200 304 --op-dtype fp16 --compile
     python tools/benchmark.py --images-per-gpu 2 --precision fp32 --profile output/profiles    # where the time goes
+    python tools/benchmark.py --images-per-gpu 8 --precision amp_fp16 --repeats 3    # median and range of 3 passes
 
 Model task: training images/s (full step with the optimizer), inference s/image (one image per call, with the
 detections it returned: the config's SCORE_THRESH_TEST holds; MODEL.ROI_HEADS.SCORE_THRESH_TEST 0.0 returns
@@ -53,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dataset", default="", help="use this registered dataset's first images instead")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--iters", type=int, default=30, help="timed iterations per cell (median reported)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="passes over the whole grid, the variants in a rotated order each pass; a second "
+                             "table gives each ratio's median and range over the passes (the host's speed drifts)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", default="output/benchmark/benchmark.json", help="JSON results file")
     parser.add_argument("--profile", default="", metavar="DIR",
@@ -69,8 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                      "--images-per-gpu)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device} but no CUDA GPU is visible; use --device cpu")
-    if min(args.images_per_gpu) < 1 or args.iters < 1 or args.warmup < 0:
-        parser.error("--images-per-gpu and --iters must be >= 1 and --warmup >= 0")
+    if min(args.images_per_gpu) < 1 or args.iters < 1 or args.repeats < 1 or args.warmup < 0:
+        parser.error("--images-per-gpu, --iters and --repeats must be >= 1 and --warmup >= 0")
     if len(args.op_shape) < 2 or args.op_shape[1] % args.op_groups:
         parser.error(f"--op-shape needs N C [spatial...] with C divisible by --op-groups {args.op_groups}, "
                      f"got {args.op_shape}")
@@ -106,23 +110,40 @@ def prepare_variants(args) -> dict:
 
 def models_report(variants, cells) -> dict:
     rows = bench.with_ratios(cells)
-    return {"variants": [{"name": v.name, "config_file": v.config_file, "opts": list(v.opts)} for v in variants],
-            "rows": rows, "table": bench.markdown_table(rows)}
+    report = {"variants": [{"name": v.name, "config_file": v.config_file, "opts": list(v.opts)} for v in variants],
+              "rows": rows, "table": bench.markdown_table(rows)}
+    if any(cell.repeat for cell in cells):
+        report["summary"] = bench.summarize_repeats(rows)
+        report["summary_table"] = bench.markdown_summary(report["summary"])
+    return report
+
+
+def passes(variants: dict, repeats: int):
+    """(pass, variant, (cfg, batch)) in measuring order: each pass starts one variant later than the one
+    before, so that no variant always runs first (or last) while the host's speed drifts."""
+    order = list(variants.items())
+    for repeat in range(repeats):
+        shift = repeat % len(order)
+        for variant, prepared in order[shift:] + order[:shift]:
+            yield repeat, variant, prepared
 
 
 def run_models(args, variants, logger, save) -> dict:
-    """Measure every (variant, precision, images) cell; ``save(report)`` after each, so an interrupted run
-    keeps what it measured. A cell that fails (out of memory, a dtype the device lacks, a kernel that does
-    not compile, divergence) is recorded with its error and the run goes on."""
-    cells, total, start = [], len(variants) * len(args.precision) * len(args.images_per_gpu), time.time()
-    for variant, (cfg, batch) in variants.items():
+    """Measure every (variant, precision, images) cell, ``--repeats`` times; ``save(report)`` after each, so
+    an interrupted run keeps what it measured. A cell that fails (out of memory, a dtype the device lacks, a
+    kernel that does not compile, divergence) is recorded with its error and the run goes on."""
+    cells, start = [], time.time()
+    total = args.repeats * len(variants) * len(args.precision) * len(args.images_per_gpu)
+    for repeat, variant, (cfg, batch) in passes(variants, args.repeats):
+        profiled = args if repeat == 0 else None  # --profile profiles the first pass
+        in_pass = f" (pass {repeat + 1}/{args.repeats})" if args.repeats > 1 else ""
         for precision in args.precision:
             inference, detections, inference_error = None, None, None
             if "inference" not in args.skip:
                 try:
                     inference, detections = bench.measure_inference(
                         cfg, batch[0], precision, args.warmup, args.iters,
-                        profile_path(args, variant.name, precision, "inference"))
+                        profile_path(profiled, variant.name, precision, "inference"))
                 except Exception as e:  # noqa: BLE001 (recorded, the other cells still run)
                     inference_error = f"inference: {bench.error_text(e)}"
             for count in args.images_per_gpu:
@@ -130,17 +151,18 @@ def run_models(args, variants, logger, save) -> dict:
                 if "train" not in args.skip:
                     try:
                         cell = bench.measure_training(cfg, batch[:count], precision, args.warmup, args.iters,
-                                                      profile_path(args, variant.name, precision, f"{count}img",
-                                                                   "train"))
+                                                      profile_path(profiled, variant.name, precision,
+                                                                   f"{count}img", "train"))
                     except Exception as e:  # noqa: BLE001
                         cell.error = bench.error_text(e)
-                cell.variant, cell.inference_s_per_image = variant.name, inference
+                cell.variant, cell.inference_s_per_image, cell.repeat = variant.name, inference, repeat
                 cell.inference_detections = detections
                 cell.error = "; ".join(filter(None, (cell.error, inference_error))) or None
                 cells.append(cell)
                 elapsed = time.time() - start
-                logger.info("[%d/%d] %s %s %d img: %s img/s, peak %s GB (%s reserved), %s s/img inference "
-                            "(%s detections)%s; ETA %.0f s", len(cells), total, variant.name, precision, count,
+                logger.info("[%d/%d]%s %s %s %d img: %s img/s, peak %s GB (%s reserved), %s s/img inference "
+                            "(%s detections)%s; ETA %.0f s", len(cells), total, in_pass, variant.name, precision,
+                            count,
                             _short(cell.train_images_per_s), _short(cell.peak_memory_gb),
                             _short(cell.peak_reserved_gb), _short(inference),
                             "–" if detections is None else detections,
@@ -174,9 +196,9 @@ def write_json(path: str, report: dict) -> None:
 
 
 def profile_path(args, *parts) -> str:
-    """Where ``--profile`` puts one measurement's table ("" without --profile); variant specs become file
-    names by replacing what is not a letter, digit, '.' or '-'."""
-    if not args.profile:
+    """Where ``--profile`` puts one measurement's table ("" without --profile, or with ``args`` None); variant
+    specs become file names by replacing what is not a letter, digit, '.' or '-'."""
+    if args is None or not args.profile:
         return ""
     return os.path.join(args.profile, re.sub(r"[^\w.-]+", "_", "_".join(map(str, parts))) + ".txt")
 
@@ -210,6 +232,8 @@ def main(argv=None) -> int:
         result = run_models(args, variants, logger, lambda report: write_json(args.output, {**header, **report}))
     write_json(args.output, {**header, **result})
     print(result["table"])
+    if "summary_table" in result:
+        print(f"\nOver {args.repeats} passes:\n{result['summary_table']}")
     logger.info("Wrote %s", args.output)
     failed = [r for r in result.get("rows", []) if r["error"]] + [
         name for name, r in result.get("results", {}).items() if "error" in r]
