@@ -135,7 +135,7 @@ def run_models(args, variants, logger, save) -> dict:
     cells, start = [], time.time()
     total = args.repeats * len(variants) * len(args.precision) * len(args.images_per_gpu)
     for repeat, variant, (cfg, batch) in passes(variants, args.repeats):
-        profiled = args if repeat == 0 else None  # --profile profiles the first pass
+        profile_folder = args.profile if repeat == 0 else ""  # --profile profiles the first pass
         in_pass = f" (pass {repeat + 1}/{args.repeats})" if args.repeats > 1 else ""
         for precision in args.precision:
             inference, detections, inference_error = None, None, None
@@ -143,7 +143,7 @@ def run_models(args, variants, logger, save) -> dict:
                 try:
                     inference, detections = bench.measure_inference(
                         cfg, batch[0], precision, args.warmup, args.iters,
-                        profile_path(profiled, variant.name, precision, "inference"))
+                        profile_path(profile_folder, variant.name, precision, "inference"))
                 except Exception as e:  # noqa: BLE001 (recorded, the other cells still run)
                     inference_error = f"inference: {bench.error_text(e)}"
             for count in args.images_per_gpu:
@@ -151,7 +151,7 @@ def run_models(args, variants, logger, save) -> dict:
                 if "train" not in args.skip:
                     try:
                         cell = bench.measure_training(cfg, batch[:count], precision, args.warmup, args.iters,
-                                                      profile_path(profiled, variant.name, precision,
+                                                      profile_path(profile_folder, variant.name, precision,
                                                                    f"{count}img", "train"))
                     except Exception as e:  # noqa: BLE001
                         cell.error = bench.error_text(e)
@@ -162,8 +162,7 @@ def run_models(args, variants, logger, save) -> dict:
                 elapsed = time.time() - start
                 logger.info("[%d/%d]%s %s %s %d img: %s img/s, peak %s GB (%s reserved), %s s/img inference "
                             "(%s detections)%s; ETA %.0f s", len(cells), total, in_pass, variant.name, precision,
-                            count,
-                            _short(cell.train_images_per_s), _short(cell.peak_memory_gb),
+                            count, _short(cell.train_images_per_s), _short(cell.peak_memory_gb),
                             _short(cell.peak_reserved_gb), _short(inference),
                             "–" if detections is None else detections,
                             f" ({cell.error})" if cell.error else "", elapsed / len(cells) * (total - len(cells)))
@@ -195,12 +194,12 @@ def write_json(path: str, report: dict) -> None:
     write_atomically(path, json.dumps(report, indent=2))
 
 
-def profile_path(args, *parts) -> str:
-    """Where ``--profile`` puts one measurement's table ("" without --profile, or with ``args`` None); variant
-    specs become file names by replacing what is not a letter, digit, '.' or '-'."""
-    if args is None or not args.profile:
+def profile_path(folder: str, *parts) -> str:
+    """Where ``--profile`` puts one measurement's table in ``folder`` ("" when the folder is); variant specs
+    become file names by replacing what is not a letter, digit, '.' or '-'."""
+    if not folder:
         return ""
-    return os.path.join(args.profile, re.sub(r"[^\w.-]+", "_", "_".join(map(str, parts))) + ".txt")
+    return os.path.join(folder, re.sub(r"[^\w.-]+", "_", "_".join(map(str, parts))) + ".txt")
 
 
 def use_device(name: str) -> None:
