@@ -1,11 +1,11 @@
 """Group Normalization for Mask R-CNN in Detectron2.
 
-Importing this package registers the GN backbones, box head and mask head in Detectron2's registries
+Importing this package registers the GN backbones, box head and mask head (and an RPN with batched NMS) in Detectron2's registries
 and the synthetic ``shapes_train``/``shapes_val`` datasets; nothing of Detectron2 is modified.
 """
 import os
 
-from . import backbone, box_head, mask_head, model_zoo  # noqa: F401  (registration)
+from . import backbone, box_head, mask_head, model_zoo, rpn  # noqa: F401  (registration)
 from .config import add_gn_config
 from .datasets import datasets_root, register_shapes
 from .group_norm import GroupNormChannelsError, GroupNormSpec

@@ -1,4 +1,4 @@
-"""Compile the GN Triton kernels ahead of time for a CUDA GPU, with no GPU present: Triton's whole pipeline
+"""Compile the GN and NMS Triton kernels ahead of time for a CUDA GPU, with no GPU present: Triton's whole pipeline
 (TTIR, TTGIR, LLVM IR, PTX, and ptxas to a cubin) runs on the CPU. Catches what the interpreter cannot:
 typing and lowering errors of the real compiler. Where a layer's pixel count is a multiple of 16 (as
 Triton's launcher then tells the compiler), also checks that every kernel reads the activations in 16-byte
@@ -19,6 +19,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from gn_detection import triton_group_norm as gn
+from gn_detection import triton_nms
 
 # (images, channels, pixels, channels per group) of real layers: FPN P2 at 800x1216 for 2 and 8 images, the
 # stem's 64 channels, a box-head conv on 512 7x7 RoIs, G = 1 and G = C on small maps, G = 1 (the paper's
@@ -43,7 +44,7 @@ def compile_kernel(target, kernel, pointers, ints, constexprs, misaligned=()):
                  and name not in constexprs}
     signature.update(pointers)
     signature.update({name: "i32" for name in ints})
-    signature.update({name: "fp32" for name in kernel.arg_names if name == "eps"})
+    signature.update({name: "fp32" for name in kernel.arg_names if name in ("eps", "threshold")})
     signature.update({name: "constexpr" for name in constexprs})
     signature = {name: signature[name] for name in kernel.arg_names}  # in argument order
     divisible = [name for name, kind in signature.items()
@@ -87,6 +88,21 @@ def compile_layer(capability: int, layer: tuple, channels_last: bool, dtype: str
     return len(variants)
 
 
+def compile_nms(capability: int, per_level: int) -> int:
+    """Compile both NMS kernels for segments of ``per_level`` boxes (the RPN's PRE_NMS_TOPK); return the count."""
+    target = GPUTarget("cuda", capability, 32)
+    words = -(-per_level // 32)
+    ints = {"P": per_level, "WORDS": words}
+    pointers = {"BOXES": "*fp32", "MASK": "*i32", "VALID": "*i8", "KEEP": "*i8"}
+    variants = [(triton_nms._suppression_mask_kernel, dict(BLOCK_ROWS=triton_nms._MASK_BLOCK_ROWS,
+                                                           BLOCK_WORDS=triton_nms._MASK_BLOCK_WORDS)),
+                (triton_nms._greedy_keep_kernel, dict(BLOCK_WORDS=triton.next_power_of_2(words)))]
+    for kernel, constexprs in variants:
+        compile_kernel(target, kernel, {k: v for k, v in pointers.items() if k in kernel.arg_names}, ints, constexprs)
+    print(f"sm_{capability} NMS, {per_level} boxes a segment: {len(variants)} kernels", flush=True)
+    return len(variants)
+
+
 def main(capability: int) -> None:
     """Compile every layer and dtype, in as many processes as there are CPUs (ptxas runs one kernel at a time)."""
     start = time.time()
@@ -94,6 +110,8 @@ def main(capability: int) -> None:
             for layer in layers for dtype in DTYPES]
     with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
         count = sum(pool.map(compile_layer, *zip(*[(capability, *job) for job in jobs])))
+        # the RPN's PRE_NMS_TOPK in training and inference, and one not a multiple of 32
+        count += sum(pool.map(compile_nms, [capability] * 3, [2000, 1000, 741]))
     print(f"compiled {count} kernels for sm_{capability} in {time.time() - start:.0f} s")
 
 

@@ -383,7 +383,7 @@ def test_kernels_compile_to_h100_cubins_with_the_real_compiler(tmp_path):
     env = {"TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}  # compile for real, not from a cache
     result = run_tool(["tests/compile_triton_kernels.py", "90"], env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "compiled 210 kernels for sm_90" in result.stdout
+    assert "compiled 216 kernels for sm_90" in result.stdout
 
 
 def test_backbone_under_autocast_matches_detectron2_gn_within_amp_tolerance(exact_fp32):

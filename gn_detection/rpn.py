@@ -1,0 +1,102 @@
+"""Detectron2's RPN with all images' per-level NMS in two kernel launches and one synchronization."""
+import math
+from typing import List, Tuple
+
+import torch
+from detectron2.modeling.proposal_generator import PROPOSAL_GENERATOR_REGISTRY, RPN
+from detectron2.structures import Boxes, Instances
+
+from .group_norm import triton_available
+
+
+@PROPOSAL_GENERATOR_REGISTRY.register()
+class BatchedNMSRPN(RPN):
+    """Detectron2's :class:`RPN` (same config, parameters and losses) whose proposal selection runs every
+    (image, level) NMS at once: ``MODEL.PROPOSAL_GENERATOR.NAME "BatchedNMSRPN"``.
+
+    Detectron2 selects each image's proposals in turn: a top-k per level, clipping, small boxes dropped, a
+    torchvision NMS over all levels (boxes of different levels never suppress each other) and the
+    POST_NMS_TOPK best of the survivors, with a few host synchronizations per image. Here the same steps run on
+    all images together, the NMS as :func:`gn_detection.triton_nms.segmented_nms`, and the host waits once.
+    The proposals are the same boxes and scores in the same order (up to ties in score). The kernels need
+    Triton and CUDA tensors (or CPU tensors with ``TRITON_INTERPRET=1``); otherwise, and while tracing,
+    Detectron2's own selection runs.
+    """
+
+    def predict_proposals(self, anchors: List[Boxes], pred_objectness_logits: List[torch.Tensor],
+                          pred_anchor_deltas: List[torch.Tensor], image_sizes: List[Tuple[int, int]]):
+        if torch.jit.is_tracing() or torch.jit.is_scripting() or not kernels_run_on(pred_anchor_deltas[0].device):
+            return super().predict_proposals(anchors, pred_objectness_logits, pred_anchor_deltas, image_sizes)
+        with torch.no_grad():  # proposals are constants for the ROI heads, as in Detectron2
+            return select_proposals(self._decode_proposals(anchors, pred_anchor_deltas), pred_objectness_logits,
+                                    image_sizes, self.nms_thresh, self.pre_nms_topk[self.training],
+                                    self.post_nms_topk[self.training], self.min_box_size, self.training)
+
+
+def kernels_run_on(device: torch.device) -> bool:
+    """Whether :func:`select_proposals` can run its NMS kernels on tensors of ``device``."""
+    if not triton_available():
+        return False
+    from . import triton_nms
+
+    return device.type == "cuda" or (device.type == "cpu" and triton_nms.INTERPRETED)
+
+
+def select_proposals(proposals: List[torch.Tensor], logits: List[torch.Tensor], image_sizes: List[Tuple[int, int]],
+                     nms_thresh: float, pre_nms_topk: int, post_nms_topk: int, min_box_size: float,
+                     training: bool) -> List[Instances]:
+    """Each image's proposals as Detectron2's ``find_top_rpn_proposals`` selects them (same arguments: L levels
+    of (N, Hi*Wi*A, 4) boxes and (N, Hi*Wi*A) logits), computed for all images at once.
+
+    Raises:
+        FloatingPointError: in training, when a top-k box or logit is Inf or NaN (Detectron2 raises too; in
+            inference such proposals are dropped).
+    """
+    from .triton_nms import segmented_nms
+
+    boxes, scores, real = top_k_per_level(proposals, logits, pre_nms_topk)  # (N, L, P, 4), (N, L, P)
+    finite = torch.isfinite(boxes).all(dim=-1) & torch.isfinite(scores)
+    for image, (height, width) in enumerate(image_sizes):
+        boxes[image, ..., 0::2].clamp_(min=0, max=width)
+        boxes[image, ..., 1::2].clamp_(min=0, max=height)
+    sides = boxes[..., 2:] - boxes[..., :2]
+    valid = real & finite & (sides > min_box_size).all(dim=-1)
+    num_images, levels, per_level = scores.shape
+    keep = segmented_nms(boxes.view(-1, per_level, 4), valid.view(-1, per_level), nms_thresh)
+    kept_scores = scores.view(num_images, -1).masked_fill(~keep.view(num_images, -1), -math.inf)
+    top_scores, top_index = kept_scores.topk(min(post_nms_topk, levels * per_level), dim=1)
+    counts = keep.view(num_images, -1).sum(dim=1).clamp(max=top_index.shape[1])
+    diverged = (real & ~finite).any()
+    *counts, diverged = torch.cat([counts, diverged.view(1)]).tolist()  # the one wait for the GPU
+    if training and diverged:
+        raise FloatingPointError("RPN: predicted proposal boxes or objectness logits contain Inf/NaN; training "
+                                 "has diverged (a lower SOLVER.BASE_LR or a longer SOLVER.WARMUP_ITERS may help)")
+    flat_boxes = boxes.view(num_images, -1, 4)
+    results = []
+    for image, (image_size, count) in enumerate(zip(image_sizes, counts)):
+        chosen = top_index[image, :count]
+        result = Instances(image_size)
+        result.proposal_boxes = Boxes(flat_boxes[image, chosen])
+        result.objectness_logits = top_scores[image, :count]
+        results.append(result)
+    return results
+
+
+def top_k_per_level(proposals: List[torch.Tensor], logits: List[torch.Tensor],
+                    k: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each level's ``k`` best-scored boxes per image, in descending score, padded to a common length P.
+
+    Returns:
+        boxes (N, L, P, 4) float32, scores (N, L, P) and ``real`` (N, L, P) bool, False on padding.
+    """
+    counts = [min(level.shape[1], k) for level in logits]
+    num_images, per_level = logits[0].shape[0], max(counts)
+    boxes = proposals[0].new_zeros((num_images, len(logits), per_level, 4), dtype=torch.float32)
+    scores = logits[0].new_full((num_images, len(logits), per_level), -math.inf)
+    real = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    for level, (level_boxes, level_logits, count) in enumerate(zip(proposals, logits, counts)):
+        top_scores, index = level_logits.topk(count, dim=1)
+        scores[:, level, :count] = top_scores
+        boxes[:, level, :count] = level_boxes.gather(1, index.unsqueeze(-1).expand(-1, -1, 4)).float()
+        real[:, level, :count] = True
+    return boxes, scores, real

@@ -1,0 +1,163 @@
+"""BatchedNMSRPN and its NMS kernels against Detectron2's RPN and torchvision's nms. Without a GPU, conftest sets
+TRITON_INTERPRET=1 and the kernels run on the CPU in Triton's interpreter; with one they run on CUDA."""
+import math
+
+import pytest
+import torch
+import torchvision
+from detectron2.modeling import build_model
+from detectron2.modeling.proposal_generator import RPN
+from detectron2.modeling.proposal_generator.proposal_utils import find_top_rpn_proposals
+from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.utils.events import EventStorage
+
+from gn_detection import rpn as batched_rpn
+from gn_detection import triton_nms
+from gn_detection.rpn import BatchedNMSRPN, select_proposals
+from gn_detection.triton_nms import segmented_nms
+
+from .conftest import SHAPES_CONFIG, TINY_OVERRIDES, make_cfg
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def random_boxes(shape, extent=100.0, max_side=40.0, device=DEVICE):
+    """Boxes (x1, y1, x2, y2) of ``shape`` (..., 4), corners in [-10, extent), sides in [0, max_side)."""
+    corner = torch.rand(*shape, 2, device=device) * (extent + 10) - 10
+    return torch.cat([corner, corner + torch.rand(*shape, 2, device=device) * max_side], dim=-1)
+
+
+@pytest.mark.parametrize("segments, per_segment, threshold", [
+    (5, 150, 0.7),  # several words a row, a last word part-filled
+    (3, 33, 0.5),  # one box past a word
+    (2, 1, 0.7),
+    (4, 64, 0.0),  # any overlap suppresses
+    (2, 70, 1.0),  # nothing suppresses (IoU > 1 never holds), identical boxes included
+])
+def test_segmented_nms_keeps_what_torchvision_nms_keeps(segments, per_segment, threshold):
+    torch.manual_seed(per_segment)
+    boxes = random_boxes((segments, per_segment))
+    boxes[:, 1::7] = boxes[:, 0:1]  # exact duplicates of each segment's best box: IoU 1
+    valid = torch.rand(segments, per_segment, device=DEVICE) > 0.15
+    if segments > 2:
+        valid[-1] = False  # a segment with no valid box
+    keep = segmented_nms(boxes, valid, threshold)
+    assert keep.shape == valid.shape and keep.dtype == torch.bool
+    scores = torch.linspace(1, 0, per_segment, device=DEVICE)  # segments are sorted by descending score
+    for segment in range(segments):
+        candidates = valid[segment].nonzero()[:, 0]
+        kept = candidates[torchvision.ops.nms(boxes[segment, candidates], scores[candidates], threshold)]
+        assert torch.equal(keep[segment].nonzero()[:, 0], kept.sort().values), segment
+    if threshold < 1 and per_segment > 1:
+        assert (keep.sum(1) < valid.sum(1)).any()  # the case suppressed something
+
+
+def test_segmented_nms_refuses_bad_inputs():
+    with pytest.raises(ValueError, match=r"boxes \(S, P, 4\).*\(3, 4\)"):
+        segmented_nms(torch.zeros(3, 4, device=DEVICE), torch.ones(3, dtype=torch.bool, device=DEVICE), 0.5)
+    with pytest.raises(TypeError, match="float32 boxes, got torch.float16"):
+        segmented_nms(torch.zeros(1, 3, 4, dtype=torch.float16, device=DEVICE),
+                      torch.ones(1, 3, dtype=torch.bool, device=DEVICE), 0.5)
+
+
+def rpn_outputs(level_sizes, num_images=3, device=DEVICE):
+    """Decoded proposals and objectness logits as the RPN gives them, for levels of ``level_sizes`` anchors:
+    boxes partly outside 128-pixel images and some small, for clipping and the minimum size to matter."""
+    torch.manual_seed(sum(level_sizes))
+    proposals = [random_boxes((num_images, size), extent=130, max_side=50, device=device) for size in level_sizes]
+    logits = [torch.randn(num_images, size, device=device) for size in level_sizes]
+    return proposals, logits
+
+
+IMAGE_SIZES = [(120, 100), (90, 128), (128, 128)]
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("pre_nms_topk, post_nms_topk, min_box_size", [(100, 1000, 0.0), (64, 40, 3.0)])
+def test_selected_proposals_equal_detectron2s(training, pre_nms_topk, post_nms_topk, min_box_size):
+    # levels of more, as many and fewer anchors than the top-k (the last is padded)
+    level_sizes = [400, pre_nms_topk, 40, 12]
+    proposals, logits = rpn_outputs(level_sizes)
+    ours = select_proposals(proposals, logits, IMAGE_SIZES, 0.7, pre_nms_topk, post_nms_topk, min_box_size,
+                            training)
+    theirs = find_top_rpn_proposals(proposals, logits, IMAGE_SIZES, 0.7, pre_nms_topk, post_nms_topk,
+                                    min_box_size, training)
+    assert len(ours) == len(theirs) == len(IMAGE_SIZES)
+    for mine, reference in zip(ours, theirs):
+        assert mine.image_size == reference.image_size
+        assert torch.equal(mine.proposal_boxes.tensor, reference.proposal_boxes.tensor)
+        assert torch.equal(mine.objectness_logits, reference.objectness_logits)
+        assert 0 < len(mine) <= post_nms_topk
+        assert len(mine) < sum(min(size, pre_nms_topk) for size in level_sizes)  # NMS dropped boxes
+
+
+def test_non_finite_proposals_are_dropped_in_inference_and_stop_training():
+    proposals, logits = rpn_outputs([200, 50])
+    proposals[0][0, 3, 2] = math.inf
+    proposals[1][1, 0] = math.nan
+    logits[0][2, 5] = math.inf  # a top-k logit (the highest)
+    ours = select_proposals(proposals, logits, IMAGE_SIZES, 0.7, 80, 1000, 0.0, False)
+    theirs = find_top_rpn_proposals(proposals, logits, IMAGE_SIZES, 0.7, 80, 1000, 0.0, False)
+    for mine, reference in zip(ours, theirs):
+        assert torch.isfinite(mine.objectness_logits).all()
+        assert torch.equal(mine.proposal_boxes.tensor, reference.proposal_boxes.tensor)
+    with pytest.raises(FloatingPointError, match="Inf/NaN; training has diverged.*SOLVER.BASE_LR"):
+        select_proposals(proposals, logits, IMAGE_SIZES, 0.7, 80, 1000, 0.0, True)
+
+
+TINY_RPN = ["MODEL.RPN.PRE_NMS_TOPK_TRAIN", 120, "MODEL.RPN.PRE_NMS_TOPK_TEST", 60,
+            "MODEL.RPN.POST_NMS_TOPK_TEST", 50]  # a short walk for the interpreter; a cut at test time
+
+
+def rpn_inputs(cfg):
+    """FPN features of two 128x128 noise images (noise: no two anchors tie in score) and their GT."""
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    images = ImageList(torch.rand(2, 3, 128, 128, device=cfg.MODEL.DEVICE) * 255, [(128, 128), (112, 128)])
+    with torch.no_grad():
+        features = model.backbone(images.tensor)
+    gt = [Instances(size, gt_boxes=Boxes(torch.tensor([[10.0, 12, 70, 90], [50, 40, 120, 100]])),
+                    gt_classes=torch.tensor([0, 1])).to(cfg.MODEL.DEVICE) for size in images.image_sizes]
+    return model, images, features, gt
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_model_from_yaml_gets_the_proposals_and_losses_of_detectron2s_rpn(training):
+    cfg = make_cfg(SHAPES_CONFIG, *TINY_OVERRIDES, *TINY_RPN, "MODEL.PROPOSAL_GENERATOR.NAME", "BatchedNMSRPN")
+    cfg.MODEL.DEVICE = DEVICE
+    model, images, features, gt = rpn_inputs(cfg)
+    ours = model.proposal_generator
+    assert type(ours) is BatchedNMSRPN
+    theirs = RPN(cfg, model.backbone.output_shape()).to(DEVICE)
+    theirs.load_state_dict(ours.state_dict())
+    ours.train(training), theirs.train(training)
+    with EventStorage():  # the RPN logs its anchor counts in training
+        torch.manual_seed(1)  # the same anchors sampled for the losses
+        our_proposals, our_losses = ours(images, features, gt if training else None)
+        torch.manual_seed(1)
+        their_proposals, their_losses = theirs(images, features, gt if training else None)
+    assert our_losses.keys() == their_losses.keys() == ({"loss_rpn_cls", "loss_rpn_loc"} if training else set())
+    for name, loss in their_losses.items():
+        assert torch.equal(our_losses[name], loss), name
+    for mine, reference in zip(our_proposals, their_proposals):
+        assert len(mine) > 1
+        assert torch.equal(mine.proposal_boxes.tensor, reference.proposal_boxes.tensor)
+        assert torch.equal(mine.objectness_logits, reference.objectness_logits)
+
+
+def test_without_the_kernels_detectron2s_selection_runs(monkeypatch):
+    # A CPU without Triton's interpreter: the kernels cannot run, so Detectron2's per-image selection does.
+    cfg = make_cfg(SHAPES_CONFIG, *TINY_OVERRIDES, *TINY_RPN, "MODEL.PROPOSAL_GENERATOR.NAME", "BatchedNMSRPN")
+    model, images, features, _ = rpn_inputs(cfg)
+    monkeypatch.setattr(triton_nms, "INTERPRETED", False)
+    assert not batched_rpn.kernels_run_on(torch.device("cpu"))
+
+    def no_kernels(*args):
+        raise AssertionError("select_proposals ran without kernels to run on")
+
+    monkeypatch.setattr(batched_rpn, "select_proposals", no_kernels)
+    theirs = RPN(cfg, model.backbone.output_shape())
+    theirs.load_state_dict(model.proposal_generator.state_dict())
+    ours = model.proposal_generator.eval()
+    for mine, reference in zip(ours(images, features)[0], theirs.eval()(images, features)[0]):
+        assert torch.equal(mine.proposal_boxes.tensor, reference.proposal_boxes.tensor)
