@@ -1,7 +1,7 @@
 """Group Normalization for Mask R-CNN in Detectron2.
 
-Importing this package registers the GN backbones, box head and mask head (and an RPN with batched NMS) in Detectron2's registries
-and the synthetic ``shapes_train``/``shapes_val`` datasets; nothing of Detectron2 is modified.
+Importing this package registers the GN backbones, box head and mask head, an RPN with batched NMS, and the
+synthetic ``shapes_train``/``shapes_val`` datasets in Detectron2's registries; nothing of Detectron2 is modified.
 """
 import os
 
