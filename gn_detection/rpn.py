@@ -18,7 +18,8 @@ class BatchedNMSRPN(RPN):
     torchvision NMS over all levels (boxes of different levels never suppress each other) and the
     POST_NMS_TOPK best of the survivors, with a few host synchronizations per image. Here the same steps run on
     all images together, the NMS as :func:`gn_detection.triton_nms.segmented_nms`, and the host waits once.
-    The proposals are the same boxes and scores in the same order (up to ties in score). The kernels need
+    The proposals are the same boxes and scores in the same order, tied scores included (see
+    :mod:`gn_detection.triton_nms` on IoUs within float rounding of the threshold). The kernels need
     Triton and CUDA tensors (or CPU tensors with ``TRITON_INTERPRET=1``); otherwise, and while tracing,
     Detectron2's own selection runs.
     """
@@ -64,7 +65,8 @@ def select_proposals(proposals: List[torch.Tensor], logits: List[torch.Tensor], 
     num_images, levels, per_level = scores.shape
     keep = segmented_nms(boxes.view(-1, per_level, 4), valid.view(-1, per_level), nms_thresh)
     kept_scores = scores.view(num_images, -1).masked_fill(~keep.view(num_images, -1), -math.inf)
-    top_scores, top_index = kept_scores.topk(min(post_nms_topk, levels * per_level), dim=1)
+    # a stable sort, not topk: tied scores (common in fp16 under AMP) keep Detectron2's order, level by level
+    top_scores, top_index = (t[:, :post_nms_topk] for t in kept_scores.sort(dim=1, descending=True, stable=True))
     counts = keep.view(num_images, -1).sum(dim=1).clamp(max=top_index.shape[1])
     diverged = (real & ~finite).any()
     *counts, diverged = torch.cat([counts, diverged.view(1)]).tolist()  # the one wait for the GPU

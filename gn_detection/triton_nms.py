@@ -11,9 +11,12 @@ segment with a walk of at most the level's top-k boxes, and all of them can walk
     2. ``_greedy_keep_kernel``: one program per segment walks its boxes in order and keeps a box that no
        kept box before it suppresses (the rows of the kept boxes OR-ed into a register bit set).
 
-The decisions are torchvision's: IoU = intersection / union (rounded division), a box suppressed when its
-IoU with a kept one is strictly greater than the threshold. ``torchvision.ops.nms`` is the reference these
-kernels are tested against (with ``TRITON_INTERPRET=1`` on the CPU).
+The decisions are torchvision's: IoU = intersection / union, a box suppressed when its IoU with a kept one is
+strictly greater than the threshold, computed as its CPU kernel does (rounded division, no fused multiply-adds),
+so they match ``torchvision.ops.nms`` on the CPU bit for bit; that is what the tests check (with
+``TRITON_INTERPRET=1`` on the CPU). An IoU within float rounding of the threshold may still be decided the
+other way by torchvision's CUDA kernel (its compiler may fuse) or by Detectron2's ``batched_nms``, whose
+coordinate trick shifts each level's boxes by a large offset before the IoU.
 """
 import torch
 import triton
@@ -25,7 +28,9 @@ INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
 _WORD_BITS = 32  # boxes per mask word: the kernels' int32 words (spelled 32 there: a global is no constexpr)
 # Rows x words of one mask program: 32 x 4 words = 4,096 IoUs on a GPU. The interpreter runs programs one after
 # the other in Python, so there fewer, larger programs are much faster (numpy does a tile in one go).
-_MASK_BLOCK_ROWS, _MASK_BLOCK_WORDS = (128, 16) if INTERPRETED else (32, 4)
+MASK_BLOCK_ROWS, MASK_BLOCK_WORDS = (128, 16) if INTERPRETED else (32, 4)
+# One warp per walk: it is sequential, and a one-warp reduction over the bit set has no shared-memory round trip.
+WALK_WARPS = 1
 
 
 @triton.jit
@@ -104,10 +109,9 @@ def segmented_nms(boxes: torch.Tensor, valid: torch.Tensor, iou_threshold: float
     boxes, valid = boxes.contiguous(), valid.to(torch.int8).contiguous()
     words = triton.cdiv(p, _WORD_BITS)
     mask = torch.empty((segments, p, words), dtype=torch.int32, device=boxes.device)
-    grid = (segments, triton.cdiv(p, _MASK_BLOCK_ROWS), triton.cdiv(words, _MASK_BLOCK_WORDS))
-    _suppression_mask_kernel[grid](boxes, mask, p, words, float(iou_threshold), BLOCK_ROWS=_MASK_BLOCK_ROWS,
-                                   BLOCK_WORDS=_MASK_BLOCK_WORDS)
-    # one warp: the walk is sequential, and a one-warp reduction over the bit set has no shared-memory round trip
+    grid = (segments, triton.cdiv(p, MASK_BLOCK_ROWS), triton.cdiv(words, MASK_BLOCK_WORDS))
+    _suppression_mask_kernel[grid](boxes, mask, p, words, float(iou_threshold), BLOCK_ROWS=MASK_BLOCK_ROWS,
+                                   BLOCK_WORDS=MASK_BLOCK_WORDS, enable_fp_fusion=False)  # IoUs as on the CPU
     _greedy_keep_kernel[(segments,)](mask, valid, keep, p, words, BLOCK_WORDS=triton.next_power_of_2(words),
-                                     num_warps=1)
+                                     num_warps=WALK_WARPS)
     return keep.bool()

@@ -34,10 +34,10 @@ DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 ACTIVATIONS = ("X", "Y", "DY", "DX")
 
 
-def compile_kernel(target, kernel, pointers, ints, constexprs, misaligned=()):
+def compile_kernel(target, kernel, pointers, ints, constexprs, misaligned=(), options=None):
     """Compile ``kernel`` as Triton's launcher would for these int arguments: an int equal to 1 becomes a
     constant, and the ints that are multiples of 16 and the pointers (torch's allocations are aligned), except
-    the ``misaligned`` ones, are marked divisible by 16."""
+    the ``misaligned`` ones, are marked divisible by 16. ``options``: the launch's compile options (num_warps)."""
     ints = {name: value for name, value in ints.items() if name in kernel.arg_names}
     constexprs = {**constexprs, **{name: 1 for name, value in ints.items() if value == 1}}
     signature = {name: "*fp32" for name in kernel.arg_names if name.isupper() and name not in ints
@@ -51,7 +51,7 @@ def compile_kernel(target, kernel, pointers, ints, constexprs, misaligned=()):
                  if (kind.startswith("*") and name not in misaligned) or ints.get(name, 1) % 16 == 0]
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
-                              target=target)
+                              target=target, options=options)
     assert compiled.asm["cubin"], f"{kernel.__name__}: no cubin produced"
     return compiled
 
@@ -94,12 +94,19 @@ def compile_nms(capability: int, per_level: int) -> int:
     words = -(-per_level // 32)
     ints = {"P": per_level, "WORDS": words}
     pointers = {"BOXES": "*fp32", "MASK": "*i32", "VALID": "*i8", "KEEP": "*i8"}
-    variants = [(triton_nms._suppression_mask_kernel, dict(BLOCK_ROWS=triton_nms._MASK_BLOCK_ROWS,
-                                                           BLOCK_WORDS=triton_nms._MASK_BLOCK_WORDS)),
-                (triton_nms._greedy_keep_kernel, dict(BLOCK_WORDS=triton.next_power_of_2(words)))]
-    for kernel, constexprs in variants:
-        compile_kernel(target, kernel, {k: v for k, v in pointers.items() if k in kernel.arg_names}, ints, constexprs)
-    print(f"sm_{capability} NMS, {per_level} boxes a segment: {len(variants)} kernels", flush=True)
+    # with the options segmented_nms launches them with
+    variants = [(triton_nms._suppression_mask_kernel, dict(BLOCK_ROWS=triton_nms.MASK_BLOCK_ROWS,
+                                                           BLOCK_WORDS=triton_nms.MASK_BLOCK_WORDS),
+                 {"enable_fp_fusion": False}),
+                (triton_nms._greedy_keep_kernel, dict(BLOCK_WORDS=triton.next_power_of_2(words)),
+                 {"num_warps": triton_nms.WALK_WARPS})]
+    for kernel, constexprs, options in variants:
+        pointers_used = {k: v for k, v in pointers.items() if k in kernel.arg_names}
+        compiled = compile_kernel(target, kernel, pointers_used, ints, constexprs, options=options)
+        if options.get("enable_fp_fusion") is False and "fma.rn.f32" in compiled.asm["ptx"]:
+            raise AssertionError(f"{kernel.__name__}: fused multiply-adds, so IoUs differ from the CPU's")
+    print(f"sm_{capability} NMS, {per_level} boxes a segment: {len(variants)} kernels, IoUs without fused "
+          "multiply-adds", flush=True)
     return len(variants)
 
 
