@@ -44,6 +44,14 @@ def _box(BOXES, index, ok):
 
 
 @triton.jit
+def _packed(flags, AXIS: tl.constexpr):
+    """``flags`` (bool, its last axis 32 long) packed along that axis into int32 words, flag b as bit b: the
+    flags' distinct powers of two summed, which is their OR (bit 31 wraps to the sign as it should)."""
+    one = tl.full([32], 1, tl.int32)
+    return tl.sum(tl.where(flags, one << tl.arange(0, 32), 0), axis=AXIS)
+
+
+@triton.jit
 def _suppression_mask_kernel(BOXES, MASK, P, WORDS, threshold, BLOCK_ROWS: tl.constexpr,
                              BLOCK_WORDS: tl.constexpr):
     """MASK[segment, i, w] bit b: box 32 w + b comes after box i and overlaps it by more than ``threshold``."""
@@ -61,11 +69,8 @@ def _suppression_mask_kernel(BOXES, MASK, P, WORDS, threshold, BLOCK_ROWS: tl.co
     inter = width * height
     iou = tl.div_rn(inter, rarea[:, None, None] + carea[None] - inter)
     later = (cols[None] > rows[:, None, None]) & (cols < P)[None]
-    one = tl.full([32], 1, tl.int32)
-    flags = tl.where((iou > threshold) & later, (one << bits)[None, None, :], 0)
-    packed = tl.sum(flags, axis=2)  # distinct bits: the sum is their OR (bit 31 wraps to the sign as it should)
     out = MASK + (segment * P + rows[:, None]) * WORDS + words[None, :]
-    tl.store(out, packed, mask=(rows < P)[:, None] & (words < WORDS)[None, :])
+    tl.store(out, _packed((iou > threshold) & later, 2), mask=(rows < P)[:, None] & (words < WORDS)[None, :])
 
 
 @triton.jit
@@ -73,11 +78,9 @@ def _greedy_keep_kernel(MASK, VALID, KEEP, P, WORDS, BLOCK_WORDS: tl.constexpr):
     """KEEP[segment, i] = 1 for each box the greedy walk keeps; invalid boxes start out suppressed."""
     segment = tl.program_id(0).to(tl.int64)
     words = tl.arange(0, BLOCK_WORDS)
-    bits = tl.arange(0, 32)
-    index = words[:, None] * 32 + bits[None, :]
+    index = words[:, None] * 32 + tl.arange(0, 32)[None, :]
     valid = tl.load(VALID + segment * P + index, mask=index < P, other=0)
-    one = tl.full([32], 1, tl.int32)
-    suppressed = tl.sum(tl.where((valid == 0) & (index < P), (one << bits)[None, :], 0), axis=1)
+    suppressed = _packed(valid == 0, 1)  # past P too, where the walk never looks
     rows = MASK + segment * P * WORDS
     for i in range(0, P):
         word = tl.sum(tl.where(words == i // 32, suppressed, 0))

@@ -91,7 +91,7 @@ def compile_layer(capability: int, layer: tuple, channels_last: bool, dtype: str
 def compile_nms(capability: int, per_level: int) -> int:
     """Compile both NMS kernels for segments of ``per_level`` boxes (the RPN's PRE_NMS_TOPK); return the count."""
     target = GPUTarget("cuda", capability, 32)
-    words = -(-per_level // 32)
+    words = triton.cdiv(per_level, triton_nms._WORD_BITS)
     ints = {"P": per_level, "WORDS": words}
     pointers = {"BOXES": "*fp32", "MASK": "*i32", "VALID": "*i8", "KEEP": "*i8"}
     # with the options segmented_nms launches them with
