@@ -1,11 +1,13 @@
-"""BatchedNMSRPN and its NMS kernels against Detectron2's RPN and torchvision's nms. Without a GPU, conftest sets
-TRITON_INTERPRET=1 and the kernels run on the CPU in Triton's interpreter; with one they run on CUDA."""
+"""BatchedNMSRPN and its NMS kernels against Detectron2's RPN and torchvision's nms, and BatchedRPN's anchor
+labels and samples against Detectron2's. Without a GPU, conftest sets TRITON_INTERPRET=1 and the kernels run on
+the CPU in Triton's interpreter; with one they run on CUDA."""
 import math
 
 import pytest
 import torch
 import torchvision
 from detectron2.modeling import build_model
+from detectron2.layers import ShapeSpec
 from detectron2.modeling.proposal_generator import RPN
 from detectron2.modeling.proposal_generator.proposal_utils import find_top_rpn_proposals
 from detectron2.structures import Boxes, ImageList, Instances
@@ -13,7 +15,7 @@ from detectron2.utils.events import EventStorage
 
 from gn_detection import rpn as batched_rpn
 from gn_detection import triton_nms
-from gn_detection.rpn import BatchedNMSRPN, select_proposals
+from gn_detection.rpn import BatchedNMSRPN, BatchedRPN, sample_labels, select_proposals
 from gn_detection.triton_nms import segmented_nms
 
 from .conftest import SHAPES_CONFIG, TINY_OVERRIDES, make_cfg
@@ -149,13 +151,22 @@ def rpn_inputs(cfg):
     return model, images, features, gt
 
 
-@pytest.mark.parametrize("training", [True, False])
-def test_model_from_yaml_gets_the_proposals_and_losses_of_detectron2s_rpn(training):
-    cfg = make_cfg(SHAPES_CONFIG, *TINY_OVERRIDES, *TINY_RPN, "MODEL.PROPOSAL_GENERATOR.NAME", "BatchedNMSRPN")
+# every candidate anchor sampled: BatchedRPN's sample is then Detectron2's whatever the random numbers
+SAMPLE_ALL = ["MODEL.RPN.BATCH_SIZE_PER_IMAGE", 10 ** 6]
+
+
+@pytest.mark.parametrize("rpn_class, training, opts", [
+    (BatchedNMSRPN, True, []),
+    (BatchedNMSRPN, False, []),
+    (BatchedRPN, True, SAMPLE_ALL),
+])
+def test_model_from_yaml_gets_the_proposals_and_losses_of_detectron2s_rpn(rpn_class, training, opts):
+    cfg = make_cfg(SHAPES_CONFIG, *TINY_OVERRIDES, *TINY_RPN, *opts,
+                   "MODEL.PROPOSAL_GENERATOR.NAME", rpn_class.__name__)
     cfg.MODEL.DEVICE = DEVICE
     model, images, features, gt = rpn_inputs(cfg)
     ours = model.proposal_generator
-    assert type(ours) is BatchedNMSRPN
+    assert type(ours) is rpn_class
     theirs = RPN(cfg, model.backbone.output_shape()).to(DEVICE)
     theirs.load_state_dict(ours.state_dict())
     ours.train(training), theirs.train(training)
@@ -186,3 +197,90 @@ def test_without_the_kernels_detectron2s_selection_runs(monkeypatch):
     theirs.load_state_dict(model.proposal_generator.state_dict())
     ours = model.proposal_generator.eval()
     assert_same_proposals(ours(images, features)[0], theirs.eval()(images, features)[0])
+
+
+def anchors_and_gt(device=DEVICE):
+    """400 random anchors in a 200-pixel square (two equal) and the GT of five images: 3 boxes; none; 5, two of
+    them equal; one box that overlaps no anchor (so ties at an IoU of 0 for its best anchor, which Detectron2's
+    matcher makes every anchor); 2 boxes, one of them an anchor (IoU 1)."""
+    torch.manual_seed(5)
+    anchors = random_boxes((400,), extent=190, max_side=60, device=device)
+    anchors[7] = anchors[3]
+    gt = [random_boxes((count,), extent=190, max_side=90, device=device) for count in (3, 0, 5, 1, 2)]
+    gt[2][1] = gt[2][0]
+    gt[3][0] = torch.tensor([1000.0, 1000, 1010, 1010])
+    gt[4][1] = anchors[11]
+    return [Boxes(anchors)], [Instances((200, 200), gt_boxes=Boxes(boxes)) for boxes in gt]
+
+
+def both_rpns(*opts):
+    """Detectron2's RPN and BatchedRPN from the tiny config with ``opts``; labeling needs neither's weights."""
+    cfg = make_cfg(SHAPES_CONFIG, *TINY_OVERRIDES, *opts)
+    features = cfg.MODEL.RPN.IN_FEATURES
+    shapes = {name: ShapeSpec(channels=32, stride=2 ** (level + 2)) for level, name in enumerate(features)}
+    return RPN(cfg, shapes).to(DEVICE), BatchedRPN(cfg, shapes).to(DEVICE)
+
+
+@pytest.mark.parametrize("boundary, chunk_elements", [
+    (-1, 2 ** 25),  # all images in one IoU tensor
+    (-1, 1000),  # one image at a time
+    (0, 2 * 5 * 400),  # two images at a time; anchors crossing the image's border ignored (legacy option)
+])
+def test_batched_rpn_labels_anchors_as_detectron2_does(monkeypatch, boundary, chunk_elements):
+    monkeypatch.setattr(batched_rpn, "MATCH_CHUNK_ELEMENTS", chunk_elements)
+    theirs, ours = both_rpns(*SAMPLE_ALL, "MODEL.RPN.BOUNDARY_THRESH", boundary)
+    anchors, gt = anchors_and_gt()
+    their_labels, their_boxes = theirs.label_and_sample_anchors(anchors, gt)
+    our_labels, our_boxes = ours.label_and_sample_anchors(anchors, gt)
+    for image, (mine, reference) in enumerate(zip(our_labels, their_labels)):
+        assert mine.dtype == reference.dtype and torch.equal(mine, reference), image
+        assert torch.equal(our_boxes[image], their_boxes[image]), image
+    counts = [[(labels == value).sum().item() for value in (1, 0, -1)] for labels in our_labels]
+    assert counts[1][0] == 0  # no GT: no positive
+    assert counts[3][:2] == [400 - counts[3][2], 0]  # the IoU-0 box: every anchor positive (unless ignored)
+    assert (counts[3][2] > 0) == (boundary >= 0)  # some anchors cross the border
+    assert all(positives > 0 and negatives > 0 for positives, negatives, _ in counts[:1] + counts[2:3])
+    assert sum(ignored for *_, ignored in counts) > 0  # IoUs between the thresholds (and the border)
+
+
+def test_batched_rpn_labels_images_without_any_gt():
+    theirs, ours = both_rpns(*SAMPLE_ALL)
+    anchors, gt = anchors_and_gt()
+    gt = [gt[1], gt[1]]
+    for mine, reference in zip(*(rpn.label_and_sample_anchors(anchors, gt)[0] for rpn in (ours, theirs))):
+        assert torch.equal(mine, reference) and (mine == 0).all()
+
+
+def test_batched_rpn_samples_as_many_anchors_as_detectron2():
+    theirs, ours = both_rpns("MODEL.RPN.BATCH_SIZE_PER_IMAGE", 64, "MODEL.RPN.POSITIVE_FRACTION", 0.25)
+    anchors, gt = anchors_and_gt()
+    candidates, _ = both_rpns(*SAMPLE_ALL)[0].label_and_sample_anchors(anchors, gt)
+    their_labels, their_boxes = theirs.label_and_sample_anchors(anchors, gt)
+    our_labels, our_boxes = ours.label_and_sample_anchors(anchors, gt)
+    for mine, reference, candidate in zip(our_labels, their_labels, candidates):
+        for value in (1, 0):
+            assert (mine == value).sum() == (reference == value).sum(), value
+            assert ((mine == value) <= (candidate == value)).all(), value  # drawn from that label's anchors
+        assert (mine >= 0).sum() <= 64
+    positives = [(labels == 1).sum().item() for labels in our_labels]
+    assert positives[3] == 16  # 400 candidates: the 25 % bound binds; elsewhere every positive is kept
+    kept_all = [(labels == 1).sum().item() for image, labels in enumerate(candidates) if image != 3]
+    assert positives[:3] + positives[4:] == kept_all
+    for mine, reference in zip(our_boxes, their_boxes):
+        assert torch.equal(mine, reference)  # matching does not depend on the sample
+
+
+def test_sample_labels_draws_uniformly_random_subsets():
+    # 4000 independent draws in one call: each of 10 positives is kept with probability 5/10, each of 200
+    # negatives with 15/200; a sampler that favoured some anchors (the first ones, say) fails by far
+    draws = 4000
+    row = torch.tensor([1] * 10 + [0] * 200 + [-1] * 30, dtype=torch.int8, device=DEVICE)[torch.randperm(240)]
+    torch.manual_seed(0)
+    sampled = sample_labels(row.expand(draws, -1), 20, 0.25, background=0).cpu()
+    row = row.cpu()
+    assert ((sampled == 1).sum(1) == 5).all() and ((sampled == 0).sum(1) == 15).all()
+    assert (sampled[:, row == -1] == -1).all()
+    for value, probability in ((1, 0.5), (0, 15 / 200)):
+        frequency = (sampled[:, row == value] == value).double().mean(0)
+        sigma = math.sqrt(probability * (1 - probability) / draws)
+        assert (frequency - probability).abs().max() < 5 * sigma, value
