@@ -35,6 +35,7 @@ from torch.profiler import ProfilerActivity
 
 from .atomic_write import write_atomically
 from .config import load_config
+from .host_work import MODEL_PARTS, OTHER, counting_host_work
 from .model_zoo import CONFIG_DIR
 
 logger = logging.getLogger(__name__)
@@ -265,17 +266,23 @@ def calibrate_frozen_batchnorm(model: torch.nn.Module, inputs: List[dict]) -> in
     return len(layers)
 
 
+def training_setup(cfg: CfgNode, batch: List[dict], precision: str):
+    """The model (random weights, the same for every cell of a variant; frozen BN calibrated on ``batch``),
+    its optimizer, the autocast dtype (None for fp32) and the grad scaler of a training measurement."""
+    torch.manual_seed(0)  # the same random weights, hence the same proposals, in every cell of a variant
+    model = build_model(cfg).train()
+    calibrate_frozen_batchnorm(model, batch)
+    dtype = PRECISIONS[precision]
+    scaler = torch.amp.GradScaler(cfg.MODEL.DEVICE.split(":")[0], enabled=dtype == torch.float16)
+    return model, build_optimizer(cfg, model), dtype, scaler
+
+
 def measure_training(cfg: CfgNode, batch: List[dict], precision: str, warmup: int, iters: int,
                      profile_path: str = "") -> Cell:
     """Training images/s and peak memory for one batch size; losses that are not finite are counted. With
     ``profile_path``, :func:`write_profile` profiles a few more steps there."""
     device = cfg.MODEL.DEVICE
-    torch.manual_seed(0)  # the same random weights, hence the same proposals, in every cell of a variant
-    model = build_model(cfg).train()
-    calibrate_frozen_batchnorm(model, batch)
-    optimizer = build_optimizer(cfg, model)
-    dtype = PRECISIONS[precision]
-    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
+    model, optimizer, dtype, scaler = training_setup(cfg, batch, precision)
     cell = Cell("", precision, len(batch))
 
     def step():
@@ -291,6 +298,36 @@ def measure_training(cfg: CfgNode, batch: List[dict], precision: str, warmup: in
         if profile_path:  # after the peak is read: the profiler's own buffers would count on the CPU
             write_profile(profile_path, lambda: training_step(model, optimizer, batch, dtype, scaler, device), device)
     return cell
+
+
+def count_host_work(cfg: CfgNode, batch: List[dict], precision: str) -> Dict[str, Dict[str, int]]:
+    """The aten ops and the host-waiting ops of one training step (after one uncounted step, which sets
+    things up lazily), by model part (see :mod:`gn_detection.host_work`): ``{"ops": {part: n}, "waits":
+    {part: n}}`` with every part of :data:`~gn_detection.host_work.MODEL_PARTS` and "other"."""
+    device = cfg.MODEL.DEVICE
+    model, optimizer, dtype, scaler = training_setup(cfg, batch, precision)
+    parts = (*MODEL_PARTS, OTHER)
+    with EventStorage():
+        training_step(model, optimizer, batch, dtype, scaler, device)
+        synchronize(device)
+        with counting_host_work(model) as counter:
+            training_step(model, optimizer, batch, dtype, scaler, device)
+    return {"ops": {part: counter.ops[part] for part in parts}, "waits": {part: counter.waits[part] for part in parts}}
+
+
+def host_work_table(rows: List[dict]) -> str:
+    """Markdown: one row per (variant, precision, images), "ops (waits)" per model part and in all."""
+    parts = (*MODEL_PARTS, OTHER)
+    lines = [f"| variant | precision | images | {' | '.join(parts)} | total |",
+             "|---|---|---|" + "---|" * (len(parts) + 1)]
+    for row in rows:
+        if row.get("error"):
+            cells = [row["error"]] + ["–"] * len(parts)
+        else:
+            cells = [f"{row['ops'][p]} ({row['waits'][p]})" for p in parts]
+            cells.append(f"{sum(row['ops'].values())} ({sum(row['waits'].values())})")
+        lines.append(f"| {row['variant']} | {row['precision']} | {row['images_per_iter']} | {' | '.join(cells)} |")
+    return "\n".join(lines)
 
 
 def measure_inference(cfg: CfgNode, image: dict, precision: str, warmup: int, iters: int,

@@ -14,6 +14,8 @@ from detectron2.structures import BitMasks, PolygonMasks
 from detectron2.utils.events import EventStorage
 
 from gn_detection import benchmark as bench
+from gn_detection import host_work
+from gn_detection.host_work import counting_host_work
 
 from .conftest import REPO, SHAPES_CONFIG, TINY_OVERRIDES, make_cfg, run_tool
 
@@ -364,3 +366,69 @@ def test_variant_overrides_reach_the_config():
     gn = stock.MODEL.GN
     assert (gn.IMPL, gn.FUSE_RELU, gn.AUTOCAST_HALF, gn.RECOMPUTE_OUTPUT) == ("torch", False, False, False)
     assert make_cfg(SHAPES_CONFIG).MODEL.GN.IMPL == "auto"
+
+
+def test_host_task_counts_ops_and_waits_by_model_part(tmp_path):
+    out = tmp_path / "host.json"
+    batched = "ours:MODEL.PROPOSAL_GENERATOR.NAME=BatchedRPN"
+    result = run_tool(["tools/benchmark.py", "--task", "host", "--config-file", SHAPES_CONFIG, "--variants", "ours",
+                       batched, "--images-per-gpu", "1", "2", "--precision", "fp32", "--input-size", "96", "128",
+                       "--boxes", "2", "--output", str(out), *map(str, SMALL_WORK)],
+                      {"TRITON_INTERPRET": "0"})  # what a CPU user runs: Detectron2's NMS, not the interpreter's
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {(r["variant"], r["images_per_iter"]): r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {(v, n) for v in ("ours", batched) for n in (1, 2)}
+    parts = ["backbone", "proposal_generator", "roi_heads", "other"]
+    for row in rows.values():
+        assert row["error"] is None and list(row["ops"]) == parts == list(row["waits"])
+        assert all(row["ops"][part] > row["waits"][part] >= 0 for part in parts)
+        assert row["waits"]["backbone"] == 0  # convs, GN and ReLUs never wait
+    for n in (1, 2):
+        ours, theirs = rows[(batched, n)], rows[("ours", n)]
+        assert ours["ops"]["backbone"] == theirs["ops"]["backbone"]
+        # BatchedRPN labels anchors without waiting, where Detectron2 waits several times per image
+        assert ours["waits"]["proposal_generator"] < theirs["waits"]["proposal_generator"]
+    assert rows[("ours", 2)]["ops"]["roi_heads"] > rows[("ours", 1)]["ops"]["roi_heads"]  # per-image work
+    assert f"| {batched} | fp32 | 2 |" in result.stdout
+
+
+def test_host_work_counts_the_ops_that_make_a_gpu_host_wait():
+    x = torch.arange(6.0)
+    with counting_host_work(torch.nn.Module()) as counter:
+        y = x * 2 + 1  # two ops, no wait
+        y[torch.tensor([1, 3])] = 0.0  # indices: no wait
+        kept = y[y > 4]  # a boolean mask: a nonzero
+        total = y.sum().item()  # a host value
+    assert kept.tolist() == [5.0, 9.0, 11.0] and total == 26.0
+    assert counter.waits["other"] == 2 and counter.ops["other"] > 6
+
+
+def test_host_work_counts_blocking_copies_between_host_and_device_only():
+    meta = torch.device("meta")  # stands for a device here: a copy across is a wait unless non_blocking
+    host = torch.zeros(3)
+    to_device = torch.ops.aten._to_copy.default
+    assert host_work.makes_host_wait(to_device, (host,), {"device": meta})
+    assert not host_work.makes_host_wait(to_device, (host,), {"device": meta, "non_blocking": True})
+    assert not host_work.makes_host_wait(to_device, (host,), {"device": torch.device("cpu")})
+    assert not host_work.makes_host_wait(to_device, (host,), {"dtype": torch.float16})
+    copy = torch.ops.aten.copy_.default
+    assert host_work.makes_host_wait(copy, (host, torch.zeros(3, device=meta)), {})
+    assert not host_work.makes_host_wait(copy, (host, torch.zeros(3, device=meta), True), {})
+    assert not host_work.makes_host_wait(copy, (host, torch.zeros(3)), {})
+
+
+def test_host_work_goes_to_the_model_part_whose_forward_runs():
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone, self.roi_heads = torch.nn.Linear(3, 3), torch.nn.Linear(3, 1)
+
+        def forward(self, x):
+            return self.roi_heads(self.backbone(x)).nonzero()
+
+    model = Model()
+    with counting_host_work(model) as counter:
+        model(torch.ones(2, 3))
+    assert counter.ops["backbone"] > 0 and counter.ops["roi_heads"] > 0 and counter.ops["proposal_generator"] == 0
+    assert counter.waits == {"other": 1}  # the nonzero, after the parts' forwards
+    assert not model.backbone._forward_hooks and not model.backbone._forward_pre_hooks  # hooks removed

@@ -8,6 +8,7 @@
     python tools/benchmark.py --task op --op-shape 8 256 200 304 --op-dtype fp16 --compile
     python tools/benchmark.py --images-per-gpu 2 --precision fp32 --profile output/profiles    # where the time goes
     python tools/benchmark.py --images-per-gpu 8 --precision amp_fp16 --repeats 3    # median and range of 3 passes
+    python tools/benchmark.py --task host --images-per-gpu 2 8 --precision fp32    # ops and waits per step
 
 Model task: training images/s (full step with the optimizer), inference s/image (one image per call, with the
 detections it returned: the config's SCORE_THRESH_TEST holds; MODEL.ROI_HEADS.SCORE_THRESH_TEST 0.0 returns
@@ -15,6 +16,10 @@ TEST.DETECTIONS_PER_IMAGE) and peak memory, random weights, on synthetic COCO-si
 --boxes) or the first images of a registered dataset. Writes JSON (--output) and prints a Markdown table
 whose ratios are to detectron2_gn. --config-file replaces the config of `ours` (and `ours_stock_gn`);
 trailing KEY VALUE pairs apply to every variant.
+
+Host task: for the same grid, the aten ops one training step dispatches and how many of them make the host
+wait for a CUDA device, by model part (backbone, proposal generator, ROI heads, the rest): the host's work in
+a step bound by the CPU, countable on any device (see gn_detection/host_work.py).
 """
 import argparse
 import gc
@@ -41,7 +46,8 @@ OP_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat1
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = default_argument_parser(epilog=__doc__)
-    parser.add_argument("--task", choices=("model", "op"), default="model")
+    parser.add_argument("--task", choices=("model", "op", "host"), default="model",
+                        help="model: speed and memory; op: the GN+ReLU op alone; host: ops and host waits per step")
     parser.add_argument("--variants", nargs="+", default=["ours", "detectron2_gn", "frozen_bn"],
                         help="built-in variants (ours, ours_stock_gn, detectron2_gn, frozen_bn), each optionally "
                              "NAME:KEY=VALUE,... with overrides")
@@ -108,10 +114,13 @@ def prepare_variants(args) -> dict:
     return {variant: (cfg, inputs_for(cfg, args, max(args.images_per_gpu))) for variant, cfg in configs.items()}
 
 
+def variants_record(variants) -> list:
+    return [{"name": v.name, "config_file": v.config_file, "opts": list(v.opts)} for v in variants]
+
+
 def models_report(variants, cells) -> dict:
     rows = bench.with_ratios(cells)
-    report = {"variants": [{"name": v.name, "config_file": v.config_file, "opts": list(v.opts)} for v in variants],
-              "rows": rows, "table": bench.markdown_table(rows)}
+    report = {"variants": variants_record(variants), "rows": rows, "table": bench.markdown_table(rows)}
     if any(cell.repeat for cell in cells):
         report["summary"] = bench.summarize_repeats(rows)
         report["summary_table"] = bench.markdown_summary(report["summary"])
@@ -173,6 +182,24 @@ def run_models(args, variants, logger, save) -> dict:
     return models_report(variants, cells)
 
 
+def run_host(args, variants, logger) -> dict:
+    """Count one training step's ops and host waits for every (variant, precision, images) cell; a cell that
+    fails is recorded with its error."""
+    rows = []
+    for variant, (cfg, batch) in variants.items():
+        for precision in args.precision:
+            for count in args.images_per_gpu:
+                row = {"variant": variant.name, "precision": precision, "images_per_iter": count, "error": None}
+                try:
+                    row.update(bench.count_host_work(cfg, batch[:count], precision))
+                except Exception as e:  # noqa: BLE001 (recorded, the other cells still run)
+                    row["error"] = bench.error_text(e)
+                rows.append(row)
+                logger.info("%s %s %d img: %s", variant.name, precision, count, row["error"] or (
+                    f"{sum(row['ops'].values())} ops, {sum(row['waits'].values())} of them waiting"))
+    return {"variants": variants_record(variants), "rows": rows, "table": bench.host_work_table(rows)}
+
+
 def _short(value):
     return "–" if value is None else f"{value:.3g}"
 
@@ -228,7 +255,11 @@ def main(argv=None) -> int:
         except ValueError as e:  # unknown variant, key or dataset, missing config file
             print(f"benchmark: error: {e}", file=sys.stderr)
             return 2
-        result = run_models(args, variants, logger, lambda report: write_json(args.output, {**header, **report}))
+        if args.task == "host":
+            result = run_host(args, variants, logger)
+        else:
+            result = run_models(args, variants, logger,
+                                lambda report: write_json(args.output, {**header, **report}))
     write_json(args.output, {**header, **result})
     print(result["table"])
     if "summary_table" in result:
