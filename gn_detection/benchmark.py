@@ -36,7 +36,6 @@ from torch.profiler import ProfilerActivity
 from .atomic_write import write_atomically
 from .config import load_config
 from .host_work import MODEL_PARTS, OTHER, counting_host_work
-from .model_zoo import CONFIG_DIR
 
 logger = logging.getLogger(__name__)
 PRECISIONS = {"fp32": None, "amp_fp16": torch.float16, "amp_bf16": torch.bfloat16}

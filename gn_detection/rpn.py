@@ -4,11 +4,10 @@ import math
 from typing import List, Tuple
 
 import torch
-from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.proposal_generator import PROPOSAL_GENERATOR_REGISTRY, RPN
 from detectron2.structures import Boxes, Instances
-from torch.nn.utils.rnn import pad_sequence
 
+from .batched_targets import match, pad_boxes, sample_labels
 from .group_norm import triton_available
 
 
@@ -44,102 +43,26 @@ class BatchedRPN(BatchedNMSRPN):
 
     Detectron2 labels each image's anchors in turn (their IoUs with its GT boxes, the anchor matcher, a random
     subsample of BATCH_SIZE_PER_IMAGE of them), with several host synchronizations per image. Here one padded
-    (images, GT boxes, anchors) IoU tensor is matched (:func:`match_anchors`) and one sort of random keys samples
-    every image (:func:`sample_labels`); the host never waits. Labels and matched boxes before sampling are
-    Detectron2's, exactly; the sample is drawn from the same distribution (a uniformly random subset of the same
-    size per image), not from the same random numbers. Runs on any device, without Triton.
+    (images, GT boxes, anchors) IoU tensor is matched and one sort of random keys samples every image
+    (:mod:`gn_detection.batched_targets`); the host never waits. Labels and matched boxes before sampling are
+    Detectron2's, exactly; the sample is drawn from the same distribution (a uniformly random subset of the
+    same size per image), not from the same random numbers. Runs on any device, without Triton.
     """
 
     @torch.no_grad()
     def label_and_sample_anchors(self, anchors: List[Boxes],
                                  gt_instances: List[Instances]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         anchors = Boxes.cat(anchors)
-        labels, matched_boxes = match_anchors(anchors.tensor, [x.gt_boxes.tensor for x in gt_instances],
-                                              self.anchor_matcher)
+        gt_boxes, present = pad_boxes([x.gt_boxes.tensor for x in gt_instances])
+        labels, matches = match(anchors.tensor, gt_boxes, present, self.anchor_matcher)
+        # an image without GT gets zeros, as in Detectron2 (its padding row)
+        matched_boxes = gt_boxes.gather(1, matches.unsqueeze(-1).expand(-1, -1, 4))
         if self.anchor_boundary_thresh >= 0:  # legacy, off by default (as in Detectron2)
             for image_labels, instances in zip(labels, gt_instances):
                 inside = anchors.inside_box(instances.image_size, self.anchor_boundary_thresh)
                 image_labels.masked_fill_(~inside, -1)
         labels = sample_labels(labels, self.batch_size_per_image, self.positive_fraction, background=0)
         return list(labels.unbind()), list(matched_boxes.unbind())
-
-
-# elements of the (images, GT boxes, anchors) IoU tensor matched at once: 128 MB per fp32 temporary; an image
-# with more GT boxes x anchors than this is matched alone, as Detectron2 matches every image
-MATCH_CHUNK_ELEMENTS = 2 ** 25
-
-
-def match_anchors(anchors: torch.Tensor, gt_boxes: List[torch.Tensor],
-                  matcher: Matcher) -> Tuple[torch.Tensor, torch.Tensor]:
-    """For each image i, Detectron2's ``matcher(pairwise_iou(Boxes(gt_boxes[i]), Boxes(anchors)))`` and each
-    anchor's matched GT box (zeros for an image without GT, as Detectron2's RPN gives), computed for as many
-    images at once as :data:`MATCH_CHUNK_ELEMENTS` allows, without a host synchronization.
-
-    Args:
-        anchors: (A, 4) XYXY boxes.
-        gt_boxes: N tensors of (G_i, 4) XYXY boxes, G_i >= 0.
-        matcher: thresholds, labels and ``allow_low_quality_matches`` as Detectron2's ``Matcher`` applies them.
-
-    Returns:
-        labels (N, A) int8 and matched boxes (N, A, 4).
-    """
-    boxes = pad_sequence(gt_boxes, batch_first=True)  # (N, G, 4), zero rows past an image's boxes
-    present = pad_sequence([b.new_ones(len(b), dtype=torch.bool) for b in gt_boxes], batch_first=True)
-    if boxes.shape[1] == 0:  # no image has GT: one absent row keeps every reduction defined
-        boxes, present = boxes.new_zeros((len(gt_boxes), 1, 4)), present.new_zeros((len(gt_boxes), 1))
-    per_chunk = max(1, MATCH_CHUNK_ELEMENTS // (boxes.shape[1] * max(1, len(anchors))))
-    labels, matches = zip(*(_match_chunk(anchors, boxes[start:start + per_chunk], present[start:start + per_chunk],
-                                         matcher) for start in range(0, len(gt_boxes), per_chunk)))
-    labels, matches = torch.cat(labels), torch.cat(matches)
-    return labels, boxes.gather(1, matches.unsqueeze(-1).expand(-1, -1, 4))
-
-
-def _match_chunk(anchors: torch.Tensor, boxes: torch.Tensor, present: torch.Tensor,
-                 matcher: Matcher) -> Tuple[torch.Tensor, torch.Tensor]:
-    """:func:`match_anchors` for (n, G, 4) padded GT boxes: labels (n, A) int8 and GT indices (n, A)."""
-    # IoUs as Detectron2's pairwise_iou computes them, operation for operation, so that equal inputs tie alike
-    gt_area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
-    anchor_area = (anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])
-    width = torch.min(boxes[..., 2, None], anchors[:, 2]) - torch.max(boxes[..., 0, None], anchors[:, 0])
-    height = torch.min(boxes[..., 3, None], anchors[:, 3]) - torch.max(boxes[..., 1, None], anchors[:, 1])
-    inter = width.clamp_(min=0) * height.clamp_(min=0)
-    iou = torch.where(inter > 0, inter / (gt_area[..., None] + anchor_area - inter), 0.0)
-    iou.masked_fill_(~present.unsqueeze(-1), -1.0)  # absent rows never win (an image without GT gets labels[0])
-    values, matches = iou.max(dim=1)  # the first of tied GT boxes, as Detectron2's max over its rows
-    labels = torch.ones(values.shape, dtype=torch.int8, device=values.device)
-    for label, low, high in zip(matcher.labels, matcher.thresholds[:-1], matcher.thresholds[1:]):
-        labels.masked_fill_((values >= low) & (values < high), label)
-    if matcher.allow_low_quality_matches:  # every anchor tied for a GT box's highest IoU, even an IoU of 0
-        best = (iou == iou.max(dim=2, keepdim=True).values) & present.unsqueeze(-1)
-        labels.masked_fill_(best.any(dim=1), 1)
-    return labels, matches
-
-
-def sample_labels(labels: torch.Tensor, num_samples: int, positive_fraction: float,
-                  background: int) -> torch.Tensor:
-    """Detectron2's ``subsample_labels`` for each row of ``labels`` (N, A) at once, applied as its RPN applies
-    it: a sampled positive becomes 1, a sampled negative 0, the rest -1 (ignore).
-
-    Each row keeps ``min(#positives, int(num_samples * positive_fraction))`` positives (labels neither -1 nor
-    ``background``) and ``min(#negatives, num_samples - that)`` negatives, each a uniformly random subset: one
-    sort of random keys ranks positives first, then negatives, each group in random order.
-    """
-    positive = (labels != -1) & (labels != background)
-    negative = labels == background
-    positives = positive.sum(dim=1, keepdim=True)
-    positive_quota = positives.clamp(max=int(num_samples * positive_fraction))
-    negative_quota = torch.minimum(negative.sum(dim=1, keepdim=True), num_samples - positive_quota)
-    # random float64 keys (ties among ~10^5 anchors: probability ~1e-6) in [0, 1) for positives, [2, 3) for
-    # negatives, [4, 5) for the rest
-    keys = (torch.rand(labels.shape, dtype=torch.float64, device=labels.device) + 2 * ~positive
-            + 2 * ~(positive | negative))
-    order = keys.argsort(dim=1)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(labels.shape[1], device=labels.device)
-                                            .expand_as(order))
-    sampled = torch.full_like(labels, -1)
-    sampled.masked_fill_(positive & (rank < positive_quota), 1)
-    sampled.masked_fill_(negative & (rank - positives < negative_quota), 0)
-    return sampled
 
 
 def kernels_run_on(device: torch.device) -> bool:

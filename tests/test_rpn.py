@@ -13,9 +13,11 @@ from detectron2.modeling.proposal_generator.proposal_utils import find_top_rpn_p
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
 
+from gn_detection import batched_targets
 from gn_detection import rpn as batched_rpn
 from gn_detection import triton_nms
-from gn_detection.rpn import BatchedNMSRPN, BatchedRPN, sample_labels, select_proposals
+from gn_detection.batched_targets import sample_labels
+from gn_detection.rpn import BatchedNMSRPN, BatchedRPN, select_proposals
 from gn_detection.triton_nms import segmented_nms
 
 from .conftest import SHAPES_CONFIG, TINY_OVERRIDES, make_cfg
@@ -227,7 +229,7 @@ def both_rpns(*opts):
     (0, 2 * 5 * 400),  # two images at a time; anchors crossing the image's border ignored (legacy option)
 ])
 def test_batched_rpn_labels_anchors_as_detectron2_does(monkeypatch, boundary, chunk_elements):
-    monkeypatch.setattr(batched_rpn, "MATCH_CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(batched_targets, "MATCH_CHUNK_ELEMENTS", chunk_elements)
     theirs, ours = both_rpns(*SAMPLE_ALL, "MODEL.RPN.BOUNDARY_THRESH", boundary)
     anchors, gt = anchors_and_gt()
     their_labels, their_boxes = theirs.label_and_sample_anchors(anchors, gt)
