@@ -1,0 +1,80 @@
+"""Detectron2's StandardROIHeads with all images' proposals labeled and sampled at once, with one host
+synchronization instead of several per image."""
+from typing import List, Tuple
+
+import numpy as np
+import torch
+from detectron2.modeling.proposal_generator.proposal_utils import add_ground_truth_to_proposals
+from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
+from detectron2.structures import Instances
+from detectron2.utils.events import get_event_storage
+from torch.nn.utils.rnn import pad_sequence
+
+from .batched_targets import match, pad_boxes, sample_indices
+
+
+@ROI_HEADS_REGISTRY.register()
+class BatchedROIHeads(StandardROIHeads):
+    """Detectron2's :class:`StandardROIHeads` (same config, parameters, losses and inference) whose training
+    proposals are labeled and sampled for all images at once: ``MODEL.ROI_HEADS.NAME "BatchedROIHeads"``.
+
+    Detectron2 takes each image in turn: the IoUs of its GT boxes with its proposals (the GT appended), the
+    proposal matcher, ``subsample_labels`` and the indexing of proposals and targets, with several host
+    synchronizations per image (the matcher's, two ``nonzero``, a count, and a device-to-host copy of the
+    indices for polygon masks). Here one padded IoU tensor is matched and one sort of random keys samples
+    every image (:mod:`gn_detection.batched_targets`); the host waits once, for every image's sample sizes
+    and matched GT indices together. Labels, matched GT and the sample's sizes are Detectron2's, the sampled
+    foreground first, then the background; which proposals are sampled is drawn from the same distribution
+    (uniformly random subsets), not from the same random numbers. Runs on any device, without Triton.
+    """
+
+    @torch.no_grad()
+    def label_and_sample_proposals(self, proposals: List[Instances], targets: List[Instances]) -> List[Instances]:
+        if self.proposal_append_gt:
+            proposals = add_ground_truth_to_proposals(targets, proposals)
+        classes, matches = self._classes_and_matches(proposals, targets)
+        sampled, positive_quota, negative_quota = sample_indices(classes, self.num_classes,
+                                                                 self.batch_size_per_image, self.positive_fraction)
+        sampled_matches = matches.gather(1, sampled)
+        # the one wait: every image's sample sizes, and the matched GT indices for targets kept on the host
+        host = torch.cat([positive_quota, negative_quota, sampled_matches], dim=1).tolist()
+        results = []
+        for image, (image_proposals, image_targets, (foreground, background, *host_matches)) in enumerate(
+                zip(proposals, targets, host)):
+            count = foreground + background
+            index = sampled[image, :count]
+            result = image_proposals[index]
+            result.gt_classes = classes[image, index]
+            if len(image_targets):  # as in Detectron2, an image without GT gets no other gt_ field
+                copy_gt_fields(image_targets, result, sampled_matches[image, :count], host_matches[:count])
+            results.append(result)
+        storage = get_event_storage()
+        storage.put_scalar("roi_head/num_fg_samples", float(np.mean([sizes[0] for sizes in host])))
+        storage.put_scalar("roi_head/num_bg_samples", float(np.mean([sizes[1] for sizes in host])))
+        return results
+
+    def _classes_and_matches(self, proposals: List[Instances],
+                             targets: List[Instances]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Each proposal's class as Detectron2's ``_sample_proposals`` labels it before sampling (its matched
+        GT box's class, ``num_classes`` for background, -1 for ignored, and -1 for padding) and its matched GT
+        index, (N, P) each, P the most proposals of an image."""
+        boxes, real = pad_boxes([p.proposal_boxes.tensor for p in proposals])
+        gt_boxes, present = pad_boxes([t.gt_boxes.tensor for t in targets])
+        labels, matches = match(boxes, gt_boxes, present, self.proposal_matcher)
+        gt_classes = pad_sequence([t.gt_classes for t in targets], batch_first=True)
+        if gt_classes.shape[1] == 0:  # no image has GT: every proposal is background below
+            gt_classes = gt_classes.new_zeros((len(targets), 1))
+        classes = gt_classes.gather(1, matches)
+        classes.masked_fill_(labels == 0, self.num_classes).masked_fill_((labels == -1) | ~real, -1)
+        return classes, matches
+
+
+def copy_gt_fields(targets: Instances, sampled: Instances, device_matches: torch.Tensor,
+                   host_matches: List[int]) -> None:
+    """Give ``sampled`` each ``gt_`` field of ``targets`` it lacks, at its proposals' matched GT indices (as
+    Detectron2 does): device values indexed on the device, host ones (polygon masks) with the host's copy,
+    so that no field needs a copy of its own."""
+    for name, value in targets.get_fields().items():
+        if name.startswith("gt_") and not sampled.has(name):
+            on_device = getattr(value, "device", torch.device("cpu")) == device_matches.device
+            sampled.set(name, value[device_matches if on_device else host_matches])

@@ -1,0 +1,135 @@
+"""BatchedROIHeads' labeled and sampled proposals against Detectron2's StandardROIHeads."""
+import copy
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.modeling.roi_heads import StandardROIHeads
+from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.utils.events import EventStorage
+
+from gn_detection import batched_targets
+from gn_detection import benchmark as bench
+from gn_detection.host_work import counting_host_work
+from gn_detection.roi_heads import BatchedROIHeads, copy_gt_fields
+
+from .conftest import SHAPES_CONFIG, TINY_OVERRIDES, make_cfg
+
+SAMPLE_ALL = ["MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 10 ** 6]  # every candidate sampled, whatever the draw
+
+
+def model_and_inputs(*opts):
+    """The tiny model (its ROI heads Detectron2's), BatchedROIHeads with the same weights, and three 128-pixel
+    images' targets (polygon masks; the second image without GT) and random proposals, 60 per image."""
+    cfg = make_cfg(SHAPES_CONFIG, *TINY_OVERRIDES, *opts)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    assert type(model.roi_heads) is StandardROIHeads
+    ours = BatchedROIHeads(cfg, model.backbone.output_shape())
+    ours.load_state_dict(model.roi_heads.state_dict())
+    batch = bench.synthetic_batch(3, 128, 128, 4, cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+    targets = [item["instances"] for item in batch]
+    targets[1] = targets[1][:0]
+    proposals = []
+    for _ in targets:
+        corners = torch.rand(60, 2) * 100
+        boxes = torch.cat([corners, corners + torch.rand(60, 2) * 60 + 1], dim=1)
+        proposals.append(Instances((128, 128), proposal_boxes=Boxes(boxes), objectness_logits=torch.randn(60)))
+    return model, ours, batch, targets, proposals
+
+
+def rows(instances):
+    """The sampled proposals as a sorted list of their fields' values (the sample's order is random)."""
+    fields = instances.get_fields()
+    table = []
+    for i in range(len(instances)):
+        row = [tuple(fields["proposal_boxes"].tensor[i].tolist()), fields["objectness_logits"][i].item(),
+               fields["gt_classes"][i].item()]
+        if "gt_boxes" in fields:
+            row += [tuple(fields["gt_boxes"].tensor[i].tolist()),
+                    tuple(polygon.tobytes() for polygon in fields["gt_masks"].polygons[i])]
+        table.append(tuple(row))
+    return sorted(table)
+
+
+def label_and_sample(heads, proposals, targets):
+    with EventStorage() as storage:
+        sampled = heads.label_and_sample_proposals(copy.deepcopy(proposals), targets)
+        logged = {name: storage.latest()[f"roi_head/num_{name}_samples"][0] for name in ("fg", "bg")}
+    return sampled, logged
+
+
+def assert_foreground_first(instances, num_classes):
+    background = (instances.gt_classes == num_classes).int()
+    assert torch.equal(background, background.sort().values)  # 0s (foreground) then 1s
+
+
+@pytest.mark.parametrize("chunk_elements", [
+    batched_targets.MATCH_CHUNK_ELEMENTS,  # all images at once
+    1,  # each image alone (its proposals, not shared anchors, sliced per chunk)
+])
+def test_batched_roi_heads_label_the_proposals_detectron2_does(monkeypatch, chunk_elements):
+    monkeypatch.setattr(batched_targets, "MATCH_CHUNK_ELEMENTS", chunk_elements)
+    model, ours, _, targets, proposals = model_and_inputs(*SAMPLE_ALL)
+    theirs = model.roi_heads
+    our_samples, our_log = label_and_sample(ours, proposals, targets)
+    their_samples, their_log = label_and_sample(theirs, proposals, targets)
+    assert our_log == their_log
+    for image, (mine, reference) in enumerate(zip(our_samples, their_samples)):
+        assert list(mine.get_fields()) == list(reference.get_fields()), image  # no gt_ field without GT
+        assert mine.image_size == reference.image_size and rows(mine) == rows(reference), image
+        assert_foreground_first(mine, ours.num_classes)
+    assert 0 < (our_samples[0].gt_classes < ours.num_classes).sum() < len(our_samples[0])
+
+
+def test_batched_roi_heads_sample_as_many_proposals_as_detectron2():
+    model, ours, _, targets, proposals = model_and_inputs("MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 16)
+    candidates, _ = label_and_sample(BatchedROIHeads(make_cfg(SHAPES_CONFIG, *TINY_OVERRIDES, *SAMPLE_ALL),
+                                                     model.backbone.output_shape()), proposals, targets)
+    our_samples, our_log = label_and_sample(ours, proposals, targets)
+    their_samples, their_log = label_and_sample(model.roi_heads, proposals, targets)
+    assert our_log == their_log
+    for mine, reference, candidate in zip(our_samples, their_samples, candidates):
+        for foreground in (True, False):
+            ours_kept = (mine.gt_classes < ours.num_classes) == foreground
+            assert ours_kept.sum() == ((reference.gt_classes < ours.num_classes) == foreground).sum()
+        assert set(rows(mine)) <= set(rows(candidate)) and len(mine) == 16
+        assert_foreground_first(mine, ours.num_classes)
+    foreground = [(c.gt_classes < ours.num_classes).sum().item() for c in (our_samples[0], candidates[0])]
+    assert foreground[0] == 4 < foreground[1]  # 25 % of 16: the quota binds
+
+
+def test_model_from_yaml_gets_detectron2s_roi_head_losses_without_host_waits_in_sampling():
+    # every candidate sampled, so the losses are Detectron2's up to the order of their sums
+    model, _, batch, targets, proposals = model_and_inputs(*SAMPLE_ALL)
+    cfg = make_cfg(SHAPES_CONFIG, *TINY_OVERRIDES, *SAMPLE_ALL, "MODEL.ROI_HEADS.NAME", "BatchedROIHeads")
+    torch.manual_seed(0)
+    ours = build_model(cfg).roi_heads
+    assert type(ours) is BatchedROIHeads
+    ours.load_state_dict(model.roi_heads.state_dict())
+    images = ImageList.from_tensors([item["image"].float() for item in batch])
+    with torch.no_grad():
+        features = model.backbone(images.tensor)
+    losses, waits = [], []
+    for heads in (ours, model.roi_heads):
+        with EventStorage(), counting_host_work(torch.nn.Module()) as counter:
+            heads.label_and_sample_proposals(copy.deepcopy(proposals), targets)
+        waits.append(counter.waits["other"])
+        with EventStorage():
+            losses.append(heads.train()(images, features, copy.deepcopy(proposals), targets)[1])
+    assert waits[0] == 0 < 3 * len(targets) <= waits[1]  # ours: one copy to the host, no op on the CPU
+    assert losses[0].keys() == losses[1].keys() == {"loss_cls", "loss_box_reg", "loss_mask"}
+    for name, loss in losses[1].items():
+        assert losses[0][name].item() == pytest.approx(loss.item(), rel=1e-5), name
+
+
+def test_gt_fields_on_the_host_are_indexed_with_the_hosts_copy_of_the_matches():
+    # on a GPU polygon masks stay on the host: indexed with the host's list, never with a device tensor (which
+    # would copy it back to the host, a wait per image); "meta" stands for the device here
+    _, _, _, targets, _ = model_and_inputs()
+    sampled = Instances(targets[0].image_size, gt_classes=torch.zeros(3, dtype=torch.int64))
+    copy_gt_fields(targets[0], sampled, torch.tensor([2, 0, 2], device="meta"), [2, 0, 2])
+    assert list(sampled.get_fields()) == ["gt_classes", "gt_boxes", "gt_masks"]
+    assert torch.equal(sampled.gt_boxes.tensor, targets[0].gt_boxes.tensor[[2, 0, 2]])
+    assert [polygons[0].tobytes() for polygons in sampled.gt_masks.polygons] == [
+        targets[0].gt_masks.polygons[i][0].tobytes() for i in (2, 0, 2)]
