@@ -1,6 +1,6 @@
 """Detectron2's StandardROIHeads with all images' proposals labeled and sampled at once, with one host
 synchronization instead of several per image."""
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -23,7 +23,8 @@ class BatchedROIHeads(StandardROIHeads):
     synchronizations per image (the matcher's, two ``nonzero``, a count, and a device-to-host copy of the
     indices for polygon masks). Here one padded IoU tensor is matched and one sort of random keys samples
     every image (:mod:`gn_detection.batched_targets`); the host waits once, for every image's sample sizes
-    and matched GT indices together. Labels, matched GT and the sample's sizes are Detectron2's, the sampled
+    and matched GT indices together. The mask branch then slices each image's foreground, which comes first,
+    instead of selecting it with a host wait per image. Labels, matched GT and the sample's sizes are Detectron2's, the sampled
     foreground first, then the background; which proposals are sampled is drawn from the same distribution
     (uniformly random subsets), not from the same random numbers. Runs on any device, without Triton.
     """
@@ -45,6 +46,7 @@ class BatchedROIHeads(StandardROIHeads):
             index = sampled[image, :count]
             result = image_proposals[index]
             result.gt_classes = classes[image, index]
+            result._num_foreground = foreground  # a plain attribute, not a field: read by _forward_mask
             if len(image_targets):  # as in Detectron2, an image without GT gets no other gt_ field
                 copy_gt_fields(image_targets, result, sampled_matches[image, :count], host_matches[:count])
             results.append(result)
@@ -52,6 +54,19 @@ class BatchedROIHeads(StandardROIHeads):
         storage.put_scalar("roi_head/num_fg_samples", float(np.mean([sizes[0] for sizes in host])))
         storage.put_scalar("roi_head/num_bg_samples", float(np.mean([sizes[1] for sizes in host])))
         return results
+
+    def _forward_mask(self, features: Dict[str, torch.Tensor], instances: List[Instances]):
+        """Detectron2's mask branch; in training, each image's foreground is the first ``_num_foreground``
+        of its sample (see :meth:`label_and_sample_proposals`), so it is sliced instead of selected with
+        ``select_foreground_proposals`` and its host wait per image."""
+        counts = [getattr(x, "_num_foreground", None) for x in instances]
+        if not (self.training and self.mask_on) or None in counts:
+            return super()._forward_mask(features, instances)
+        foreground = [x[:count] for x, count in zip(instances, counts)]
+        if self.mask_pooler is None:
+            return self.mask_head({f: features[f] for f in self.mask_in_features}, foreground)
+        pooled = self.mask_pooler([features[f] for f in self.mask_in_features], [x.proposal_boxes for x in foreground])
+        return self.mask_head(pooled, foreground)
 
     def _classes_and_matches(self, proposals: List[Instances],
                              targets: List[Instances]) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -133,3 +133,22 @@ def test_gt_fields_on_the_host_are_indexed_with_the_hosts_copy_of_the_matches():
     assert torch.equal(sampled.gt_boxes.tensor, targets[0].gt_boxes.tensor[[2, 0, 2]])
     assert [polygons[0].tobytes() for polygons in sampled.gt_masks.polygons] == [
         targets[0].gt_masks.polygons[i][0].tobytes() for i in (2, 0, 2)]
+
+
+def test_mask_branch_slices_the_sampled_foreground_without_a_host_wait_per_image():
+    model, ours, batch, targets, proposals = model_and_inputs(*SAMPLE_ALL)
+    images = ImageList.from_tensors([item["image"].float() for item in batch])
+    with torch.no_grad():
+        features = model.backbone(images.tensor)
+    runs = {}
+    for name, heads in (("ours", ours), ("theirs", model.roi_heads)):
+        sampled, _ = label_and_sample(heads.train(), proposals, targets)
+        # the second run: instances that did not come from our sampling take Detectron2's way
+        for variant, instances in ((name, sampled), (name + " re-indexed", [x[:] for x in sampled])):
+            with EventStorage(), counting_host_work(torch.nn.Module()) as counter:
+                loss = heads._forward_mask(features, instances)["loss_mask"]
+            runs[variant] = (counter.waits["other"], loss.item())
+    assert runs["ours"][0] == runs["theirs"][0] - len(targets)  # select_foreground_proposals' nonzero each
+    assert runs["ours re-indexed"][0] == runs["theirs"][0] == runs["theirs re-indexed"][0]
+    for variant, (_, loss) in runs.items():
+        assert loss == pytest.approx(runs["theirs"][1], rel=1e-5), variant
