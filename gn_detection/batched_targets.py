@@ -13,6 +13,15 @@ from torch.nn.utils.rnn import pad_sequence
 MATCH_CHUNK_ELEMENTS = 2 ** 25
 
 
+def require_detectron2_matcher(matcher: Matcher, owner: str, role: str, fallback: str) -> None:
+    """Raise a TypeError naming ``owner``'s ``role`` and the ``fallback`` config unless ``matcher`` is
+    Detectron2's ``Matcher`` itself: :func:`match` applies its rules, not its ``__call__``, so a subclass or
+    another matcher would be silently ignored."""
+    if type(matcher) is not Matcher:
+        raise TypeError(f"{owner} applies the rules of Detectron2's Matcher itself, so it cannot use "
+                        f"{role}={type(matcher).__name__}: pass a Matcher, or use {fallback}")
+
+
 def pad_boxes(boxes: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """N tensors of (M_i, 4) boxes as one (N, M, 4) tensor, zero rows past each image's boxes, and the
     (N, M) mask of the real rows; M is at least 1, so that reductions over it are defined."""

@@ -4,13 +4,14 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
+from detectron2.config import configurable
 from detectron2.modeling.proposal_generator.proposal_utils import add_ground_truth_to_proposals
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.structures import Instances
 from detectron2.utils.events import get_event_storage
 from torch.nn.utils.rnn import pad_sequence
 
-from .batched_targets import match, pad_boxes, sample_indices
+from .batched_targets import match, pad_boxes, require_detectron2_matcher, sample_indices
 
 
 @ROI_HEADS_REGISTRY.register()
@@ -24,10 +25,22 @@ class BatchedROIHeads(StandardROIHeads):
     indices for polygon masks). Here one padded IoU tensor is matched and one sort of random keys samples
     every image (:mod:`gn_detection.batched_targets`); the host waits once, for every image's sample sizes
     and matched GT indices together. The mask branch then slices each image's foreground, which comes first,
-    instead of selecting it with a host wait per image. Labels, matched GT and the sample's sizes are Detectron2's, the sampled
-    foreground first, then the background; which proposals are sampled is drawn from the same distribution
-    (uniformly random subsets), not from the same random numbers. Runs on any device, without Triton.
+    instead of selecting it with a host wait per image. Labels, matched GT and the sample's sizes are
+    Detectron2's, the sampled foreground first, then the background; which proposals are sampled is drawn
+    from the same distribution (uniformly random subsets), not from the same random numbers. Runs on the CPU
+    and CUDA, without Triton.
+
+    For subclasses: ``_sample_proposals`` is not called, the proposal matcher must be Detectron2's
+    ``Matcher`` itself (its thresholds, labels and low-quality rule are applied, not its ``__call__``), and
+    the sampled ``gt_classes`` must not change before the mask branch, which trusts the foreground count.
     """
+
+    @configurable
+    def __init__(self, **kwargs):
+        """As :class:`StandardROIHeads`; refuses a proposal matcher other than Detectron2's ``Matcher``."""
+        super().__init__(**kwargs)
+        require_detectron2_matcher(self.proposal_matcher, "BatchedROIHeads", "proposal_matcher",
+                                   "MODEL.ROI_HEADS.NAME StandardROIHeads")
 
     @torch.no_grad()
     def label_and_sample_proposals(self, proposals: List[Instances], targets: List[Instances]) -> List[Instances]:
@@ -45,7 +58,9 @@ class BatchedROIHeads(StandardROIHeads):
             count = foreground + background
             index = sampled[image, :count]
             result = image_proposals[index]
-            result.gt_classes = classes[image, index]
+            # Detectron2's dtype: the targets' where the image has GT, int64 where it has none
+            result.gt_classes = classes[image, index].to(image_targets.gt_classes.dtype if len(image_targets)
+                                                         else torch.int64)
             result._num_foreground = foreground  # a plain attribute, not a field: read by _forward_mask
             if len(image_targets):  # as in Detectron2, an image without GT gets no other gt_ field
                 copy_gt_fields(image_targets, result, sampled_matches[image, :count], host_matches[:count])
@@ -76,11 +91,13 @@ class BatchedROIHeads(StandardROIHeads):
         boxes, real = pad_boxes([p.proposal_boxes.tensor for p in proposals])
         gt_boxes, present = pad_boxes([t.gt_boxes.tensor for t in targets])
         labels, matches = match(boxes, gt_boxes, present, self.proposal_matcher)
-        gt_classes = pad_sequence([t.gt_classes for t in targets], batch_first=True)
+        gt_classes = pad_sequence([t.gt_classes.long() for t in targets], batch_first=True)
         if gt_classes.shape[1] == 0:  # no image has GT: every proposal is background below
             gt_classes = gt_classes.new_zeros((len(targets), 1))
         classes = gt_classes.gather(1, matches)
-        classes.masked_fill_(labels == 0, self.num_classes).masked_fill_((labels == -1) | ~real, -1)
+        classes.masked_fill_(labels == 0, self.num_classes).masked_fill_(labels == -1, -1)
+        # an image without GT is all background, whatever the matcher's first label; padding is ignored
+        classes.masked_fill_(~present.any(dim=1, keepdim=True), self.num_classes).masked_fill_(~real, -1)
         return classes, matches
 
 

@@ -4,10 +4,11 @@ import math
 from typing import List, Tuple
 
 import torch
+from detectron2.config import configurable
 from detectron2.modeling.proposal_generator import PROPOSAL_GENERATOR_REGISTRY, RPN
 from detectron2.structures import Boxes, Instances
 
-from .batched_targets import match, pad_boxes, sample_labels
+from .batched_targets import match, pad_boxes, require_detectron2_matcher, sample_labels
 from .group_norm import triton_available
 
 
@@ -46,8 +47,15 @@ class BatchedRPN(BatchedNMSRPN):
     (images, GT boxes, anchors) IoU tensor is matched and one sort of random keys samples every image
     (:mod:`gn_detection.batched_targets`); the host never waits. Labels and matched boxes before sampling are
     Detectron2's, exactly; the sample is drawn from the same distribution (a uniformly random subset of the
-    same size per image), not from the same random numbers. Runs on any device, without Triton.
+    same size per image), not from the same random numbers. Runs on the CPU and CUDA, without Triton.
     """
+
+    @configurable
+    def __init__(self, **kwargs):
+        """As Detectron2's :class:`RPN`; refuses an anchor matcher other than Detectron2's ``Matcher``."""
+        super().__init__(**kwargs)
+        require_detectron2_matcher(self.anchor_matcher, "BatchedRPN", "anchor_matcher",
+                                   "MODEL.PROPOSAL_GENERATOR.NAME BatchedNMSRPN")
 
     @torch.no_grad()
     def label_and_sample_anchors(self, anchors: List[Boxes],

@@ -1,15 +1,18 @@
 """BatchedROIHeads' labeled and sampled proposals against Detectron2's StandardROIHeads."""
 import copy
+import math
 
 import pytest
 import torch
 from detectron2.modeling import build_model
+from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.roi_heads import StandardROIHeads
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
 
 from gn_detection import batched_targets
 from gn_detection import benchmark as bench
+from gn_detection.batched_targets import sample_indices
 from gn_detection.host_work import counting_host_work
 from gn_detection.roi_heads import BatchedROIHeads, copy_gt_fields
 
@@ -82,6 +85,60 @@ def test_batched_roi_heads_label_the_proposals_detectron2_does(monkeypatch, chun
     assert 0 < (our_samples[0].gt_classes < ours.num_classes).sum() < len(our_samples[0])
 
 
+def without_gt(model, ours, targets, proposals):
+    targets[:] = [t[:0] for t in targets]
+
+
+def with_an_image_without_proposals(model, ours, targets, proposals):
+    proposals[2] = proposals[2][:0]
+
+
+def with_low_quality_matches(model, ours, targets, proposals):
+    for heads in (model.roi_heads, ours):
+        heads.proposal_matcher.allow_low_quality_matches = True
+
+
+def with_int32_classes(model, ours, targets, proposals):
+    for t in targets:
+        t.gt_classes = t.gt_classes.int()
+
+
+@pytest.mark.parametrize("opts, change", [
+    (["MODEL.ROI_HEADS.IOU_THRESHOLDS", [0.3, 0.5], "MODEL.ROI_HEADS.IOU_LABELS", [0, -1, 1]], None),
+    # background below 0.3 ignored; an image without GT is still all background in Detectron2
+    (["MODEL.ROI_HEADS.IOU_THRESHOLDS", [0.3, 0.7], "MODEL.ROI_HEADS.IOU_LABELS", [-1, 0, 1]], None),
+    (["MODEL.ROI_HEADS.PROPOSAL_APPEND_GT", False], None),
+    ([], without_gt),
+    ([], with_an_image_without_proposals),
+    ([], with_low_quality_matches),
+    ([], with_int32_classes),  # Detectron2 keeps the targets' dtype, and gives int64 where there is no GT
+], ids=["ignored band", "ignored background", "GT not appended", "no image with GT", "image without proposals",
+        "low-quality matches", "int32 classes"])
+def test_batched_roi_heads_label_as_detectron2_in_other_settings(opts, change):
+    model, ours, _, targets, proposals = model_and_inputs(*SAMPLE_ALL, *opts)
+    if change:
+        change(model, ours, targets, proposals)
+    our_samples, our_log = label_and_sample(ours, proposals, targets)
+    their_samples, their_log = label_and_sample(model.roi_heads, proposals, targets)
+    assert our_log == their_log
+    for image, (mine, reference) in enumerate(zip(our_samples, their_samples)):
+        assert list(mine.get_fields()) == list(reference.get_fields()), image
+        assert mine.gt_classes.dtype == reference.gt_classes.dtype, image
+        assert rows(mine) == rows(reference), image
+
+
+def test_batched_roi_heads_refuse_a_matcher_whose_rules_they_would_not_apply():
+    class MyMatcher(Matcher):
+        pass
+
+    cfg = make_cfg(SHAPES_CONFIG, *TINY_OVERRIDES)
+    model = build_model(cfg)
+    arguments = BatchedROIHeads.from_config(cfg, model.backbone.output_shape())
+    arguments["proposal_matcher"] = MyMatcher([0.5], [0, 1])
+    with pytest.raises(TypeError, match="proposal_matcher=MyMatcher.*StandardROIHeads"):
+        BatchedROIHeads(**arguments)
+
+
 def test_batched_roi_heads_sample_as_many_proposals_as_detectron2():
     model, ours, _, targets, proposals = model_and_inputs("MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 16)
     candidates, _ = label_and_sample(BatchedROIHeads(make_cfg(SHAPES_CONFIG, *TINY_OVERRIDES, *SAMPLE_ALL),
@@ -152,3 +209,20 @@ def test_mask_branch_slices_the_sampled_foreground_without_a_host_wait_per_image
     assert runs["ours re-indexed"][0] == runs["theirs"][0] == runs["theirs re-indexed"][0]
     for variant, (_, loss) in runs.items():
         assert loss == pytest.approx(runs["theirs"][1], rel=1e-5), variant
+
+
+def test_sample_indices_draw_uniformly_random_subsets_foreground_first():
+    # 4000 independent draws in one call, classes as the ROI heads label them (4 = background, -1 ignored):
+    # each of 10 foreground candidates kept with probability 5/10, each of 100 background ones with 15/100
+    draws, background = 4000, 4
+    row = torch.tensor([2] * 10 + [background] * 100 + [-1] * 30)[torch.randperm(140)]
+    torch.manual_seed(0)
+    indices, positive_quota, negative_quota = sample_indices(row.expand(draws, -1), background, 20, 0.25)
+    assert indices.shape == (draws, 20) and (positive_quota == 5).all() and (negative_quota == 15).all()
+    assert (row[indices[:, :5]] == 2).all() and (row[indices[:, 5:]] == background).all()
+    assert all(len(set(draw)) == 20 for draw in indices.tolist())  # no candidate twice
+    for value, probability in ((2, 0.5), (background, 15 / 100)):
+        counts = torch.zeros(len(row)).index_add_(0, indices.flatten(), torch.ones(indices.numel()))
+        frequency = counts[row == value] / draws
+        sigma = math.sqrt(probability * (1 - probability) / draws)
+        assert (frequency - probability).abs().max() < 5 * sigma, value

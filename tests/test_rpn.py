@@ -8,6 +8,7 @@ import torch
 import torchvision
 from detectron2.modeling import build_model
 from detectron2.layers import ShapeSpec
+from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.proposal_generator import RPN
 from detectron2.modeling.proposal_generator.proposal_utils import find_top_rpn_proposals
 from detectron2.structures import Boxes, ImageList, Instances
@@ -221,6 +222,19 @@ def both_rpns(*opts):
     features = cfg.MODEL.RPN.IN_FEATURES
     shapes = {name: ShapeSpec(channels=32, stride=2 ** (level + 2)) for level, name in enumerate(features)}
     return RPN(cfg, shapes).to(DEVICE), BatchedRPN(cfg, shapes).to(DEVICE)
+
+
+def test_batched_rpn_refuses_a_matcher_whose_rules_it_would_not_apply():
+    class MyMatcher(Matcher):
+        pass
+
+    cfg = make_cfg(SHAPES_CONFIG, *TINY_OVERRIDES)
+    shapes = {name: ShapeSpec(channels=32, stride=4) for name in cfg.MODEL.RPN.IN_FEATURES}
+    arguments = BatchedRPN.from_config(cfg, shapes)
+    BatchedRPN(**arguments)  # Detectron2's Matcher is fine
+    arguments["anchor_matcher"] = MyMatcher([0.3, 0.7], [0, -1, 1])
+    with pytest.raises(TypeError, match="anchor_matcher=MyMatcher.*BatchedNMSRPN"):
+        BatchedRPN(**arguments)
 
 
 @pytest.mark.parametrize("boundary, chunk_elements", [
