@@ -19,25 +19,28 @@ from gn_detection.roi_heads import BatchedROIHeads, copy_gt_fields
 from .conftest import SHAPES_CONFIG, TINY_OVERRIDES, make_cfg
 
 SAMPLE_ALL = ["MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 10 ** 6]  # every candidate sampled, whatever the draw
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU polygon masks stay on the host
 
 
 def model_and_inputs(*opts):
     """The tiny model (its ROI heads Detectron2's), BatchedROIHeads with the same weights, and three 128-pixel
-    images' targets (polygon masks; the second image without GT) and random proposals, 60 per image."""
+    images' targets (polygon masks; the second image without GT) and random proposals, 60 per image, all on
+    DEVICE."""
     cfg = make_cfg(SHAPES_CONFIG, *TINY_OVERRIDES, *opts)
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = build_model(cfg).to(DEVICE)
     assert type(model.roi_heads) is StandardROIHeads
-    ours = BatchedROIHeads(cfg, model.backbone.output_shape())
+    ours = BatchedROIHeads(cfg, model.backbone.output_shape()).to(DEVICE)
     ours.load_state_dict(model.roi_heads.state_dict())
     batch = bench.synthetic_batch(3, 128, 128, 4, cfg.MODEL.ROI_HEADS.NUM_CLASSES)
-    targets = [item["instances"] for item in batch]
+    targets = [item["instances"].to(DEVICE) for item in batch]
     targets[1] = targets[1][:0]
     proposals = []
     for _ in targets:
-        corners = torch.rand(60, 2) * 100
-        boxes = torch.cat([corners, corners + torch.rand(60, 2) * 60 + 1], dim=1)
-        proposals.append(Instances((128, 128), proposal_boxes=Boxes(boxes), objectness_logits=torch.randn(60)))
+        corners = torch.rand(60, 2, device=DEVICE) * 100
+        boxes = torch.cat([corners, corners + torch.rand(60, 2, device=DEVICE) * 60 + 1], dim=1)
+        proposals.append(Instances((128, 128), proposal_boxes=Boxes(boxes),
+                                   objectness_logits=torch.randn(60, device=DEVICE)))
     return model, ours, batch, targets, proposals
 
 
@@ -161,10 +164,10 @@ def test_model_from_yaml_gets_detectron2s_roi_head_losses_without_host_waits_in_
     model, _, batch, targets, proposals = model_and_inputs(*SAMPLE_ALL)
     cfg = make_cfg(SHAPES_CONFIG, *TINY_OVERRIDES, *SAMPLE_ALL, "MODEL.ROI_HEADS.NAME", "BatchedROIHeads")
     torch.manual_seed(0)
-    ours = build_model(cfg).roi_heads
+    ours = build_model(cfg).roi_heads.to(DEVICE)
     assert type(ours) is BatchedROIHeads
     ours.load_state_dict(model.roi_heads.state_dict())
-    images = ImageList.from_tensors([item["image"].float() for item in batch])
+    images = ImageList.from_tensors([item["image"].float().to(DEVICE) for item in batch])
     with torch.no_grad():
         features = model.backbone(images.tensor)
     losses, waits = [], []
@@ -174,7 +177,8 @@ def test_model_from_yaml_gets_detectron2s_roi_head_losses_without_host_waits_in_
         waits.append(counter.waits["other"])
         with EventStorage():
             losses.append(heads.train()(images, features, copy.deepcopy(proposals), targets)[1])
-    assert waits[0] == 0 < 3 * len(targets) <= waits[1]  # ours: one copy to the host, no op on the CPU
+    # ours: one copy to the host, which is no wait on the CPU
+    assert waits[0] == (1 if DEVICE == "cuda" else 0) < 3 * len(targets) <= waits[1]
     assert losses[0].keys() == losses[1].keys() == {"loss_cls", "loss_box_reg", "loss_mask"}
     for name, loss in losses[1].items():
         assert losses[0][name].item() == pytest.approx(loss.item(), rel=1e-5), name
@@ -194,7 +198,7 @@ def test_gt_fields_on_the_host_are_indexed_with_the_hosts_copy_of_the_matches():
 
 def test_mask_branch_slices_the_sampled_foreground_without_a_host_wait_per_image():
     model, ours, batch, targets, proposals = model_and_inputs(*SAMPLE_ALL)
-    images = ImageList.from_tensors([item["image"].float() for item in batch])
+    images = ImageList.from_tensors([item["image"].float().to(DEVICE) for item in batch])
     with torch.no_grad():
         features = model.backbone(images.tensor)
     runs = {}
