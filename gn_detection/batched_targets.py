@@ -6,6 +6,7 @@ from typing import List, Tuple
 
 import torch
 from detectron2.modeling.matcher import Matcher
+from detectron2.utils.memory import retry_if_cuda_oom
 from torch.nn.utils.rnn import pad_sequence
 
 # elements of the (images, GT boxes, candidates) IoU tensor matched at once: 128 MB per fp32 temporary; an
@@ -48,10 +49,13 @@ def match(candidates: torch.Tensor, gt_boxes: torch.Tensor, present: torch.Tenso
     """
     num_images, per_image, shared = len(gt_boxes), candidates.shape[-2], candidates.dim() == 2
     per_chunk = max(1, MATCH_CHUNK_ELEMENTS // (gt_boxes.shape[1] * max(1, per_image)))
-    chunks = [_match_chunk(candidates if shared else candidates[start:start + per_chunk],
-                           gt_boxes[start:start + per_chunk], present[start:start + per_chunk], matcher)
+    # on CUDA out of memory: retried after emptying the cache, then on the CPU, as Detectron2 matches
+    match_chunk = retry_if_cuda_oom(_match_chunk)
+    chunks = [match_chunk(candidates if shared else candidates[start:start + per_chunk],
+                          gt_boxes[start:start + per_chunk], present[start:start + per_chunk], matcher)
               for start in range(0, num_images, per_chunk)]
-    return torch.cat([labels for labels, _ in chunks]), torch.cat([matches for _, matches in chunks])
+    return (torch.cat([labels.to(gt_boxes.device) for labels, _ in chunks]),
+            torch.cat([matches.to(gt_boxes.device) for _, matches in chunks]))
 
 
 def _match_chunk(candidates: torch.Tensor, gt: torch.Tensor, present: torch.Tensor,

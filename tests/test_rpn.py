@@ -259,6 +259,32 @@ def test_batched_rpn_labels_anchors_as_detectron2_does(monkeypatch, boundary, ch
     assert sum(ignored for *_, ignored in counts) > 0  # IoUs between the thresholds (and the border)
 
 
+def test_matching_is_retried_after_cuda_out_of_memory_as_detectron2s(monkeypatch):
+    _, ours = both_rpns(*SAMPLE_ALL)  # every anchor sampled: labels do not depend on the draw
+    anchors, gt = anchors_and_gt()
+    expected, _ = ours.label_and_sample_anchors(anchors, gt)
+    match_chunk, devices = batched_targets._match_chunk, []
+
+    def out_of_memory_twice(candidates, *args):
+        devices.append(candidates.device)
+        if len(devices) <= 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return match_chunk(candidates, *args)
+
+    monkeypatch.setattr(batched_targets, "_match_chunk", out_of_memory_twice)
+    labels, _ = ours.label_and_sample_anchors(anchors, gt)
+    assert len(devices) == 3 and devices[2].type == "cpu"  # the third try on the CPU
+    for mine, reference in zip(labels, expected):
+        assert mine.device == reference.device and torch.equal(mine, reference)
+
+    def broken(*args):
+        raise RuntimeError("not a memory error")
+
+    monkeypatch.setattr(batched_targets, "_match_chunk", broken)
+    with pytest.raises(RuntimeError, match="not a memory error"):
+        ours.label_and_sample_anchors(anchors, gt)
+
+
 def test_batched_rpn_labels_images_without_any_gt():
     theirs, ours = both_rpns(*SAMPLE_ALL)
     anchors, gt = anchors_and_gt()
