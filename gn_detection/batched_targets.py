@@ -23,13 +23,14 @@ def require_detectron2_matcher(matcher: Matcher, owner: str, role: str, fallback
                         f"{role}={type(matcher).__name__}: pass a Matcher, or use {fallback}")
 
 
-def pad_boxes(boxes: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """N tensors of (M_i, 4) boxes as one (N, M, 4) tensor, zero rows past each image's boxes, and the
-    (N, M) mask of the real rows; M is at least 1, so that reductions over it are defined."""
-    padded = pad_sequence(boxes, batch_first=True)
-    present = pad_sequence([b.new_ones(len(b), dtype=torch.bool) for b in boxes], batch_first=True)
+def pad_rows(rows: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """N tensors of (M_i, ...) rows (an image's boxes, its classes) as one (N, M, ...) tensor, zero rows past
+    each image's, and the (N, M) mask of the real rows; M is at least 1, so that reductions and gathers over
+    it are defined."""
+    padded = pad_sequence(rows, batch_first=True)
+    present = pad_sequence([r.new_ones(len(r), dtype=torch.bool) for r in rows], batch_first=True)
     if padded.shape[1] == 0:
-        return padded.new_zeros((len(boxes), 1, 4)), present.new_zeros((len(boxes), 1))
+        return padded.new_zeros((len(rows), 1, *padded.shape[2:])), present.new_zeros((len(rows), 1))
     return padded, present
 
 
@@ -40,7 +41,7 @@ def match(candidates: torch.Tensor, gt_boxes: torch.Tensor, present: torch.Tenso
 
     Args:
         candidates: (C, 4) boxes shared by every image (anchors), or (N, C, 4) per image (proposals).
-        gt_boxes, present: (N, G, 4) padded GT boxes and their (N, G) mask, as :func:`pad_boxes` gives.
+        gt_boxes, present: (N, G, 4) padded GT boxes and their (N, G) mask, as :func:`pad_rows` gives.
         matcher: its thresholds, labels and ``allow_low_quality_matches`` are applied.
 
     Returns:

@@ -9,9 +9,8 @@ from detectron2.modeling.proposal_generator.proposal_utils import add_ground_tru
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.structures import Instances
 from detectron2.utils.events import get_event_storage
-from torch.nn.utils.rnn import pad_sequence
 
-from .batched_targets import match, pad_boxes, require_detectron2_matcher, sample_indices
+from .batched_targets import match, pad_rows, require_detectron2_matcher, sample_indices
 
 
 @ROI_HEADS_REGISTRY.register()
@@ -88,12 +87,10 @@ class BatchedROIHeads(StandardROIHeads):
         """Each proposal's class as Detectron2's ``_sample_proposals`` labels it before sampling (its matched
         GT box's class, ``num_classes`` for background, -1 for ignored, and -1 for padding) and its matched GT
         index, (N, P) each, P the most proposals of an image."""
-        boxes, real = pad_boxes([p.proposal_boxes.tensor for p in proposals])
-        gt_boxes, present = pad_boxes([t.gt_boxes.tensor for t in targets])
+        boxes, real = pad_rows([p.proposal_boxes.tensor for p in proposals])
+        gt_boxes, present = pad_rows([t.gt_boxes.tensor for t in targets])
         labels, matches = match(boxes, gt_boxes, present, self.proposal_matcher)
-        gt_classes = pad_sequence([t.gt_classes.long() for t in targets], batch_first=True)
-        if gt_classes.shape[1] == 0:  # no image has GT: every proposal is background below
-            gt_classes = gt_classes.new_zeros((len(targets), 1))
+        gt_classes, _ = pad_rows([t.gt_classes.long() for t in targets])
         classes = gt_classes.gather(1, matches)
         classes.masked_fill_(labels == 0, self.num_classes).masked_fill_(labels == -1, -1)
         # an image without GT is all background, whatever the matcher's first label; padding is ignored

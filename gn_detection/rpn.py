@@ -8,7 +8,7 @@ from detectron2.config import configurable
 from detectron2.modeling.proposal_generator import PROPOSAL_GENERATOR_REGISTRY, RPN
 from detectron2.structures import Boxes, Instances
 
-from .batched_targets import match, pad_boxes, require_detectron2_matcher, sample_labels
+from .batched_targets import match, pad_rows, require_detectron2_matcher, sample_labels
 from .group_norm import triton_available
 
 
@@ -61,7 +61,7 @@ class BatchedRPN(BatchedNMSRPN):
     def label_and_sample_anchors(self, anchors: List[Boxes],
                                  gt_instances: List[Instances]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         anchors = Boxes.cat(anchors)
-        gt_boxes, present = pad_boxes([x.gt_boxes.tensor for x in gt_instances])
+        gt_boxes, present = pad_rows([x.gt_boxes.tensor for x in gt_instances])
         labels, matches = match(anchors.tensor, gt_boxes, present, self.anchor_matcher)
         # an image without GT gets zeros, as in Detectron2 (its padding row)
         matched_boxes = gt_boxes.gather(1, matches.unsqueeze(-1).expand(-1, -1, 4))
