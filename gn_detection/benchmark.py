@@ -35,7 +35,7 @@ from torch.profiler import ProfilerActivity
 
 from .atomic_write import write_atomically
 from .config import load_config
-from .host_work import MODEL_PARTS, OTHER, counting_host_work
+from .host_work import COUNTED_PARTS, counting_host_work
 
 logger = logging.getLogger(__name__)
 PRECISIONS = {"fp32": None, "amp_fp16": torch.float16, "amp_bf16": torch.bfloat16}
@@ -302,28 +302,27 @@ def measure_training(cfg: CfgNode, batch: List[dict], precision: str, warmup: in
 def count_host_work(cfg: CfgNode, batch: List[dict], precision: str) -> Dict[str, Dict[str, int]]:
     """The aten ops and the host-waiting ops of one training step (after one uncounted step, which sets
     things up lazily), by model part (see :mod:`gn_detection.host_work`): ``{"ops": {part: n}, "waits":
-    {part: n}}`` with every part of :data:`~gn_detection.host_work.MODEL_PARTS` and "other"."""
+    {part: n}}`` with every part of :data:`~gn_detection.host_work.COUNTED_PARTS`."""
     device = cfg.MODEL.DEVICE
     model, optimizer, dtype, scaler = training_setup(cfg, batch, precision)
-    parts = (*MODEL_PARTS, OTHER)
     with EventStorage():
         training_step(model, optimizer, batch, dtype, scaler, device)
         synchronize(device)
         with counting_host_work(model) as counter:
             training_step(model, optimizer, batch, dtype, scaler, device)
-    return {"ops": {part: counter.ops[part] for part in parts}, "waits": {part: counter.waits[part] for part in parts}}
+    return {"ops": {part: counter.ops[part] for part in COUNTED_PARTS},
+            "waits": {part: counter.waits[part] for part in COUNTED_PARTS}}
 
 
 def host_work_table(rows: List[dict]) -> str:
     """Markdown: one row per (variant, precision, images), "ops (waits)" per model part and in all."""
-    parts = (*MODEL_PARTS, OTHER)
-    lines = [f"| variant | precision | images | {' | '.join(parts)} | total |",
-             "|---|---|---|" + "---|" * (len(parts) + 1)]
+    lines = [f"| variant | precision | images | {' | '.join(COUNTED_PARTS)} | total |",
+             "|---|---|---|" + "---|" * (len(COUNTED_PARTS) + 1)]
     for row in rows:
         if row.get("error"):
-            cells = [row["error"]] + ["–"] * len(parts)
+            cells = [row["error"]] + ["–"] * len(COUNTED_PARTS)
         else:
-            cells = [f"{row['ops'][p]} ({row['waits'][p]})" for p in parts]
+            cells = [f"{row['ops'][p]} ({row['waits'][p]})" for p in COUNTED_PARTS]
             cells.append(f"{sum(row['ops'].values())} ({sum(row['waits'].values())})")
         lines.append(f"| {row['variant']} | {row['precision']} | {row['images_per_iter']} | {' | '.join(cells)} |")
     return "\n".join(lines)

@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 # backward, the optimizer) is "other"
 MODEL_PARTS: Tuple[str, ...] = ("backbone", "proposal_generator", "roi_heads")
 OTHER = "other"
+COUNTED_PARTS: Tuple[str, ...] = (*MODEL_PARTS, OTHER)  # every part a count can go to
 
 # ops whose output's value or size the host needs before it can go on: a CUDA stream synchronization each
 _WAITING_OPS = frozenset({
