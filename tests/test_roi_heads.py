@@ -44,6 +44,13 @@ def model_and_inputs(*opts):
     return model, ours, batch, targets, proposals
 
 
+def images_and_features(model, batch):
+    """The batch's images on DEVICE and the model's backbone features of them (no autograd graph)."""
+    images = ImageList.from_tensors([item["image"].float().to(DEVICE) for item in batch])
+    with torch.no_grad():
+        return images, model.backbone(images.tensor)
+
+
 def rows(instances):
     """The sampled proposals as a sorted list of their fields' values (the sample's order is random)."""
     fields = instances.get_fields()
@@ -167,9 +174,7 @@ def test_model_from_yaml_gets_detectron2s_roi_head_losses_without_host_waits_in_
     ours = build_model(cfg).roi_heads.to(DEVICE)
     assert type(ours) is BatchedROIHeads
     ours.load_state_dict(model.roi_heads.state_dict())
-    images = ImageList.from_tensors([item["image"].float().to(DEVICE) for item in batch])
-    with torch.no_grad():
-        features = model.backbone(images.tensor)
+    images, features = images_and_features(model, batch)
     losses, waits = [], []
     for heads in (ours, model.roi_heads):
         with EventStorage(), counting_host_work(torch.nn.Module()) as counter:
@@ -198,9 +203,7 @@ def test_gt_fields_on_the_host_are_indexed_with_the_hosts_copy_of_the_matches():
 
 def test_mask_branch_slices_the_sampled_foreground_without_a_host_wait_per_image():
     model, ours, batch, targets, proposals = model_and_inputs(*SAMPLE_ALL)
-    images = ImageList.from_tensors([item["image"].float().to(DEVICE) for item in batch])
-    with torch.no_grad():
-        features = model.backbone(images.tensor)
+    _, features = images_and_features(model, batch)
     runs = {}
     for name, heads in (("ours", ours), ("theirs", model.roi_heads)):
         sampled, _ = label_and_sample(heads.train(), proposals, targets)
