@@ -1,20 +1,28 @@
 """Files written whole or not at all: under a temporary name beside the target, renamed into place once
 complete, so an interrupted run never leaves a truncated file where a good one was."""
 import os
+from contextlib import contextmanager
+from typing import Iterator
 
 PARTIAL = ".partial"  # suffix of a file still being written; never read as the finished file
 
 
-def write_atomically(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` whole or not at all: to ``path + PARTIAL`` first (removed if writing fails),
-    then renamed over ``path``. Creates ``path``'s folder if needed."""
+@contextmanager
+def replaced_atomically(path: str) -> Iterator[str]:
+    """Yield the temporary path (``path + PARTIAL``) to write ``path``'s new content to: renamed over ``path``
+    when the block ends, removed if it raises. Creates ``path``'s folder if needed."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     partial = path + PARTIAL
     try:
-        with open(partial, "w") as f:
-            f.write(text)
+        yield partial
     except BaseException:
         if os.path.exists(partial):
             os.remove(partial)
         raise
     os.replace(partial, path)
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all (see :func:`replaced_atomically`)."""
+    with replaced_atomically(path) as partial, open(partial, "w") as f:
+        f.write(text)

@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
 from .experiments import LABELS  # noqa: E402
+from .visualize import save_figure  # noqa: E402
 
 RESULT_FILE = "cell.json"  # written by the runner into each run's directory once the run has ended
 METRICS = (("segm/AP", "mask AP"), ("bbox/AP", "box AP"))
@@ -130,10 +131,7 @@ def plot(rows: List[Dict], out_dir: str, title: str) -> List[str]:
                 _draw_panel(ax, experiment, panel, key)
         fig.suptitle(f"{title}: {experiment} (mean ± std over seeds)")
         fig.tight_layout()
-        path = os.path.join(out_dir, f"{experiment}.png")
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, os.path.join(out_dir, f"{experiment}.png")))
     return paths
 
 

@@ -13,6 +13,8 @@ from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog  # no
 from detectron2.data import detection_utils  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
+from .atomic_write import replaced_atomically  # noqa: E402
+
 MIN_PICTURE_SIDE = 480  # pixels; smaller images are drawn enlarged
 
 
@@ -63,6 +65,14 @@ def plot_loss_curve(metrics_file: str, out_png: str) -> str:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
+    return save_figure(fig, out_png)
+
+
+def save_figure(fig, out_png: str) -> str:
+    """Save ``fig`` as a PNG whole or not at all (an older picture stays if saving fails), and close it."""
+    try:
+        with replaced_atomically(out_png) as partial:
+            fig.savefig(partial, dpi=100, format="png")
+    finally:
+        plt.close(fig)
     return out_png

@@ -15,3 +15,24 @@ def test_a_write_that_fails_leaves_the_previous_file_and_no_partial_one(tmp_path
     assert os.listdir(tmp_path / "sub") == ["report.json"]
     write_atomically(path, "second")
     assert open(path).read() == "second" and not os.path.exists(path + PARTIAL)
+
+
+def test_a_picture_that_fails_to_save_leaves_the_previous_one(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from gn_detection.visualize import save_figure
+
+    path = str(tmp_path / "plot.png")
+    save_figure(plt.figure(), path)
+    before = open(path, "rb").read()
+    fig = plt.figure()
+
+    def fail_halfway(target, **kwargs):
+        open(target, "wb").write(b"\x89PNG half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fig, "savefig", fail_halfway)
+    with pytest.raises(OSError, match="disk full"):
+        save_figure(fig, path)
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["plot.png"]
+    assert not plt.fignum_exists(fig.number)  # closed all the same
