@@ -1,7 +1,9 @@
-"""Pictures of a run: predictions beside ground truth on dataset images, and the training loss curve."""
+"""Pictures: predictions beside ground truth on dataset images, the training loss curve, and the benchmark's
+speed and memory."""
 import json
 import os
-from typing import List
+from collections import defaultdict
+from typing import Dict, List, Tuple
 
 import matplotlib
 
@@ -76,3 +78,116 @@ def save_figure(fig, out_png: str) -> str:
     finally:
         plt.close(fig)
     return out_png
+
+
+PRECISION_LINES = {"fp32": "-", "amp_fp16": "--", "amp_bf16": ":"}  # line style of each benchmark precision
+
+
+BENCHMARK_MEASUREMENTS = ("train_images_per_s", "train_speedup", "peak_memory_gb", "inference_s_per_image")
+
+
+def benchmark_series(report: Dict) -> Dict[Tuple[str, str], List[Dict]]:
+    """A model-task report of ``tools/benchmark.py`` as one series per (variant, precision): its cells in order
+    of images per iteration, each with the :data:`BENCHMARK_MEASUREMENTS`, None where that measurement failed;
+    ``train_speedup`` is (median, low, high): the range over passes, or the single value three times. The
+    summary over passes is used when the report has one."""
+    if report.get("task", "model") != "model":
+        raise ValueError(f"only the model task's results can be plotted, not the {report['task']!r} task's")
+    if "summary" in report:
+        cells = [dict(r, train_speedup=tuple(r["train_speedup"])) for r in report["summary"]]
+    else:
+        cells = [dict(r, train_speedup=(r.get("train_speedup"),) * 3) for r in report.get("rows", [])]
+    if all(_value(cell.get(key)) is None for cell in cells for key in BENCHMARK_MEASUREMENTS):
+        raise ValueError("the report holds no measurement to plot")
+    series = defaultdict(list)
+    for cell in sorted(cells, key=lambda c: c["images_per_iter"]):
+        series[(cell["variant"], cell["precision"])].append(cell)
+    return dict(series)
+
+
+def plot_benchmark(report: Dict, out_png: str) -> str:
+    """Save :func:`benchmark_figure` of ``report`` as ``out_png``; returns ``out_png``."""
+    return save_figure(benchmark_figure(report), out_png)
+
+
+def benchmark_figure(report: Dict):
+    """A ``tools/benchmark.py`` model-task report drawn: training images/s, its ratio to Detectron2's GN (with
+    the range over passes), and peak memory against images per iteration, a line per variant and precision
+    (the style says the precision), and inference seconds per image."""
+    series = benchmark_series(report)
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    colors = {variant: f"C{i}" for i, variant in enumerate(dict.fromkeys(v for v, _ in series))}
+    images = sorted({c["images_per_iter"] for cells in series.values() for c in cells})
+    panels = ((axes[0, 0], "train_images_per_s", "training images/s", "training not measured"),
+              (axes[0, 1], "train_speedup", "training speed × detectron2_gn (same pass)",
+               "no detectron2_gn in this run"),
+              (axes[1, 0], "peak_memory_gb", "peak memory (GB allocated)", "training not measured"))
+    for ax, key, label, missing in panels:
+        drawn = [_draw_series(ax, key, cells, colors[variant], precision, f"{variant}, {precision}")
+                 for (variant, precision), cells in series.items()]
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(images, [str(n) for n in images])
+        ax.minorticks_off()
+        ax.set_xlabel("images per iteration")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        if not any(drawn):
+            _note(ax, missing)
+    _inference_bars(axes[1, 1], series, colors)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, bbox_to_anchor=(0.5, 0.0))
+    machine, settings = report.get("machine", {}), report.get("settings", {})
+    passes = f" · medians of {settings.get('repeats', '?')} passes" if "summary" in report else ""
+    fig.suptitle(f"{machine.get('gpu') or machine.get('cpu', '?')} · torch {machine.get('torch', '?')} · "
+                 f"{_inputs(settings)}{passes}")
+    fig.tight_layout(rect=(0, 0.015 + 0.022 * ((len(series) + 1) // 2), 1, 1))  # room for the legend
+    return fig
+
+
+def _draw_series(ax, key: str, cells: List[Dict], color: str, precision: str, label: str) -> bool:
+    """One variant and precision's line of ``key`` against images per iteration (a ratio with its range as
+    error bars); whether it had any point to draw."""
+    points = [(c["images_per_iter"], c[key]) for c in cells if _value(c[key]) is not None]
+    if not points:
+        return False
+    xs, values = zip(*points)
+    style = {"color": color, "linestyle": PRECISION_LINES.get(precision, "-."), "marker": "o", "label": label}
+    if key == "train_speedup":
+        ax.errorbar(xs, [median for median, _, _ in values], capsize=3, **style,
+                    yerr=[[median - low for median, low, _ in values], [high - median for median, _, high in values]])
+    else:
+        ax.plot(xs, values, **style)
+    return True
+
+
+def _note(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
+    ax.set_yticks([])
+
+
+def _value(measurement):
+    """A cell's plotted value: the median of a (median, low, high) ratio, else the measurement itself."""
+    return measurement[0] if isinstance(measurement, tuple) else measurement
+
+
+def _inference_bars(ax, series: Dict[Tuple[str, str], List[Dict]], colors: Dict[str, str]) -> None:
+    seconds = {name: next((c["inference_s_per_image"] for c in cells if c["inference_s_per_image"] is not None), None)
+               for name, cells in series.items()}  # one inference measurement per variant and precision
+    bars = [(f"{variant}, {precision}", seconds[variant, precision], colors[variant])
+            for variant, precision in series if seconds[variant, precision] is not None]
+    ax.set_xlabel("inference seconds per image")
+    ax.grid(True, axis="x", alpha=0.3)
+    if not bars:
+        _note(ax, "inference not measured")
+        return
+    labels, seconds, bar_colors = zip(*bars)
+    ax.barh(range(len(bars)), seconds, color=bar_colors)
+    ax.set_yticks(range(len(bars)), labels, fontsize=7)
+    ax.invert_yaxis()  # first variant on top, as in the legend
+
+
+def _inputs(settings: Dict) -> str:
+    if settings.get("dataset"):
+        return f"dataset {settings['dataset']}"
+    height, width = settings.get("input_size", ("?", "?"))
+    return f"synthetic {height}×{width}, {settings.get('boxes', '?')} boxes"

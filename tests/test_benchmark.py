@@ -6,6 +6,7 @@ import math
 import os
 import re
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -16,6 +17,7 @@ from detectron2.utils.events import EventStorage
 from gn_detection import benchmark as bench
 from gn_detection import host_work
 from gn_detection.host_work import counting_host_work
+from gn_detection.visualize import benchmark_figure
 
 from .conftest import REPO, SHAPES_CONFIG, TINY_OVERRIDES, make_cfg, run_tool
 
@@ -62,6 +64,8 @@ def test_cli_measures_every_variant_side_by_side(tmp_path):
     assert report["machine"]["cpu_count"] >= 1 and report["machine"]["torch"] == torch.__version__
     for variant in variants:
         assert f"| {variant} | fp32 | 2 |" in result.stdout
+    picture = plt.imread(tmp_path / "bench.png")  # drawn beside the JSON
+    assert picture.shape[0] > 400 and picture.shape[1] > 600
 
 
 def test_a_failing_cell_is_recorded_and_the_run_goes_on(tmp_path):
@@ -133,6 +137,74 @@ def test_summary_over_passes_leaves_failed_cells_out_of_the_statistics():
     assert theirs["train_speedup"] == (1.0, 1.0, 1.0) and theirs["passes"] == 3
     table = bench.markdown_summary([ours, theirs])
     assert "| ours | fp32 | 2 | 2 (1 failed) | 2.50 | 1.75 (1.50–2.00) | 1.50 | – | – |" in table
+
+
+def model_row(variant, precision, images, speed, memory, inference, speedup=None, error=None):
+    return {"variant": variant, "precision": precision, "images_per_iter": images, "train_images_per_s": speed,
+            "peak_memory_gb": memory, "inference_s_per_image": inference, "train_speedup": speedup, "error": error}
+
+
+def drawn_lines(ax):
+    """{legend label: (x, y)} of the data lines an axis holds."""
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines
+            if not line.get_label().startswith("_")}
+
+
+def test_the_picture_draws_each_variant_and_precision_with_what_each_cell_measured():
+    rows = [model_row("ours", "fp32", 8, 4.0, 6.0, 0.5, 1.6), model_row("ours", "fp32", 2, 2.0, 2.0, 0.5, 1.25),
+            model_row("detectron2_gn", "fp32", 2, 1.6, 3.0, None, 1.0, error="inference: out of memory"),
+            model_row("detectron2_gn", "fp32", 8, None, None, 0.7, error="out of memory"),
+            model_row("ours", "amp_fp16", 2, 3.0, 1.0, 0.25)]
+    fig = benchmark_figure({"task": "model", "rows": rows, "machine": {"gpu": "GPU-X", "torch": "9.9"},
+                            "settings": {"input_size": [800, 1216], "boxes": 7}})
+    speed, ratio, memory, inference = fig.axes[:4]
+    assert drawn_lines(speed) == {"ours, fp32": ([2, 8], [2.0, 4.0]), "detectron2_gn, fp32": ([2], [1.6]),
+                                  "ours, amp_fp16": ([2], [3.0])}
+    assert drawn_lines(memory) == {"ours, fp32": ([2, 8], [2.0, 6.0]), "detectron2_gn, fp32": ([2], [3.0]),
+                                   "ours, amp_fp16": ([2], [1.0])}
+    assert {bars.get_label(): (list(bars.lines[0].get_xdata()), list(bars.lines[0].get_ydata()))
+            for bars in ratio.containers} == {"ours, fp32": ([2, 8], [1.25, 1.6]), "detectron2_gn, fp32": ([2], [1.0])}
+    assert [bar.get_width() for bar in inference.patches] == [0.5, 0.7, 0.25]
+    assert [t.get_text() for t in inference.get_yticklabels()] == ["ours, fp32", "detectron2_gn, fp32",
+                                                                    "ours, amp_fp16"]
+    assert speed.lines[0].get_color() == speed.lines[2].get_color() != speed.lines[1].get_color()  # a variant
+    assert speed.lines[0].get_linestyle() == "-" and speed.lines[2].get_linestyle() == "--"  # fp32, AMP
+    assert fig._suptitle.get_text() == "GPU-X · torch 9.9 · synthetic 800×1216, 7 boxes"
+    plt.close(fig)
+
+
+def test_the_picture_of_repeated_passes_draws_medians_with_each_ratios_range():
+    summary = [{**model_row("ours", "fp32", 2, 2.5, 1.5, None, (1.75, 1.5, 2.0)), "passes": 2},
+               {**model_row("frozen_bn", "fp32", 2, None, None, None, (None, None, None)), "passes": 0}]
+    fig = benchmark_figure({"task": "model", "rows": [], "summary": summary, "settings": {"repeats": 3}})
+    speed, ratio, _, inference = fig.axes[:4]
+    assert drawn_lines(speed) == {"ours, fp32": ([2], [2.5])}  # a cell failed in every pass is left out
+    (bars,) = ratio.containers
+    assert list(bars.lines[0].get_ydata()) == [1.75]
+    (segment,) = bars.lines[2][0].get_segments()
+    assert [y for _, y in segment] == [1.5, 2.0]
+    assert [t.get_text() for t in inference.texts] == ["inference not measured"]
+    assert fig._suptitle.get_text().endswith("medians of 3 passes")
+    plt.close(fig)
+
+
+@pytest.mark.parametrize("report, message", [
+    ({"task": "host", "rows": []}, "only the model task's results can be plotted, not the 'host' task's"),
+    ({"task": "model", "rows": [model_row("ours", "fp32", 2, None, None, None, error="boom")]},
+     "no measurement to plot"),
+    ("not json", "--replot {path}: Expecting value"),
+    (None, "No such file or directory: '{path}'"),
+])
+def test_replot_redraws_a_run_or_names_the_file_it_cannot_draw(report, message, tmp_path, capsys):
+    path = tmp_path / "run.json"
+    if report is not None:
+        path.write_text(report if isinstance(report, str) else json.dumps(report))
+    assert load_tool().main(["--replot", str(path)]) == 2
+    assert message.format(path=path) in capsys.readouterr().err
+    assert not (tmp_path / "run.png").exists()
+    path.write_text(json.dumps({"task": "model", "rows": [model_row("ours", "fp32", 2, 2.0, 1.0, 0.5)]}))
+    assert load_tool().main(["--replot", str(path)]) == 0
+    assert plt.imread(tmp_path / "run.png").shape[1] > 600
 
 
 @pytest.mark.parametrize(

@@ -9,13 +9,14 @@
     python tools/benchmark.py --images-per-gpu 2 --precision fp32 --profile output/profiles    # where the time goes
     python tools/benchmark.py --images-per-gpu 8 --precision amp_fp16 --repeats 3    # median and range of 3 passes
     python tools/benchmark.py --task host --images-per-gpu 2 8 --precision fp32    # ops and waits per step
+    python tools/benchmark.py --replot results/benchmark/h100_r50_800x1216.json    # redraw a run's picture
 
 Model task: training images/s (full step with the optimizer), inference s/image (one image per call, with the
 detections it returned: the config's SCORE_THRESH_TEST holds; MODEL.ROI_HEADS.SCORE_THRESH_TEST 0.0 returns
 TEST.DETECTIONS_PER_IMAGE) and peak memory, random weights, on synthetic COCO-sized inputs (--input-size,
---boxes) or the first images of a registered dataset. Writes JSON (--output) and prints a Markdown table
-whose ratios are to detectron2_gn. --config-file replaces the config of `ours` (and `ours_stock_gn`);
-trailing KEY VALUE pairs apply to every variant.
+--boxes) or the first images of a registered dataset. Writes JSON (--output) with a picture of it beside it
+(.png) and prints a Markdown table whose ratios are to detectron2_gn. --config-file replaces the config of
+`ours` (and `ours_stock_gn`); trailing KEY VALUE pairs apply to every variant.
 
 Host task: for the same grid, the aten ops one training step dispatches and how many of them make the host
 wait for a CUDA device, by model part (backbone, proposal generator, ROI heads, the rest): the host's work in
@@ -39,6 +40,7 @@ import gn_detection  # noqa: F401  (registers our components)
 from gn_detection import benchmark as bench
 from gn_detection.atomic_write import write_atomically
 from gn_detection.model_zoo import CONFIG_DIR
+from gn_detection.visualize import plot_benchmark
 
 DEFAULT_OURS = os.path.join(CONFIG_DIR, "mask_rcnn_R50_FPN_gn.yaml")
 OP_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -64,7 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="passes over the whole grid, the variants in a rotated order each pass; a second "
                              "table gives each ratio's median and range over the passes (the host's speed drifts)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--output", default="output/benchmark/benchmark.json", help="JSON results file")
+    parser.add_argument("--output", default="output/benchmark/benchmark.json",
+                        help="JSON results file; the model task also draws them beside it, as .png")
+    parser.add_argument("--replot", default="", metavar="JSON",
+                        help="only redraw the picture of an earlier model-task JSON (beside it, as .png)")
     parser.add_argument("--profile", default="", metavar="DIR",
                         help="also profile 3 more steps of every measurement (CPU vs device time per step and "
                              "the top ops) and one more for memory (the peak and what is alive at it, by op, "
@@ -221,6 +226,23 @@ def write_json(path: str, report: dict) -> None:
     write_atomically(path, json.dumps(report, indent=2))
 
 
+def picture_path(json_path: str) -> str:
+    """Where a results file's picture goes: beside it, as .png."""
+    return os.path.splitext(json_path)[0] + ".png"
+
+
+def replot(json_path: str) -> int:
+    """Redraw an earlier model run's picture from its JSON; 2 with a message naming the file if it cannot."""
+    try:
+        with open(json_path) as f:
+            report = json.load(f)
+        print(f"Wrote {plot_benchmark(report, picture_path(json_path))}")
+    except (OSError, ValueError) as e:  # missing, not JSON, not a model run, nothing measured
+        print(f"benchmark: error: --replot {json_path}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def profile_path(folder: str, *parts) -> str:
     """Where ``--profile`` puts one measurement's table in ``folder`` ("" when the folder is); variant specs
     become file names by replacing what is not a letter, digit, '.' or '-'."""
@@ -239,6 +261,8 @@ def use_device(name: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        return replot(args.replot)
     logger = setup_logger(name="gn_detection.benchmark", abbrev_name="bench")
     logger.setLevel(logging.INFO)
     use_device(args.device)
@@ -261,6 +285,11 @@ def main(argv=None) -> int:
             result = run_models(args, variants, logger,
                                 lambda report: write_json(args.output, {**header, **report}))
     write_json(args.output, {**header, **result})
+    if args.task == "model":
+        try:
+            logger.info("Picture: %s", plot_benchmark({**header, **result}, picture_path(args.output)))
+        except (OSError, ValueError) as e:  # every cell failed (the table says why), or an unwritable folder
+            logger.warning("No picture (the JSON and the table have the results): %s", e)
     print(result["table"])
     if "summary_table" in result:
         print(f"\nOver {args.repeats} passes:\n{result['summary_table']}")
