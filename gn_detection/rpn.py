@@ -1,12 +1,16 @@
 """Detectron2's RPN with all images' per-level NMS in two kernel launches and one synchronization, and with all
-images' anchors labeled and sampled at once, without one."""
+images' anchors labeled and sampled at once, without one, and their losses computed at once."""
 import math
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import torch
+import torch.nn.functional as F
 from detectron2.config import configurable
+from detectron2.layers import cat
 from detectron2.modeling.proposal_generator import PROPOSAL_GENERATOR_REGISTRY, RPN
 from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import get_event_storage
+from fvcore.nn import smooth_l1_loss
 
 from .batched_targets import match, pad_rows, require_detectron2_matcher, sample_labels
 from .group_norm import triton_available
@@ -39,7 +43,7 @@ class BatchedNMSRPN(RPN):
 
 @PROPOSAL_GENERATOR_REGISTRY.register()
 class BatchedRPN(BatchedNMSRPN):
-    """:class:`BatchedNMSRPN` whose training targets are computed for all images at once as well:
+    """:class:`BatchedNMSRPN` whose training targets and losses are computed for all images at once as well:
     ``MODEL.PROPOSAL_GENERATOR.NAME "BatchedRPN"``.
 
     Detectron2 labels each image's anchors in turn (their IoUs with its GT boxes, the anchor matcher, a random
@@ -47,7 +51,8 @@ class BatchedRPN(BatchedNMSRPN):
     (images, GT boxes, anchors) IoU tensor is matched and one sort of random keys samples every image
     (:mod:`gn_detection.batched_targets`); the host never waits. Labels and matched boxes before sampling are
     Detectron2's, exactly; the sample is drawn from the same distribution (a uniformly random subset of the
-    same size per image), not from the same random numbers. Runs on the CPU and CUDA, without Triton.
+    same size per image), not from the same random numbers. The losses (see :meth:`losses`) are Detectron2's
+    up to the order of their sums. Runs on the CPU and CUDA, without Triton.
     """
 
     @configurable
@@ -71,6 +76,38 @@ class BatchedRPN(BatchedNMSRPN):
                 image_labels.masked_fill_(~inside, -1)
         labels = sample_labels(labels, self.batch_size_per_image, self.positive_fraction, background=0)
         return list(labels.unbind()), list(matched_boxes.unbind())
+
+    @torch.jit.unused
+    def losses(self, anchors: List[Boxes], pred_objectness_logits: List[torch.Tensor], gt_labels: List[torch.Tensor],
+               pred_anchor_deltas: List[torch.Tensor], gt_boxes: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Detectron2's RPN losses and logged anchor counts, for all images at once. Detectron2 computes each
+        image's regression targets in turn (each :meth:`Box2BoxTransform.get_deltas` asserts on the host) and
+        selects the sampled anchors with boolean masks (a host wait each, forward and backward); here the
+        targets of all images are one call, the losses are masked sums, and the host waits for the two logged
+        counts together. Each anchor's loss and gradient is Detectron2's; only the order of the sums differs.
+        Box regression losses other than smooth L1 (GIoU) run Detectron2's own code."""
+        if self.box_reg_loss_type != "smooth_l1":
+            return super().losses(anchors, pred_objectness_logits, gt_labels, pred_anchor_deltas, gt_boxes)
+        num_images = len(gt_labels)
+        labels = torch.stack(gt_labels)  # (images, anchors)
+        positive, sampled = labels == 1, labels >= 0
+        num_positive, num_negative = torch.stack([positive.sum(), (labels == 0).sum()]).tolist()
+        storage = get_event_storage()
+        storage.put_scalar("rpn/num_pos_anchors", num_positive / num_images)
+        storage.put_scalar("rpn/num_neg_anchors", num_negative / num_images)
+
+        anchors = type(anchors[0]).cat(anchors).tensor
+        # an anchor that is not positive regresses onto itself: a finite target (an image without GT matched
+        # zero boxes) whose loss the mask drops
+        targets = torch.where(positive.unsqueeze(-1), torch.stack(gt_boxes), anchors)
+        deltas = self.box2box_transform.get_deltas(anchors.expand_as(targets).reshape(-1, 4), targets.reshape(-1, 4))
+        localization = smooth_l1_loss(cat(pred_anchor_deltas, dim=1), deltas.view_as(targets), self.smooth_l1_beta)
+        objectness = F.binary_cross_entropy_with_logits(cat(pred_objectness_logits, dim=1),
+                                                        labels.to(torch.float32), reduction="none")
+        normalizer = self.batch_size_per_image * num_images
+        losses = {"loss_rpn_cls": torch.where(sampled, objectness, 0).sum() / normalizer,
+                  "loss_rpn_loc": torch.where(positive.unsqueeze(-1), localization, 0).sum() / normalizer}
+        return {name: loss * self.loss_weight.get(name, 1.0) for name, loss in losses.items()}
 
 
 def kernels_run_on(device: torch.device) -> bool:
