@@ -1,5 +1,5 @@
 """Detectron2's StandardROIHeads with all images' proposals labeled and sampled at once, with one host
-synchronization instead of several per image."""
+synchronization instead of several per image, and its poolers run level-sorted."""
 from typing import Dict, List, Tuple
 
 import numpy as np
@@ -11,6 +11,7 @@ from detectron2.structures import Instances
 from detectron2.utils.events import get_event_storage
 
 from .batched_targets import match, pad_rows, require_detectron2_matcher, sample_indices
+from .pooler import LevelSortedPooler
 
 
 @ROI_HEADS_REGISTRY.register()
@@ -24,10 +25,11 @@ class BatchedROIHeads(StandardROIHeads):
     indices for polygon masks). Here one padded IoU tensor is matched and one sort of random keys samples
     every image (:mod:`gn_detection.batched_targets`); the host waits once, for every image's sample sizes
     and matched GT indices together. The mask branch then slices each image's foreground, which comes first,
-    instead of selecting it with a host wait per image. Labels, matched GT and the sample's sizes are
-    Detectron2's, the sampled foreground first, then the background; which proposals are sampled is drawn
-    from the same distribution (uniformly random subsets), not from the same random numbers. Runs on the CPU
-    and CUDA, without Triton.
+    instead of selecting it with a host wait per image, and the box and mask poolers pool all levels with one
+    host wait instead of one per level (:class:`~gn_detection.pooler.LevelSortedPooler`). Labels, matched GT
+    and the sample's sizes are Detectron2's, the sampled foreground first, then the background; which
+    proposals are sampled is drawn from the same distribution (uniformly random subsets), not from the same
+    random numbers. Runs on the CPU and CUDA, without Triton.
 
     For subclasses: ``_sample_proposals`` is not called, the proposal matcher must be Detectron2's
     ``Matcher`` itself (its thresholds, labels and low-quality rule are applied, not its ``__call__``), and
@@ -36,10 +38,15 @@ class BatchedROIHeads(StandardROIHeads):
 
     @configurable
     def __init__(self, **kwargs):
-        """As :class:`StandardROIHeads`; refuses a proposal matcher other than Detectron2's ``Matcher``."""
+        """As :class:`StandardROIHeads`, with the box and mask poolers run level-sorted
+        (:class:`~gn_detection.pooler.LevelSortedPooler`); refuses a proposal matcher other than Detectron2's
+        ``Matcher``."""
         super().__init__(**kwargs)
         require_detectron2_matcher(self.proposal_matcher, "BatchedROIHeads", "proposal_matcher",
                                    "MODEL.ROI_HEADS.NAME StandardROIHeads")
+        self.box_pooler = LevelSortedPooler(self.box_pooler)
+        if self.mask_on and self.mask_pooler is not None:
+            self.mask_pooler = LevelSortedPooler(self.mask_pooler)
 
     @torch.no_grad()
     def label_and_sample_proposals(self, proposals: List[Instances], targets: List[Instances]) -> List[Instances]:

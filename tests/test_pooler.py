@@ -1,0 +1,65 @@
+"""LevelSortedPooler against Detectron2's ROIPooler: the same rows and gradients, one host wait."""
+import pytest
+import torch
+from detectron2.modeling.poolers import ROIPooler
+from detectron2.structures import Boxes
+
+from gn_detection.host_work import HostWorkCounter
+from gn_detection.pooler import LevelSortedPooler
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SCALES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
+
+
+def features_and_boxes(sizes=(50, 0, 80), seed=0):
+    """FPN-like features of three 256-pixel images, requiring gradients, and boxes with sides of 2 to 250
+    pixels (every level gets some), a few of them equal; ``sizes`` boxes per image."""
+    generator = torch.Generator().manual_seed(seed)
+    features = [torch.randn(len(sizes), 8, int(256 * scale), int(256 * scale), generator=generator)
+                .to(DEVICE).requires_grad_() for scale in SCALES]
+    box_lists = []
+    for count in sizes:
+        corners = torch.rand(count, 2, generator=generator) * 200
+        sides = torch.exp(torch.rand(count, 2, generator=generator) * 5.5) + 1  # 2 to 250 pixels a side
+        boxes = torch.cat([corners, corners + sides], dim=1)
+        boxes[1::7] = boxes[:1]  # ties (none in an image without boxes)
+        box_lists.append(Boxes(boxes.to(DEVICE)))
+    return features, box_lists
+
+
+def pooled_gradients_and_waits(pooler, features, box_lists):
+    with HostWorkCounter() as counter:
+        pooled = pooler(features, box_lists)
+    upstream = torch.randn(pooled.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    return pooled, torch.autograd.grad(pooled, features, upstream), counter.waits["other"]
+
+
+@pytest.mark.parametrize("pooler_type, sampling_ratio", [("ROIAlignV2", 0), ("ROIAlign", 2), ("ROIPool", 0)])
+def test_every_row_and_gradient_is_detectron2s_with_one_host_wait(pooler_type, sampling_ratio):
+    theirs = ROIPooler(7, SCALES, sampling_ratio, pooler_type, canonical_box_size=56, canonical_level=3)
+    features, box_lists = features_and_boxes()
+    ours_pooled, our_gradients, our_waits = pooled_gradients_and_waits(LevelSortedPooler(theirs), features,
+                                                                         box_lists)
+    their_pooled, their_gradients, their_waits = pooled_gradients_and_waits(theirs, features, box_lists)
+    assert torch.equal(ours_pooled, their_pooled)
+    for mine, reference in zip(our_gradients, their_gradients):  # CUDA's atomic adds sum in any order
+        assert torch.equal(mine, reference) if DEVICE == "cpu" else torch.allclose(mine, reference, atol=1e-6)
+    assert all(gradient.abs().sum() > 0 for gradient in their_gradients)  # boxes pooled at every level
+    # Detectron2: a repeat_interleave and a nonzero per level; ours: the counts' copy to the host (no wait on
+    # the CPU)
+    assert their_waits == len(SCALES) + 1 and our_waits == (1 if DEVICE == "cuda" else 0)
+
+
+def test_no_boxes_at_all_pool_to_no_rows():
+    theirs = ROIPooler(7, SCALES, 0, "ROIAlignV2")
+    features, box_lists = features_and_boxes(sizes=(0, 0, 0))
+    pooled = LevelSortedPooler(theirs)(features, box_lists)
+    assert pooled.shape == theirs(features, box_lists).shape == (0, 8, 7, 7)
+
+
+def test_what_does_not_fit_goes_to_detectron2s_pooler_and_its_errors():
+    features, box_lists = features_and_boxes()
+    single = ROIPooler(7, SCALES[:1], 0, "ROIAlignV2")
+    assert torch.equal(LevelSortedPooler(single)(features[:1], box_lists), single(features[:1], box_lists))
+    with pytest.raises(AssertionError, match="num_level_assignments=4, but x is list of 3"):
+        LevelSortedPooler(ROIPooler(7, SCALES, 0, "ROIAlignV2"))(features[:3], box_lists)
