@@ -98,15 +98,19 @@ class BatchedRPN(BatchedNMSRPN):
 
         anchors = type(anchors[0]).cat(anchors).tensor
         # an anchor that is not positive regresses onto itself: a finite target (an image without GT matched
-        # zero boxes) whose loss the mask drops
+        # zero boxes), which the masked prediction below meets exactly (a loss of 0)
         targets = torch.where(positive.unsqueeze(-1), torch.stack(gt_boxes), anchors)
         deltas = self.box2box_transform.get_deltas(anchors.expand_as(targets).reshape(-1, 4), targets.reshape(-1, 4))
-        localization = smooth_l1_loss(cat(pred_anchor_deltas, dim=1), deltas.view_as(targets), self.smooth_l1_beta)
-        objectness = F.binary_cross_entropy_with_logits(cat(pred_objectness_logits, dim=1),
-                                                        labels.to(torch.float32), reduction="none")
+        deltas = deltas.view_as(targets)
+        # the masks go on the predictions, so that those left out get exactly no gradient, as Detectron2's
+        # selection gives them, even when they are not finite
+        predicted = torch.where(positive.unsqueeze(-1), cat(pred_anchor_deltas, dim=1), deltas)
+        localization = smooth_l1_loss(predicted, deltas, self.smooth_l1_beta)
+        logits = torch.where(sampled, cat(pred_objectness_logits, dim=1), 0)
+        objectness = F.binary_cross_entropy_with_logits(logits, labels.to(torch.float32), reduction="none")
         normalizer = self.batch_size_per_image * num_images
         losses = {"loss_rpn_cls": torch.where(sampled, objectness, 0).sum() / normalizer,
-                  "loss_rpn_loc": torch.where(positive.unsqueeze(-1), localization, 0).sum() / normalizer}
+                  "loss_rpn_loc": localization.sum() / normalizer}
         return {name: loss * self.loss_weight.get(name, 1.0) for name, loss in losses.items()}
 
 

@@ -376,3 +376,20 @@ def test_batched_rpn_losses_and_logged_counts_are_detectron2s(opts):
         # ours: one get_deltas assert, and the counts' copy to the host (no wait on the CPU); Detectron2: an
         # assert per image, the two counts, four boolean-mask selections and their two backwards
         assert our_waits == (2 if DEVICE == "cuda" else 1) and their_waits == len(gt) + 8
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_batched_rpn_gives_predictions_left_out_of_the_losses_no_gradient_even_if_not_finite(beta):
+    theirs, ours = both_rpns("MODEL.RPN.BATCH_SIZE_PER_IMAGE", 64, "MODEL.RPN.SMOOTH_L1_BETA", beta)
+    (anchors,), gt = anchors_and_gt()
+    labels, boxes = theirs.label_and_sample_anchors([anchors], gt)
+    logits, deltas = rpn_predictions([anchors], len(gt))
+    with torch.no_grad():  # an overflow where the losses do not look: a negative anchor, an unsampled one
+        deltas[0][0, (labels[0] == 0).nonzero()[0, 0]] = float("inf")
+        logits[0][0, (labels[0] == -1).nonzero()[0, 0]] = float("nan")
+    results = [losses_and_gradients(rpn, [anchors], labels, boxes, logits, deltas) for rpn in (ours, theirs)]
+    (our_losses, our_gradients, *_), (their_losses, their_gradients, *_) = results
+    for name, loss in their_losses.items():
+        assert torch.isfinite(loss) and torch.allclose(our_losses[name], loss, rtol=1e-6, atol=0), name
+    for mine, reference in zip(our_gradients, their_gradients):
+        assert torch.isfinite(reference).all() and torch.allclose(mine, reference, rtol=1e-6, atol=1e-12)
