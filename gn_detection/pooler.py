@@ -18,18 +18,27 @@ class LevelSortedPooler(nn.Module):
     stable sort: each level's boxes keep their order), one ``.tolist()`` of the levels' counts cuts them, and
     the pooled rows are put back in the boxes' order: one wait per call. Every row and every gradient is
     Detectron2's, with the rows of a level pooled in Detectron2's order. A single level, no image, inputs
-    that do not fit the pooler, and tracing go to the wrapped pooler itself (which raises its own errors).
+    that do not fit the pooler, tracing and scripting go to the wrapped pooler itself (which raises its own
+    errors), and so do boxes that no level takes (a NaN or negative area: Detectron2 pools them to zeros),
+    after the one wait. The wrapped pooler's attributes (``output_size``, ``level_poolers``, ...) read
+    through this module.
     """
 
     def __init__(self, pooler: ROIPooler):
         super().__init__()
         self.pooler = pooler
 
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)  # this module's own parameters, buffers and submodules
+        except AttributeError:
+            return getattr(super().__getattr__("pooler"), name)
+
     def forward(self, x: List[torch.Tensor], box_lists: List[Boxes]) -> torch.Tensor:
         """``pooler(x, box_lists)``: (boxes of all images, channels, output size, output size)."""
         pooler, levels = self.pooler, len(self.pooler.level_poolers)
         if (levels == 1 or not box_lists or len(x) != levels or len(box_lists) != x[0].size(0)
-                or torch.jit.is_scripting() or is_fx_tracing()):
+                or torch.jit.is_scripting() or torch.jit.is_tracing() or is_fx_tracing()):
             return pooler(x, box_lists)
         boxes = cat([b.tensor for b in box_lists])
         images = cat([torch.full((len(b),), image, dtype=boxes.dtype, device=boxes.device)
@@ -39,6 +48,8 @@ class LevelSortedPooler(nn.Module):
                                        pooler.canonical_level)
         order = torch.argsort(level, stable=True)
         counts = (level == torch.arange(levels, device=level.device)[:, None]).sum(1).tolist()  # the one wait
+        if sum(counts) != len(level):  # boxes of no level
+            return pooler(x, box_lists)
         pooled = cat([level_pooler(features, level_rois) for level_pooler, features, level_rois
                       in zip(pooler.level_poolers, x, rois[order].split(counts))])
         return torch.empty_like(pooled).index_put_((order,), pooled)

@@ -63,3 +63,34 @@ def test_what_does_not_fit_goes_to_detectron2s_pooler_and_its_errors():
     assert torch.equal(LevelSortedPooler(single)(features[:1], box_lists), single(features[:1], box_lists))
     with pytest.raises(AssertionError, match="num_level_assignments=4, but x is list of 3"):
         LevelSortedPooler(ROIPooler(7, SCALES, 0, "ROIAlignV2"))(features[:3], box_lists)
+
+
+def test_boxes_of_no_level_go_to_detectron2s_pooler_which_pools_them_to_zeros():
+    theirs = ROIPooler(7, SCALES, 0, "ROIAlignV2")
+    features, box_lists = features_and_boxes()
+    box_lists[0].tensor[3] = float("nan")  # no area, no level
+    box_lists[2].tensor[5, 2] = box_lists[2].tensor[5, 0] - 10  # a negative area
+    pooled = LevelSortedPooler(theirs)(features, box_lists)
+    assert torch.equal(pooled, theirs(features, box_lists))
+    assert (pooled[3] == 0).all() and (pooled[50 + 5] == 0).all()
+
+
+def test_a_traced_pooler_is_detectron2s_for_any_number_of_boxes():
+    theirs = ROIPooler(7, SCALES, 0, "ROIAlignV2")
+    features, box_lists = features_and_boxes(sizes=(30, 0, 20))
+    with torch.no_grad():
+        traced = torch.jit.trace(lambda x, boxes: LevelSortedPooler(theirs)(x, [Boxes(b) for b in boxes]),
+                                 ([f.detach() for f in features], [b.tensor for b in box_lists]))
+        features, box_lists = features_and_boxes(sizes=(50, 10, 0), seed=1)
+        features = [f.detach() for f in features]
+        assert torch.equal(traced(features, [b.tensor for b in box_lists]), theirs(features, box_lists))
+
+
+def test_the_wrapped_poolers_attributes_read_through():
+    theirs = ROIPooler(14, SCALES, 0, "ROIAlignV2", canonical_box_size=112)
+    ours = LevelSortedPooler(theirs)
+    assert ours.output_size == (14, 14) and ours.canonical_box_size == 112
+    assert ours.level_poolers is theirs.level_poolers and ours.pooler is theirs
+    assert not list(ours.state_dict())  # no parameters: checkpoints are Detectron2's
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        ours.no_such_thing
