@@ -84,20 +84,28 @@ PRECISION_LINES = {"fp32": "-", "amp_fp16": "--", "amp_bf16": ":"}  # line style
 
 
 BENCHMARK_MEASUREMENTS = ("train_images_per_s", "train_speedup", "peak_memory_gb", "inference_s_per_image")
+BENCHMARK_CELL = ("variant", "precision", "images_per_iter")  # what names a benchmark cell
 
 
 def benchmark_series(report: Dict) -> Dict[Tuple[str, str], List[Dict]]:
     """A model-task report of ``tools/benchmark.py`` as one series per (variant, precision): its cells in order
-    of images per iteration, each with the :data:`BENCHMARK_MEASUREMENTS`, None where that measurement failed;
-    ``train_speedup`` is (median, low, high): the range over passes, or the single value three times. The
-    summary over passes is used when the report has one."""
+    of images per iteration, each with the :data:`BENCHMARK_MEASUREMENTS`, None where that measurement failed
+    (or an older report lacks it); ``train_speedup`` is (median, low, high): the range over passes, or the
+    single value three times. The summary over passes is used when the report has one. Raises ValueError
+    for anything else."""
+    if not isinstance(report, dict):
+        raise ValueError(f"not a tools/benchmark.py results file (its JSON is a {type(report).__name__})")
     if report.get("task", "model") != "model":
         raise ValueError(f"only the model task's results can be plotted, not the {report['task']!r} task's")
-    if "summary" in report:
-        cells = [dict(r, train_speedup=tuple(r["train_speedup"])) for r in report["summary"]]
-    else:
-        cells = [dict(r, train_speedup=(r.get("train_speedup"),) * 3) for r in report.get("rows", [])]
-    if all(_value(cell.get(key)) is None for cell in cells for key in BENCHMARK_MEASUREMENTS):
+    cells = []
+    for row in report["summary"] if "summary" in report else report.get("rows", []):
+        missing = [key for key in BENCHMARK_CELL if not isinstance(row, dict) or key not in row]
+        if missing:
+            raise ValueError(f"a cell lacks {', '.join(missing)}: not a tools/benchmark.py results file")
+        speedup = row.get("train_speedup")
+        cells.append({**{key: row.get(key) for key in (*BENCHMARK_MEASUREMENTS, *BENCHMARK_CELL)},
+                      "train_speedup": tuple(speedup) if isinstance(speedup, (list, tuple)) else (speedup,) * 3})
+    if all(_value(cell[key]) is None for cell in cells for key in BENCHMARK_MEASUREMENTS):
         raise ValueError("the report holds no measurement to plot")
     series = defaultdict(list)
     for cell in sorted(cells, key=lambda c: c["images_per_iter"]):

@@ -192,6 +192,9 @@ def test_the_picture_of_repeated_passes_draws_medians_with_each_ratios_range():
     ({"task": "host", "rows": []}, "only the model task's results can be plotted, not the 'host' task's"),
     ({"task": "model", "rows": [model_row("ours", "fp32", 2, None, None, None, error="boom")]},
      "no measurement to plot"),
+    ({"task": "model", "rows": [{"precision": "fp32", "images_per_iter": 2}]},
+     "a cell lacks variant: not a tools/benchmark.py results file"),
+    ([1, 2], "not a tools/benchmark.py results file (its JSON is a list)"),
     ("not json", "--replot {path}: Expecting value"),
     (None, "No such file or directory: '{path}'"),
 ])

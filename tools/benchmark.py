@@ -237,7 +237,7 @@ def replot(json_path: str) -> int:
         with open(json_path) as f:
             report = json.load(f)
         print(f"Wrote {plot_benchmark(report, picture_path(json_path))}")
-    except (OSError, ValueError) as e:  # missing, not JSON, not a model run, nothing measured
+    except (OSError, ValueError, TypeError) as e:  # missing, not JSON, not a model run's, nothing measured
         print(f"benchmark: error: --replot {json_path}: {e}", file=sys.stderr)
         return 2
     return 0
@@ -285,15 +285,15 @@ def main(argv=None) -> int:
             result = run_models(args, variants, logger,
                                 lambda report: write_json(args.output, {**header, **report}))
     write_json(args.output, {**header, **result})
-    if args.task == "model":
-        try:
-            logger.info("Picture: %s", plot_benchmark({**header, **result}, picture_path(args.output)))
-        except (OSError, ValueError) as e:  # every cell failed (the table says why), or an unwritable folder
-            logger.warning("No picture (the JSON and the table have the results): %s", e)
     print(result["table"])
     if "summary_table" in result:
         print(f"\nOver {args.repeats} passes:\n{result['summary_table']}")
     logger.info("Wrote %s", args.output)
+    if args.task == "model":
+        try:
+            logger.info("Picture: %s", plot_benchmark({**header, **result}, picture_path(args.output)))
+        except Exception as e:  # noqa: BLE001 (the picture is extra: the JSON and the table have the results)
+            logger.warning("No picture: %s", e)
     failed = [r for r in result.get("rows", []) if r["error"]] + [
         name for name, r in result.get("results", {}).items() if "error" in r]
     if failed:
