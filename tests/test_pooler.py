@@ -94,3 +94,13 @@ def test_the_wrapped_poolers_attributes_read_through():
     assert not list(ours.state_dict())  # no parameters: checkpoints are Detectron2's
     with pytest.raises(AttributeError, match="no_such_thing"):
         ours.no_such_thing
+
+
+def test_under_autocast_rows_keep_the_features_half_precision_as_detectron2s():
+    half = torch.float16 if DEVICE == "cuda" else torch.bfloat16
+    theirs = ROIPooler(7, SCALES, 0, "ROIAlignV2")
+    features, box_lists = features_and_boxes()
+    features = [f.detach().to(half) for f in features]
+    with torch.autocast(DEVICE, dtype=half):
+        mine, reference = LevelSortedPooler(theirs)(features, box_lists), theirs(features, box_lists)
+    assert mine.dtype == reference.dtype == half and torch.equal(mine, reference)

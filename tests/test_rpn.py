@@ -393,3 +393,20 @@ def test_batched_rpn_gives_predictions_left_out_of_the_losses_no_gradient_even_i
         assert torch.isfinite(loss) and torch.allclose(our_losses[name], loss, rtol=1e-6, atol=0), name
     for mine, reference in zip(our_gradients, their_gradients):
         assert torch.isfinite(reference).all() and torch.allclose(mine, reference, rtol=1e-6, atol=1e-12)
+
+
+def test_batched_rpn_losses_under_autocast_are_detectron2s():
+    half = torch.float16 if DEVICE == "cuda" else torch.bfloat16
+    theirs, ours = both_rpns("MODEL.RPN.BATCH_SIZE_PER_IMAGE", 64, "MODEL.RPN.SMOOTH_L1_BETA", 0.1)
+    (anchors,), gt = anchors_and_gt()
+    labels, boxes = theirs.label_and_sample_anchors([anchors], gt)
+    logits, deltas = rpn_predictions([anchors], len(gt))
+    logits, deltas = ([x.detach().to(half).requires_grad_() for x in xs] for xs in (logits, deltas))  # the head's
+    with torch.autocast(DEVICE, dtype=half):
+        results = [losses_and_gradients(rpn, [anchors], labels, boxes, logits, deltas) for rpn in (ours, theirs)]
+    (our_losses, our_gradients, *_), (their_losses, their_gradients, *_) = results
+    for name, loss in their_losses.items():
+        assert our_losses[name].dtype == loss.dtype and torch.allclose(our_losses[name], loss, rtol=1e-5), name
+    for mine, reference in zip(our_gradients, their_gradients):  # each element's gradient is computed alike
+        assert mine.dtype == reference.dtype == half
+        assert torch.equal(mine, reference) if DEVICE == "cpu" else torch.allclose(mine, reference, rtol=1e-3)
