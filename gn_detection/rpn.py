@@ -91,6 +91,7 @@ class BatchedRPN(BatchedNMSRPN):
         num_images = len(gt_labels)
         labels = torch.stack(gt_labels)  # (images, anchors)
         positive, sampled = labels == 1, labels >= 0
+        positive_rows = positive.unsqueeze(-1)  # over the 4 box coordinates
         num_positive, num_negative = torch.stack([positive.sum(), (labels == 0).sum()]).tolist()
         storage = get_event_storage()
         storage.put_scalar("rpn/num_pos_anchors", num_positive / num_images)
@@ -99,12 +100,12 @@ class BatchedRPN(BatchedNMSRPN):
         anchors = type(anchors[0]).cat(anchors).tensor
         # an anchor that is not positive regresses onto itself: a finite target (an image without GT matched
         # zero boxes), which the masked prediction below meets exactly (a loss of 0)
-        targets = torch.where(positive.unsqueeze(-1), torch.stack(gt_boxes), anchors)
+        targets = torch.where(positive_rows, torch.stack(gt_boxes), anchors)
         deltas = self.box2box_transform.get_deltas(anchors.expand_as(targets).reshape(-1, 4), targets.reshape(-1, 4))
         deltas = deltas.view_as(targets)
         # the masks go on the predictions, so that those left out get exactly no gradient, as Detectron2's
         # selection gives them, even when they are not finite
-        predicted = torch.where(positive.unsqueeze(-1), cat(pred_anchor_deltas, dim=1), deltas)
+        predicted = torch.where(positive_rows, cat(pred_anchor_deltas, dim=1), deltas)
         localization = smooth_l1_loss(predicted, deltas, self.smooth_l1_beta)
         logits = torch.where(sampled, cat(pred_objectness_logits, dim=1), 0)
         objectness = F.binary_cross_entropy_with_logits(logits, labels.to(torch.float32), reduction="none")

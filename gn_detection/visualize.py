@@ -81,8 +81,6 @@ def save_figure(fig, out_png: str) -> str:
 
 
 PRECISION_LINES = {"fp32": "-", "amp_fp16": "--", "amp_bf16": ":"}  # line style of each benchmark precision
-
-
 BENCHMARK_MEASUREMENTS = ("train_images_per_s", "train_speedup", "peak_memory_gb", "inference_s_per_image")
 BENCHMARK_CELL = ("variant", "precision", "images_per_iter")  # what names a benchmark cell
 
@@ -179,10 +177,10 @@ def _value(measurement):
 
 
 def _inference_bars(ax, series: Dict[Tuple[str, str], List[Dict]], colors: Dict[str, str]) -> None:
-    seconds = {name: next((c["inference_s_per_image"] for c in cells if c["inference_s_per_image"] is not None), None)
-               for name, cells in series.items()}  # one inference measurement per variant and precision
-    bars = [(f"{variant}, {precision}", seconds[variant, precision], colors[variant])
-            for variant, precision in series if seconds[variant, precision] is not None]
+    measured = {name: next((c["inference_s_per_image"] for c in cells if c["inference_s_per_image"] is not None), None)
+                for name, cells in series.items()}  # one inference measurement per variant and precision
+    bars = [(f"{variant}, {precision}", measured[variant, precision], colors[variant])
+            for variant, precision in series if measured[variant, precision] is not None]
     ax.set_xlabel("inference seconds per image")
     ax.grid(True, axis="x", alpha=0.3)
     if not bars:
