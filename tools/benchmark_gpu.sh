@@ -11,8 +11,8 @@
 #      both (each ratio's median and range; on an H100 single cells of the same model moved by up to 20 %
 #      between processes; the CUDA-graph, recompute, channels-last and bit-mask rows, measured there, are
 #      left out)
-#   3. the GN kernels', recomputation's, CUDA graphs', the channels-last backbone's and the batched RPNs' and
-#      ROI heads' tests on CUDA (the sm_90 compile check is left to CI)
+#   3. the GN kernels', recomputation's, CUDA graphs', the channels-last backbone's and the batched RPNs',
+#      ROI heads' and level-sorted pooler's tests on CUDA (the sm_90 compile check is left to CI)
 #   4. the host's work per 8-image AMP step (ops and host waits by model part): ours, batched NMS, batched all
 #   5. the GroupNorm+ReLU op on the 8x256x200x304 P2 activation in fp16, against eager and torch.compile
 # Profiles (wall, CPU and GPU time per step, top ops, the peak memory and what is alive at it) are left to a
@@ -48,7 +48,8 @@ step 160 python3 tools/benchmark.py --images-per-gpu 8 --precision amp_fp16 --sk
 # --timeout (pytest-timeout, as pytest-xdist in the device image): a test that hangs fails with its traceback
 # instead of the step being cut silently
 step 100 python3 -m pytest -q -n 8 -p no:cacheprovider --timeout 90 tests/test_triton_group_norm.py \
-    tests/test_recompute.py tests/test_cuda_graph.py tests/test_rpn.py tests/test_roi_heads.py tests/test_models.py \
+    tests/test_recompute.py tests/test_cuda_graph.py tests/test_rpn.py tests/test_roi_heads.py tests/test_pooler.py \
+    tests/test_models.py \
     -k "not cubins and (not test_models or channels_last_backbone)" \
     tests/test_benchmark.py::test_peak_memory_on_cuda_sees_allocated_and_reserved_memory
 step 25 python3 tools/benchmark.py --task host --images-per-gpu 8 --precision amp_fp16 \
