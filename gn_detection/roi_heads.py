@@ -1,5 +1,5 @@
 """Detectron2's StandardROIHeads with all images' proposals labeled and sampled at once, with one host
-synchronization instead of several per image, and its poolers run level-sorted."""
+synchronization instead of several per image, its poolers run level-sorted, and bitmask targets shared."""
 from typing import Dict, List, Tuple
 
 import numpy as np
@@ -7,10 +7,11 @@ import torch
 from detectron2.config import configurable
 from detectron2.modeling.proposal_generator.proposal_utils import add_ground_truth_to_proposals
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
-from detectron2.structures import Instances
+from detectron2.structures import BitMasks, Instances
 from detectron2.utils.events import get_event_storage
 
 from .batched_targets import match, pad_rows, require_detectron2_matcher, sample_indices
+from .bit_masks import GatheredBitMasks
 from .pooler import LevelSortedPooler
 
 
@@ -26,10 +27,12 @@ class BatchedROIHeads(StandardROIHeads):
     every image (:mod:`gn_detection.batched_targets`); the host waits once, for every image's sample sizes
     and matched GT indices together. The mask branch then slices each image's foreground, which comes first,
     instead of selecting it with a host wait per image, and the box and mask poolers pool all levels with one
-    host wait instead of one per level (:class:`~gn_detection.pooler.LevelSortedPooler`). Labels, matched GT
-    and the sample's sizes are Detectron2's, the sampled foreground first, then the background; which
-    proposals are sampled is drawn from the same distribution (uniformly random subsets), not from the same
-    random numbers. Runs on the CPU and CUDA, without Triton.
+    host wait instead of one per level (:class:`~gn_detection.pooler.LevelSortedPooler`). With bitmasks
+    (``INPUT.MASK_FORMAT bitmask``) the sampled proposals share their image's GT masks
+    (:class:`~gn_detection.bit_masks.GatheredBitMasks`) instead of holding a full-size copy each, and get
+    the same mask targets. Labels, matched GT and the sample's sizes are Detectron2's, the sampled foreground
+    first, then the background; which proposals are sampled is drawn from the same distribution (uniformly
+    random subsets), not from the same random numbers. Runs on the CPU and CUDA, without Triton.
 
     For subclasses: ``_sample_proposals`` is not called, the proposal matcher must be Detectron2's
     ``Matcher`` itself (its thresholds, labels and low-quality rule are applied, not its ``__call__``), and
@@ -109,8 +112,11 @@ def copy_gt_fields(targets: Instances, sampled: Instances, device_matches: torch
                    host_matches: List[int]) -> None:
     """Give ``sampled`` each ``gt_`` field of ``targets`` it lacks, at its proposals' matched GT indices (as
     Detectron2 does): device values indexed on the device, host ones (polygon masks) with the host's copy,
-    so that no field needs a copy of its own."""
+    so that no field needs a copy of its own; bitmasks as :class:`~gn_detection.bit_masks.GatheredBitMasks`,
+    sharing the targets' masks instead of a full-size copy per proposal."""
     for name, value in targets.get_fields().items():
         if name.startswith("gt_") and not sampled.has(name):
+            if isinstance(value, BitMasks):
+                value = GatheredBitMasks(value)
             on_device = getattr(value, "device", torch.device("cpu")) == device_matches.device
             sampled.set(name, value[device_matches if on_device else host_matches])

@@ -7,7 +7,7 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.roi_heads import StandardROIHeads
-from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.structures import BitMasks, Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
 
 from gn_detection import batched_targets
@@ -25,15 +25,15 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU polygon mask
 
 def model_and_inputs(*opts):
     """The tiny model (its ROI heads Detectron2's), BatchedROIHeads with the same weights, and three 128-pixel
-    images' targets (polygon masks; the second image without GT) and random proposals, 60 per image, all on
-    DEVICE."""
-    cfg = make_cfg(SHAPES_CONFIG, *TINY_OVERRIDES, *opts)
+    images' targets (polygon masks unless ``opts`` set INPUT.MASK_FORMAT; the second image without GT) and
+    random proposals, 60 per image, all on DEVICE."""
+    cfg = make_cfg(SHAPES_CONFIG, *TINY_OVERRIDES, "INPUT.MASK_FORMAT", "polygon", *opts)
     torch.manual_seed(0)
     model = build_model(cfg).to(DEVICE)
     assert type(model.roi_heads) is StandardROIHeads
     ours = BatchedROIHeads(cfg, model.backbone.output_shape()).to(DEVICE)
     ours.load_state_dict(model.roi_heads.state_dict())
-    batch = bench.synthetic_batch(3, 128, 128, 4, cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+    batch = bench.synthetic_batch(3, 128, 128, 4, cfg.MODEL.ROI_HEADS.NUM_CLASSES, cfg.INPUT.MASK_FORMAT)
     targets = [item["instances"].to(DEVICE) for item in batch]
     targets[1] = targets[1][:0]
     proposals = []
@@ -60,10 +60,16 @@ def rows(instances):
         row = [tuple(fields["proposal_boxes"].tensor[i].tolist()), fields["objectness_logits"][i].item(),
                fields["gt_classes"][i].item()]
         if "gt_boxes" in fields:
-            row += [tuple(fields["gt_boxes"].tensor[i].tolist()),
-                    tuple(polygon.tobytes() for polygon in fields["gt_masks"].polygons[i])]
+            row += [tuple(fields["gt_boxes"].tensor[i].tolist()), mask_bytes(fields["gt_masks"], i)]
         table.append(tuple(row))
     return sorted(table)
+
+
+def mask_bytes(masks, i):
+    """The ``i``th mask of PolygonMasks or BitMasks, as bytes."""
+    if isinstance(masks, BitMasks):
+        return masks.tensor[i].cpu().numpy().tobytes()
+    return tuple(polygon.tobytes() for polygon in masks.polygons[i])
 
 
 def label_and_sample(heads, proposals, targets):
@@ -123,8 +129,9 @@ def with_int32_classes(model, ours, targets, proposals):
     ([], with_an_image_without_proposals),
     ([], with_low_quality_matches),
     ([], with_int32_classes),  # Detectron2 keeps the targets' dtype, and gives int64 where there is no GT
+    (["INPUT.MASK_FORMAT", "bitmask"], None),
 ], ids=["ignored band", "ignored background", "GT not appended", "no image with GT", "image without proposals",
-        "low-quality matches", "int32 classes"])
+        "low-quality matches", "int32 classes", "bitmasks"])
 def test_batched_roi_heads_label_as_detectron2_in_other_settings(opts, change):
     model, ours, _, targets, proposals = model_and_inputs(*SAMPLE_ALL, *opts)
     if change:
@@ -167,9 +174,10 @@ def test_batched_roi_heads_sample_as_many_proposals_as_detectron2():
     assert foreground[0] == 4 < foreground[1]  # 25 % of 16: the quota binds
 
 
-def test_model_from_yaml_gets_detectron2s_roi_head_losses_without_host_waits_in_sampling():
+@pytest.mark.parametrize("mask_format", ["polygon", "bitmask"])
+def test_model_from_yaml_gets_detectron2s_roi_head_losses_without_host_waits_in_sampling(mask_format):
     # every candidate sampled, so the losses are Detectron2's up to the order of their sums
-    model, _, batch, targets, proposals = model_and_inputs(*SAMPLE_ALL)
+    model, _, batch, targets, proposals = model_and_inputs(*SAMPLE_ALL, "INPUT.MASK_FORMAT", mask_format)
     cfg = make_cfg(SHAPES_CONFIG, *TINY_OVERRIDES, *SAMPLE_ALL, "MODEL.ROI_HEADS.NAME", "BatchedROIHeads")
     torch.manual_seed(0)
     ours = build_model(cfg).roi_heads.to(DEVICE)
@@ -219,6 +227,19 @@ def test_gt_fields_on_the_host_are_indexed_with_the_hosts_copy_of_the_matches():
     assert torch.equal(sampled.gt_boxes.tensor, targets[0].gt_boxes.tensor[[2, 0, 2]])
     assert [polygons[0].tobytes() for polygons in sampled.gt_masks.polygons] == [
         targets[0].gt_masks.polygons[i][0].tobytes() for i in (2, 0, 2)]
+
+
+def test_sampled_bitmasks_share_their_images_masks():
+    model, ours, _, targets, proposals = model_and_inputs("INPUT.MASK_FORMAT", "bitmask")
+    our_samples, _ = label_and_sample(ours, proposals, targets)
+    their_samples, _ = label_and_sample(model.roi_heads, proposals, targets)
+    for image, (mine, reference, target) in enumerate(zip(our_samples, their_samples, targets)):
+        if not len(target):
+            assert not mine.has("gt_masks"), image
+            continue
+        # Detectron2 copies an image-sized mask per proposal; ours index the image's own masks
+        assert type(reference.gt_masks) is BitMasks and mine.gt_masks.source is target.gt_masks.tensor
+        assert torch.equal(mine.gt_masks.tensor, target.gt_masks.tensor[mine.gt_masks.index])
 
 
 def test_mask_branch_slices_the_sampled_foreground_without_a_host_wait_per_image():
