@@ -12,13 +12,15 @@ class GatheredBitMasks(BitMasks):
     Detectron2 gives each sampled proposal a copy of its matched GT bitmask, image-sized: 512 per image, 0.5 GB
     per 800x1216 image, and then a float32 copy of each foreground one to crop its mask target from. Here the
     proposals share the image's masks, and :meth:`crop_and_resize` aligns each box on its own source row
-    directly: the same ROIAlign on the same mask and box, so the same targets, from one float32 copy of the
-    image's masks. Indexing composes the index and copies no mask; everything else reads ``tensor``."""
+    directly: the same ROIAlign on the same mask and box, so the same targets, from a float32 copy of the
+    image's masks or of the rows', whichever are fewer. Indexing composes the index and copies no mask;
+    everything else reads ``tensor``, a gathered copy."""
 
     def __init__(self, source: Union[torch.Tensor, BitMasks], index: Optional[torch.Tensor] = None):
-        """``source``: (G, H, W) masks (any dtype, read as bool) or a :class:`BitMasks`; ``index``: (N,) int64
-        rows of it, on its device; all G rows in order if None (as ``type(masks)(tensor)`` in
-        ``BitMasks.cat`` builds one)."""
+        """``source``: (G, H, W) masks (any dtype, read as bool) or a :class:`BitMasks`; ``index``: (N,)
+        integer rows of it (negative ones count from the end; in range, which is not checked, as that would
+        wait for a GPU); all G rows in order if None (as ``type(masks)(tensor)`` in ``BitMasks.cat`` builds
+        one)."""
         if isinstance(source, GatheredBitMasks):
             source, index = source.source, source.index if index is None else source.index[index]
         elif isinstance(source, BitMasks):
@@ -26,22 +28,29 @@ class GatheredBitMasks(BitMasks):
         if source.dim() != 3:
             raise ValueError(f"GatheredBitMasks: source must be (masks, height, width), got shape "
                              f"{tuple(source.shape)}")
+        if index is None:
+            index = torch.arange(len(source), device=source.device)
+        elif index.dim() != 1 or index.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"GatheredBitMasks: index must be 1-d int64 or int32 rows of the source, got "
+                             f"{index.dtype} of shape {tuple(index.shape)}")
+        index = index.to(source.device, torch.int64)
         self.source = source.to(torch.bool)
-        self.index = torch.arange(len(source), device=source.device) if index is None else index
+        self.index = torch.where(index < 0, index + len(source), index)
         self.image_size = source.shape[1:]
 
     @property
     def tensor(self) -> torch.Tensor:
-        """The masks, (N, H, W) bool, gathered (a copy) at each read."""
+        """The masks, (N, H, W) bool, gathered at each read: a copy, so writes to it are lost."""
         return self.source[self.index]
 
     @property
     def device(self) -> torch.device:
+        """The source masks' device."""
         return self.source.device
 
     def to(self, *args: Any, **kwargs: Any) -> "GatheredBitMasks":
-        source = self.source.to(*args, **kwargs)
-        return GatheredBitMasks(source, self.index.to(source.device))
+        """The source masks moved as ``Tensor.to`` moves them (still bool), and the index with them."""
+        return GatheredBitMasks(self.source.to(*args, **kwargs), self.index)
 
     def __getitem__(self, item: Union[int, slice, torch.Tensor]) -> "GatheredBitMasks":
         """Rows as :class:`BitMasks` gives them (an int gives one row), sharing the source masks."""
@@ -54,11 +63,20 @@ class GatheredBitMasks(BitMasks):
     def __len__(self) -> int:
         return len(self.index)
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(num_instances={len(self)}, source_masks={len(self.source)})"
+
     def crop_and_resize(self, boxes: torch.Tensor, mask_size: int) -> torch.Tensor:
         """Each row's mask inside its box, (N, mask_size, mask_size) bool: Detectron2's
-        ``BitMasks.crop_and_resize`` of the gathered masks, without gathering them."""
+        ``BitMasks.crop_and_resize`` of the gathered masks. Only the rows' masks are made float32, as there,
+        or the source's if it has fewer."""
         if len(boxes) != len(self):
             raise ValueError(f"GatheredBitMasks.crop_and_resize: {len(boxes)} boxes for {len(self)} masks")
-        rois = torch.cat([self.index.to(boxes.dtype)[:, None], boxes], dim=1).to(self.source.device)
-        aligned = ROIAlign((mask_size, mask_size), 1.0, 0, aligned=True)(self.source.float()[:, None], rois)
+        masks, rows = self.source, self.index
+        if len(rows) < len(masks):  # sizes the host knows: no wait
+            masks, rows = masks[rows], torch.arange(len(rows), device=masks.device)
+        # float32 RoIs, as ROIAlign casts them to its float32 input anyway; a half-precision row number would
+        # round above 256 (bfloat16) or 2048 (float16)
+        rois = torch.cat([rows.float()[:, None], boxes.float().to(masks.device)], dim=1)
+        aligned = ROIAlign((mask_size, mask_size), 1.0, 0, aligned=True)(masks.float()[:, None], rois)
         return aligned.squeeze(1) >= 0.5

@@ -116,7 +116,7 @@ def copy_gt_fields(targets: Instances, sampled: Instances, device_matches: torch
     sharing the targets' masks instead of a full-size copy per proposal."""
     for name, value in targets.get_fields().items():
         if name.startswith("gt_") and not sampled.has(name):
-            if isinstance(value, BitMasks):
+            if type(value) is BitMasks:  # not a subclass, whose crop_and_resize may differ
                 value = GatheredBitMasks(value)
             on_device = getattr(value, "device", torch.device("cpu")) == device_matches.device
             sampled.set(name, value[device_matches if on_device else host_matches])

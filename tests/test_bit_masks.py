@@ -64,6 +64,28 @@ def test_indexing_gives_detectron2s_rows_and_shares_the_source(items):
     assert torch.equal(ours.crop_and_resize(boxes_for(len(ours)), 14), theirs.crop_and_resize(boxes_for(len(ours)), 14))
 
 
+def test_a_tie_at_one_half_is_inside_the_mask_as_in_detectron2():
+    # the right half of a 20x20 mask; a box half a pixel to the right samples column 9 halfway between
+    # pixels 9 (out) and 10 (in): exactly 0.5
+    source = torch.zeros(1, 20, 20, dtype=torch.bool, device=DEVICE)
+    source[:, :, 10:] = True
+    box = torch.tensor([[0.5, 0.0, 20.5, 20.0]], device=DEVICE)
+    ours = GatheredBitMasks(source, torch.tensor([0, 0], device=DEVICE))[:1].crop_and_resize(box, 20)
+    assert torch.equal(ours, BitMasks(source).crop_and_resize(box, 20))
+    assert ours[0, :, 9].all() and not ours[0, :, 8].any()
+
+
+def test_rows_past_256_are_exact_with_half_precision_boxes():
+    # a bfloat16 row number would round 257 to 256: RoIs are float32, as ROIAlign's input
+    source = torch.zeros(300, 8, 8, dtype=torch.bool, device=DEVICE)
+    source[257, :4] = True
+    index = torch.arange(299, -1, -1, device=DEVICE)  # all rows: the source's own masks are aligned
+    boxes = torch.tensor([[0.0, 0.0, 8.0, 8.0]], device=DEVICE).expand(300, 4).to(torch.bfloat16)
+    ours = GatheredBitMasks(source, index).crop_and_resize(boxes, 4)
+    assert torch.equal(ours, BitMasks(source[index]).crop_and_resize(boxes.float(), 4))
+    assert ours[299 - 257, :2].all() and ours.sum() == 8
+
+
 def test_as_bitmasks_everywhere_else():
     source, index = source_and_index()
     ours, theirs = GatheredBitMasks(BitMasks(source), index), BitMasks(source[index])
@@ -71,7 +93,9 @@ def test_as_bitmasks_everywhere_else():
     assert torch.equal(ours.nonempty(), theirs.nonempty())
     assert torch.equal(ours.get_bounding_boxes().tensor, theirs.get_bounding_boxes().tensor)
     joined = BitMasks.cat([ours, ours[:2]])  # Detectron2 builds type(first)(tensor)
+    assert type(joined) is GatheredBitMasks
     assert torch.equal(joined.tensor, torch.cat([theirs.tensor, theirs.tensor[:2]]))
+    assert repr(ours) == "GatheredBitMasks(num_instances=9, source_masks=5)"
     moved = ours.to("cpu")
     assert isinstance(moved, GatheredBitMasks) and torch.equal(moved.tensor, theirs.tensor.cpu())
     assert len(GatheredBitMasks(source)) == 5 and torch.equal(GatheredBitMasks(source).tensor, source)
@@ -95,3 +119,15 @@ def test_errors_name_what_is_wrong():
         masks[torch.tensor([[0], [1], [2]], device=DEVICE)]
     with pytest.raises(ValueError, match=r"\(masks, height, width\), got shape \(60, 90\)"):
         GatheredBitMasks(source[0])
+    with pytest.raises(ValueError, match=r"index must be 1-d int64 or int32.*torch.bool of shape \(5,\)"):
+        GatheredBitMasks(source, torch.ones(5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"index must be 1-d.*torch.int64 of shape \(\)"):
+        GatheredBitMasks(source, torch.tensor(2))
+
+
+def test_negative_rows_count_from_the_end():
+    source, _ = source_and_index()
+    boxes = boxes_for(2)
+    masks = GatheredBitMasks(source, torch.tensor([-1, -5], dtype=torch.int32))
+    assert masks.index.tolist() == [4, 0] and masks.index.dtype == torch.int64
+    assert torch.equal(masks.crop_and_resize(boxes, 28), BitMasks(source[[4, 0]]).crop_and_resize(boxes, 28))

@@ -68,7 +68,7 @@ def rows(instances):
 def mask_bytes(masks, i):
     """The ``i``th mask of PolygonMasks or BitMasks, as bytes."""
     if isinstance(masks, BitMasks):
-        return masks.tensor[i].cpu().numpy().tobytes()
+        return masks[i].tensor.cpu().numpy().tobytes()
     return tuple(polygon.tobytes() for polygon in masks.polygons[i])
 
 
@@ -237,9 +237,10 @@ def test_sampled_bitmasks_share_their_images_masks():
         if not len(target):
             assert not mine.has("gt_masks"), image
             continue
-        # Detectron2 copies an image-sized mask per proposal; ours index the image's own masks
+        # Detectron2 copies an image-sized mask per proposal; ours index the image's own masks, at the rows
+        # of the matched GT boxes
         assert type(reference.gt_masks) is BitMasks and mine.gt_masks.source is target.gt_masks.tensor
-        assert torch.equal(mine.gt_masks.tensor, target.gt_masks.tensor[mine.gt_masks.index])
+        assert torch.equal(mine.gt_boxes.tensor, target.gt_boxes.tensor[mine.gt_masks.index])
 
 
 def test_mask_branch_slices_the_sampled_foreground_without_a_host_wait_per_image():
