@@ -33,10 +33,18 @@ class GatheredBitMasks(BitMasks):
         elif index.dim() != 1 or index.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"GatheredBitMasks: index must be 1-d int64 or int32 rows of the source, got "
                              f"{index.dtype} of shape {tuple(index.shape)}")
-        index = index.to(source.device, torch.int64)
-        self.source = source.to(torch.bool)
-        self.index = torch.where(index < 0, index + len(source), index)
-        self.image_size = source.shape[1:]
+        else:
+            index = index.to(source.device, torch.int64)
+            index = torch.where(index < 0, index + len(source), index)
+        self.source, self.index, self.image_size = source.to(torch.bool), index, source.shape[1:]
+
+    @classmethod
+    def _sharing(cls, source: torch.Tensor, index: torch.Tensor) -> "GatheredBitMasks":
+        """Rows ``index`` of a checked ``source``, the index taken from a checked one (no negatives, on the
+        source's device): without :meth:`__init__`'s checks, which cost ops on the host at every indexing."""
+        masks = cls.__new__(cls)
+        masks.source, masks.index, masks.image_size = source, index, source.shape[1:]
+        return masks
 
     @property
     def tensor(self) -> torch.Tensor:
@@ -58,7 +66,7 @@ class GatheredBitMasks(BitMasks):
         if index.dim() != 1:
             raise IndexError(f"Indexing GatheredBitMasks with {item} gives index shape {tuple(index.shape)}; "
                              "use an int, a slice, or a 1-d bool or int64 tensor")
-        return GatheredBitMasks(self.source, index)
+        return self._sharing(self.source, index)
 
     def __len__(self) -> int:
         return len(self.index)
