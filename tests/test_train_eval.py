@@ -74,6 +74,14 @@ def test_eval_only_reproduces_the_trained_models_ap(trained, tiny_shapes_root, t
     log = result.stdout + result.stderr
     for task in ("bbox", "segm"):
         assert f"copypaste: {final[f'{task}/AP']:.4f}" in log
+    assert "Loaded " in log and "missing 0, unused 0" in log  # through AtomicCheckpointer, which counts
+
+
+def test_eval_only_refuses_a_checkpoint_holding_python_objects(tiny_shapes_root, tmp_path):
+    weights = tmp_path / "untrusted.pth"
+    torch.save({"model": {}, "note": object()}, weights)
+    result = train_net(tiny_shapes_root, tmp_path / "out", "--eval-only", "MODEL.WEIGHTS", str(weights))
+    assert result.returncode != 0 and f"{weights}: refused to load" in result.stderr
 
 
 def test_missing_coco_stops_at_once_naming_the_path(tmp_path):
