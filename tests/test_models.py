@@ -1,21 +1,35 @@
 """Registration, config keys, every shipped config building, and key-for-key compatibility with
 Detectron2's own GN Mask R-CNN."""
+import ast
 import glob
 import os
+import re
 
 import pytest
 import torch
 from detectron2 import model_zoo
-from detectron2.config import get_cfg
-from detectron2.modeling import BACKBONE_REGISTRY, ROI_BOX_HEAD_REGISTRY, ROI_MASK_HEAD_REGISTRY, build_model
+from detectron2.config import CfgNode, get_cfg
+from detectron2.modeling import (BACKBONE_REGISTRY, PROPOSAL_GENERATOR_REGISTRY, ROI_BOX_HEAD_REGISTRY,
+                                 ROI_HEADS_REGISTRY, ROI_MASK_HEAD_REGISTRY, build_model)
 from torch import nn
 
 import gn_detection
 from gn_detection.group_norm import GroupNormChannelsError, GroupNormSpec
 
-from .conftest import CONFIGS, SHAPES_CONFIG, backbone_features_and_gradients, make_cfg
+from .conftest import CONFIGS, REPO, SHAPES_CONFIG, backbone_features_and_gradients, make_cfg
 
 ALL_CONFIGS = sorted(glob.glob(os.path.join(CONFIGS, "**", "*.yaml"), recursive=True))
+
+
+README = os.path.join(REPO, "README.md")
+
+
+def readme_table_rows(first_cell_pattern):
+    """The cells of README.md's table rows whose first cell matches ``first_cell_pattern``."""
+    with open(README) as f:
+        rows = [[cell.strip().strip("`") for cell in line.strip().strip("|").split("|")] for line in f
+                if line.startswith("|")]
+    return [row for row in rows if re.fullmatch(first_cell_pattern, row[0])]
 
 
 def test_components_are_registered():
@@ -23,14 +37,44 @@ def test_components_are_registered():
     assert "build_gn_resnet_backbone" in BACKBONE_REGISTRY
     assert "GNConvFCHead" in ROI_BOX_HEAD_REGISTRY
     assert "GNMaskRCNNConvUpsampleHead" in ROI_MASK_HEAD_REGISTRY
+    assert "BatchedNMSRPN" in PROPOSAL_GENERATOR_REGISTRY and "BatchedRPN" in PROPOSAL_GENERATOR_REGISTRY
+    assert "BatchedROIHeads" in ROI_HEADS_REGISTRY
 
 
-def test_config_keys_and_defaults():
+def test_readme_registry_table_names_what_is_registered():
+    registries = {r._name: r for r in (BACKBONE_REGISTRY, ROI_BOX_HEAD_REGISTRY, ROI_MASK_HEAD_REGISTRY,
+                                        PROPOSAL_GENERATOR_REGISTRY, ROI_HEADS_REGISTRY)}
+    rows = readme_table_rows(r"[A-Z_]+_REGISTRY")
+    listed = {(registry, name) for registry, name, *_ in rows}
+    ours = {(f"{r._name}_REGISTRY", name) for r in registries.values() for name, obj in r
+            if obj.__module__.startswith("gn_detection.")}
+    assert listed == ours
+
+
+def flat_config(cfg, prefix=""):
+    """{"MODEL.GN.EPS": 1e-05, ...}: every leaf of a config."""
+    leaves = {}
+    for key, value in cfg.items():
+        if isinstance(value, CfgNode):
+            leaves.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            leaves[f"{prefix}{key}"] = value
+    return leaves
+
+
+def test_readme_config_table_gives_every_added_key_and_its_default():
     cfg = get_cfg()
     gn_detection.add_gn_config(cfg)
-    assert (cfg.MODEL.GN.NUM_GROUPS, cfg.MODEL.GN.CHANNELS_PER_GROUP, cfg.MODEL.GN.EPS) == (32, 0, 1e-5)
-    assert cfg.TEST.VIS_NUM_IMAGES == 0
-    assert cfg.MODEL.BACKBONE.CHANNELS_LAST is False
+    detectron2_keys = flat_config(get_cfg()).keys()
+    added = {key: value for key, value in flat_config(cfg).items() if key not in detectron2_keys}
+    assert {"MODEL.GN.NUM_GROUPS", "MODEL.BACKBONE.CHANNELS_LAST", "TEST.VIS_NUM_IMAGES"} <= added.keys()
+    documented = {}
+    for key, default, *_ in readme_table_rows(r"(MODEL|TEST|SOLVER|INPUT)\.[A-Z_.]+"):
+        try:
+            documented[key] = ast.literal_eval(default)
+        except (ValueError, SyntaxError):  # a word: auto
+            documented[key] = default
+    assert documented == added
 
 
 def gn_layers(model):
