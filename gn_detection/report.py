@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
 from .experiments import LABELS  # noqa: E402
+from .metrics_log import read_metrics  # noqa: E402
 from .visualize import save_figure  # noqa: E402
 
 RESULT_FILE = "cell.json"  # written by the runner into each run's directory once the run has ended
@@ -19,14 +20,12 @@ METRICS = (("segm/AP", "mask AP"), ("bbox/AP", "box AP"))
 
 
 def final_metrics(metrics_json: str) -> Dict[str, float]:
-    """The last evaluation (box and mask AP) in a Detectron2 ``metrics.json``; {} if it has none."""
+    """The last evaluation (box and mask AP) of the latest run in a Detectron2 ``metrics.json``
+    (:func:`~gn_detection.metrics_log.read_metrics`); {} if it has none."""
     last = {}
     if os.path.isfile(metrics_json):
-        with open(metrics_json) as f:
-            for line in f:
-                record = json.loads(line)
-                if "segm/AP" in record or "bbox/AP" in record:
-                    last = record
+        evaluations = [r for r in read_metrics(metrics_json) if "segm/AP" in r or "bbox/AP" in r]
+        last = evaluations[-1] if evaluations else {}
     return {key: last[key] for key, _ in METRICS if key in last}
 
 

@@ -1,6 +1,5 @@
 """Pictures: predictions beside ground truth on dataset images, the training loss curve, and the benchmark's
 speed and memory."""
-import json
 import os
 from collections import defaultdict
 from typing import Dict, List, Tuple
@@ -16,6 +15,7 @@ from detectron2.data import detection_utils  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
 from .atomic_write import replaced_atomically  # noqa: E402
+from .metrics_log import read_metrics  # noqa: E402
 
 MIN_PICTURE_SIDE = 480  # pixels; smaller images are drawn enlarged
 
@@ -50,10 +50,9 @@ def draw_predictions(
 
 
 def plot_loss_curve(metrics_file: str, out_png: str) -> str:
-    """Plot every ``*loss*`` series in Detectron2's ``metrics.json`` against the iteration."""
-    with open(metrics_file) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    rows = [r for r in rows if "total_loss" in r]
+    """Plot every ``*loss*`` series in Detectron2's ``metrics.json`` (its latest run, see
+    :func:`~gn_detection.metrics_log.read_metrics`) against the iteration."""
+    rows = [r for r in read_metrics(metrics_file) if "total_loss" in r]
     if not rows:
         raise ValueError(f"{metrics_file} holds no training losses to plot")
     fig, ax = plt.subplots(figsize=(8, 5))

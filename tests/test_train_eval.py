@@ -1,10 +1,11 @@
 """Training and evaluation end to end on the synthetic dataset, through Detectron2's trainer and
 COCOEvaluator, as a user runs them (tools/train_net.py in a fresh process)."""
-import json
 import os
 
 import pytest
 import torch
+
+from gn_detection.metrics_log import read_metrics
 
 from .conftest import SHAPES_CONFIG, TINY_OVERRIDES, run_tool
 
@@ -21,9 +22,8 @@ def train_net(datasets_root, output_dir, *extra):
     )
 
 
-def read_metrics(output_dir):
-    with open(os.path.join(output_dir, "metrics.json")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_output_metrics(output_dir):
+    return read_metrics(os.path.join(output_dir, "metrics.json"))
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def trained(tiny_shapes_root, tmp_path_factory):
 
 def test_training_loss_falls(trained):
     output_dir, _ = trained
-    rows = [row for row in read_metrics(output_dir) if "total_loss" in row]
+    rows = [row for row in read_output_metrics(output_dir) if "total_loss" in row]
     first, last = rows[0], rows[-1]  # medians over iterations 0-19 and 20-39
     # Seen over seeds 1-3: total falls to 0.68-0.85x, RPN classification to 0.13x. The box regression
     # loss may rise meanwhile: it grows with the foreground proposals the improving RPN supplies.
@@ -59,7 +59,7 @@ def test_training_writes_checkpoint_logs_tensorboard_and_pictures(trained):
 
 def test_evaluation_reports_box_and_mask_ap_from_coco_evaluator(trained):
     output_dir, result = trained
-    final = [row for row in read_metrics(output_dir) if "bbox/AP" in row][-1]
+    final = [row for row in read_output_metrics(output_dir) if "bbox/AP" in row][-1]
     for task in ("bbox", "segm"):
         assert 0.0 <= final[f"{task}/AP"] <= 100.0 and f"{task}/AP50" in final and f"{task}/APs" in final
     assert "Evaluation results for segm" in result.stdout + result.stderr
@@ -68,7 +68,7 @@ def test_evaluation_reports_box_and_mask_ap_from_coco_evaluator(trained):
 
 def test_eval_only_reproduces_the_trained_models_ap(trained, tiny_shapes_root, tmp_path):
     output_dir, _ = trained
-    final = [row for row in read_metrics(output_dir) if "bbox/AP" in row][-1]
+    final = [row for row in read_output_metrics(output_dir) if "bbox/AP" in row][-1]
     result = train_net(tiny_shapes_root, tmp_path, "--eval-only", "MODEL.WEIGHTS", str(output_dir / "model_final.pth"))
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr

@@ -1,0 +1,49 @@
+"""Reading Detectron2's metrics.json when several runs appended to it, or one was killed mid-line."""
+import json
+import logging
+
+from gn_detection.metrics_log import read_metrics
+from gn_detection.report import final_metrics
+from gn_detection.visualize import plot_loss_curve
+
+
+def write_lines(path, *lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+def losses(iteration, total):
+    return json.dumps({"iteration": iteration, "total_loss": total, "loss_cls": total / 2})
+
+
+def evaluation(iteration, ap):
+    return json.dumps({"iteration": iteration, "bbox/AP": ap, "segm/AP": ap - 1})
+
+
+def test_a_fresh_run_replaces_the_records_of_an_earlier_one(tmp_path):
+    path = write_lines(tmp_path / "metrics.json", losses(19, 3.0), losses(39, 2.0), evaluation(39, 50.0),
+                       losses(19, 2.9), losses(39, 1.5), evaluation(39, 60.0))
+    records = read_metrics(path)
+    assert [r.get("total_loss") for r in records] == [2.9, 1.5, None]
+    assert final_metrics(path) == {"segm/AP": 59.0, "bbox/AP": 60.0}
+
+
+def test_a_resumed_run_continues_the_records_it_resumed(tmp_path):
+    # logged at 19, 39, 59, checkpointed at 49, killed, resumed: logs 59 again, then 79
+    path = write_lines(tmp_path / "metrics.json", losses(19, 3.0), losses(39, 2.0), losses(59, 1.0),
+                       losses(59, 1.1), losses(79, 0.9))
+    assert [(r["iteration"], r["total_loss"]) for r in read_metrics(path)] == [(19, 3.0), (39, 2.0), (59, 1.1),
+                                                                                (79, 0.9)]
+
+
+def test_a_line_cut_short_is_skipped_with_a_warning_naming_it(tmp_path, caplog):
+    # a run killed mid-write; the next run's first record is appended to the cut line
+    path = write_lines(tmp_path / "metrics.json", losses(19, 3.0), losses(39, 2.0)[:20] + losses(19, 2.5),
+                       losses(39, 1.5), evaluation(39, 60.0))
+    with caplog.at_level(logging.WARNING):
+        records = read_metrics(path)
+    assert [r.get("total_loss") for r in records] == [3.0, 1.5, None]
+    assert f"{path}, line 2: not a JSON record" in caplog.text
+    assert final_metrics(path) == {"segm/AP": 59.0, "bbox/AP": 60.0}
+    out = plot_loss_curve(path, str(tmp_path / "loss_curve.png"))
+    assert (tmp_path / "loss_curve.png").stat().st_size > 1000 and out.endswith("loss_curve.png")
