@@ -14,7 +14,7 @@ from .atomic_write import PARTIAL, write_atomically  # a PARTIAL file is never l
 class LoadCounts:
     """What loading a checkpoint did: tensors of the model it set (``loaded``), model tensors it left at
     their initial values (``missing``, shape mismatches included), and tensors of the file that went
-    nowhere (``unused``). ``pixel_mean``/``pixel_std`` taken from the config count as neither."""
+    nowhere (``unused``)."""
 
     loaded: int
     missing: int
@@ -54,25 +54,42 @@ class AtomicCheckpointer(DetectionCheckpointer):
             return
         write_atomically(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename)
 
+    def _load_file(self, filename: str):
+        try:
+            return super()._load_file(filename)
+        except (pickle.UnpicklingError, EOFError) as e:
+            if filename.endswith(".pkl"):  # .pth files are handled in _torch_load
+                raise unreadable(filename, e) from e
+            raise
+
     def _torch_load(self, f: str):
         try:
             return torch.load(f, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
+            if "Unsupported global" not in str(e):  # torch's word for an object it will not unpickle
+                raise unreadable(f, e) from e
             raise pickle.UnpicklingError(
                 f"{f}: refused to load, it holds Python objects besides tensors and unpickling them could run "
                 "code. If you trust the file, re-save its tensors (torch.save(state_dict)) and load that."
             ) from e
+        except (RuntimeError, EOFError) as e:  # torch's errors for a truncated or foreign zip archive
+            raise unreadable(f, e) from e
 
     def _load_model(self, checkpoint):
         in_file = set(checkpoint["model"])
         incompatible = super()._load_model(checkpoint)  # converts names where the file needs it
         model_keys = set(self.model.state_dict())
-        # Detectron2 takes pixel_mean/pixel_std from the config when a file lacks them: count them as neither.
-        from_config = {k for k in ("pixel_mean", "pixel_std") if k in model_keys and not any(f.endswith(k) for f in in_file)}
-        loaded = len(model_keys) - len(incompatible.missing_keys) - len(from_config)
+        loaded = len(model_keys) - len(incompatible.missing_keys)
         self.last_load_counts = LoadCounts(loaded, len(incompatible.missing_keys), len(in_file) - loaded)
         self.logger.info("Loaded %d of the model's %d tensors (%s)", loaded, len(model_keys), self.last_load_counts)
         return incompatible
+
+
+def unreadable(path: str, error: BaseException) -> ValueError:
+    """The error for a checkpoint file that cannot be read: it names the file and says what to do."""
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return ValueError(f"{path}: not a readable checkpoint ({reason}); the file is truncated or of another kind: "
+                      "download or save it again")
 
 
 def load_weights(model: nn.Module, path: str) -> LoadCounts:

@@ -1,6 +1,7 @@
 """The model zoo, offline: fabricated checkpoints in the published formats served from a loopback HTTP
 server that the mirror variable points to."""
 import hashlib
+import io
 import os
 import pickle
 import threading
@@ -172,6 +173,25 @@ def test_pth_files_load_weights_only(tmp_path, monkeypatch):
     assert torch.equal(model.weight, torch.ones(2, 2))
     with pytest.raises(pickle.UnpicklingError, match="bad.pth: refused to load"):
         AtomicCheckpointer(model).load(str(bad))
+
+
+@pytest.mark.parametrize("name, content", [
+    ("truncated.pth", lambda path: path.write_bytes(torch_bytes()[:200])),
+    ("text.pth", lambda path: path.write_text("not a checkpoint")),
+    ("empty.pth", lambda path: path.write_bytes(b"")),
+    ("truncated.pkl", lambda path: path.write_bytes(pickle.dumps({"blobs": {"conv1_w": [1.0] * 100}})[:50])),
+])
+def test_an_unreadable_checkpoint_is_named_and_not_called_unsafe(tmp_path, name, content):
+    path = tmp_path / name
+    content(path)
+    with pytest.raises(ValueError, match=f"{name}: not a readable checkpoint .*download or save it again"):
+        load_weights(torch.nn.Linear(2, 2), str(path))
+
+
+def torch_bytes():
+    buffer = io.BytesIO()
+    torch.save({"model": {"weight": torch.ones(100, 100)}}, buffer)
+    return buffer.getvalue()
 
 
 # -- downloading --------------------------------------------------------------------------------------------
