@@ -3,6 +3,9 @@ from typing import Sequence
 
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
+from detectron2.utils.file_io import PathManager
+
+from .group_norm import GroupNormSpec
 
 
 def add_gn_config(cfg: CN) -> None:
@@ -44,13 +47,32 @@ def load_config(config_file: str, opts: Sequence = ()) -> CN:
     """Detectron2's defaults plus gn_detection's keys, merged with ``config_file`` and KEY VALUE ``opts``.
 
     Raises:
-        ValueError: for settings that would be ignored (CUDA graphs or channels last for a backbone that has
-            neither).
+        FileNotFoundError: if ``config_file`` does not exist.
+        ValueError: naming the file or key at fault, for an unknown key, an odd-length ``opts``,
+            an invalid ``MODEL.GN`` or ``TEST.VIS_NUM_IMAGES`` value, and settings that would be ignored (CUDA
+            graphs or channels last for a backbone that has neither).
     """
     cfg = get_cfg()
     add_gn_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    if not PathManager.isfile(config_file):
+        raise FileNotFoundError(f"{config_file}: no such config file; give one such as "
+                                "configs/mask_rcnn_R50_FPN_gn.yaml")
+    try:  # yacs asserts; a user's mistake deserves a ValueError that says what to do
+        cfg.merge_from_file(config_file)
+    except AssertionError as e:
+        raise ValueError(f"{config_file}: {e}; a key must be one of Detectron2's defaults or gn_detection's "
+                         "(README.md lists those)") from e
+    try:
+        cfg.merge_from_list(list(opts))
+    except AssertionError as e:
+        raise ValueError(f"command-line overrides: {e}; give KEY VALUE pairs of existing keys, e.g. "
+                         "MODEL.GN.NUM_GROUPS 16") from e
+    try:
+        GroupNormSpec.from_config(cfg)  # checks the MODEL.GN values
+    except ValueError as e:
+        raise ValueError(f"{config_file}: {e}") from e
+    if cfg.TEST.VIS_NUM_IMAGES < 0:
+        raise ValueError(f"{config_file}: TEST.VIS_NUM_IMAGES must be >= 0 (0 draws none), got {cfg.TEST.VIS_NUM_IMAGES}")
     graphed_backbone = "build_gn_resnet_fpn_backbone"
     our_backbones = (graphed_backbone, "build_gn_resnet_backbone")
     if cfg.MODEL.CUDA_GRAPHS.BACKBONE and cfg.MODEL.BACKBONE.NAME != graphed_backbone:

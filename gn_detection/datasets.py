@@ -1,5 +1,6 @@
 """Dataset registration (the synthetic shapes splits) and checks that give clear errors for missing or
 broken dataset files before any training starts."""
+import difflib
 import json
 import os
 from typing import Dict, Iterable, List
@@ -71,8 +72,14 @@ def register_shapes(root: str, prefix: str = "shapes") -> None:
 
 def check_dataset_files(names: Iterable[str]) -> None:
     """Raise a clear FileNotFoundError for the first dataset whose annotation file or image directory
-    is missing, naming the expected path and how to get it. Datasets without files are skipped."""
+    is missing, naming the expected path and how to get it, and a ValueError for a name no one registered.
+    Datasets without files are skipped."""
     for name in names:
+        if name not in DatasetCatalog:
+            close = difflib.get_close_matches(name, DatasetCatalog.list(), n=3)
+            raise ValueError(f"Dataset '{name}' (DATASETS.TRAIN / DATASETS.TEST) is not registered"
+                           + (f"; did you mean {', '.join(close)}?" if close else "")
+                           + " Register it first, e.g. with detectron2.data.datasets.register_coco_instances.")
         metadata = MetadataCatalog.get(name)
         hint = metadata.get("missing_hint") or COCO_HINT.format(root=datasets_root())
         for what, path in (("annotation file", metadata.get("json_file")), ("image directory", metadata.get("image_root"))):

@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import subprocess
 import sys
@@ -54,6 +55,14 @@ def tiny_shapes_root(tmp_path_factory):
                        progress=False)
     gn_detection.register_shapes(str(root / "shapes"), prefix="tiny_shapes")
     return root
+
+
+def load_tool(name):
+    """tools/<name>.py as a module, for tests of its functions."""
+    spec = importlib.util.spec_from_file_location(f"{name}_tool", os.path.join(REPO, "tools", f"{name}.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
 
 
 def run_tool(args, env_extra, timeout=600):

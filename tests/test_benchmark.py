@@ -1,6 +1,5 @@
 """tools/benchmark.py and gn_detection.benchmark on the CPU: tiny inputs, one timed iteration."""
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -19,19 +18,11 @@ from gn_detection import host_work
 from gn_detection.host_work import counting_host_work
 from gn_detection.visualize import benchmark_figure
 
-from .conftest import REPO, SHAPES_CONFIG, TINY_OVERRIDES, make_cfg, run_tool
+from .conftest import REPO, SHAPES_CONFIG, TINY_OVERRIDES, load_tool, make_cfg, run_tool
 
 # Shrink the per-image work of every variant (Detectron2's R-50 ones included) to CPU-test size.
 SMALL_WORK = ["MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 32, "MODEL.RPN.POST_NMS_TOPK_TRAIN", 100,
               "MODEL.RPN.POST_NMS_TOPK_TEST", 50, "TEST.DETECTIONS_PER_IMAGE", 5]
-
-
-def load_tool():
-    """tools/benchmark.py as a module."""
-    spec = importlib.util.spec_from_file_location("benchmark_tool", os.path.join(REPO, "tools", "benchmark.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
 
 
 def test_cli_measures_every_variant_side_by_side(tmp_path):
@@ -119,7 +110,7 @@ def test_repeated_passes_rotate_the_variants_and_give_each_ratio_its_median_and_
 
 def test_zero_repeats_are_refused(capsys):
     with pytest.raises(SystemExit):
-        load_tool().parse_args(["--device", "cpu", "--repeats", "0"])
+        load_tool("benchmark").parse_args(["--device", "cpu", "--repeats", "0"])
     assert "--repeats must be >= 1" in capsys.readouterr().err
 
 
@@ -202,11 +193,11 @@ def test_replot_redraws_a_run_or_names_the_file_it_cannot_draw(report, message, 
     path = tmp_path / "run.json"
     if report is not None:
         path.write_text(report if isinstance(report, str) else json.dumps(report))
-    assert load_tool().main(["--replot", str(path)]) == 2
+    assert load_tool("benchmark").main(["--replot", str(path)]) == 2
     assert message.format(path=path) in capsys.readouterr().err
     assert not (tmp_path / "run.png").exists()
     path.write_text(json.dumps({"task": "model", "rows": [model_row("ours", "fp32", 2, 2.0, 1.0, 0.5)]}))
-    assert load_tool().main(["--replot", str(path)]) == 0
+    assert load_tool("benchmark").main(["--replot", str(path)]) == 0
     assert plt.imread(tmp_path / "run.png").shape[1] > 600
 
 
@@ -255,7 +246,7 @@ def test_cuda_device_without_a_gpu_says_to_use_the_cpu(tmp_path):
 @pytest.mark.parametrize("name, selected", [("cuda", []), ("cuda:1", [1]), ("cpu", [])])
 def test_only_an_indexed_cuda_device_is_made_current(name, selected, monkeypatch):
     # the default --device cuda has no index, and torch.cuda.set_device refuses an unindexed device
-    tool = load_tool()
+    tool = load_tool("benchmark")
     calls = []
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(torch.device(device).index))
     tool.use_device(name)
@@ -411,7 +402,7 @@ def test_benchmark_inputs_follow_the_configs_mask_format(mask_format, masks_type
     # "bitmask" gives each sampled proposal a full-size mask: 0.5 GB per 800x1216 image on the GPU
     cfg = make_cfg(SHAPES_CONFIG, "INPUT.MASK_FORMAT", mask_format)
     args = argparse.Namespace(dataset="", input_size=(64, 96), boxes=3)
-    (item,) = load_tool().inputs_for(cfg, args, 1)
+    (item,) = load_tool("benchmark").inputs_for(cfg, args, 1)
     assert isinstance(item["instances"].gt_masks, masks_type) and len(item["instances"]) == 3
 
 

@@ -7,7 +7,7 @@ import torch
 
 from gn_detection.metrics_log import read_metrics
 
-from .conftest import SHAPES_CONFIG, TINY_OVERRIDES, run_tool
+from .conftest import SHAPES_CONFIG, TINY_OVERRIDES, load_tool, run_tool
 
 ITERS = 40
 
@@ -94,6 +94,40 @@ def test_missing_coco_stops_at_once_naming_the_path(tmp_path):
     assert f"{tmp_path}/coco/annotations/instances_train2017.json" in result.stderr
     assert "datasets/README.md" in result.stderr and "make demo" in result.stderr
     assert not (tmp_path / "out").exists()  # nothing started
+
+
+TINY_DATASETS = ["DATASETS.TRAIN", "('tiny_shapes_train',)", "DATASETS.TEST", "('tiny_shapes_val',)"]
+
+
+@pytest.mark.parametrize("opts, message", [
+    (["MODEL.GN.NUM_GROUP", "16"], "Non-existent key: MODEL.GN.NUM_GROUP; give KEY VALUE pairs"),
+    (["MODEL.GN.NUM_GROUPS"], "Override list has odd length"),
+    (["MODEL.GN.IMPL", "fast"], "MODEL.GN.IMPL must be one of ('auto', 'triton', 'torch'), got 'fast'"),
+    (["TEST.VIS_NUM_IMAGES", "-1"], "TEST.VIS_NUM_IMAGES must be >= 0"),
+    (["DATASETS.TEST", "('tiny_shapes_vla',)"], "Dataset 'tiny_shapes_vla' (DATASETS.TRAIN / DATASETS.TEST) is not "
+                                                "registered; did you mean tiny_shapes_val"),
+    (["MODEL.WEIGHTS", "missing.pth"], "MODEL.WEIGHTS missing.pth does not exist"),
+    (["SOLVER.REFERENCE_WORLD_SIZE", "3"], "SOLVER.IMS_PER_BATCH 4 is not a multiple of SOLVER.REFERENCE_WORLD_SIZE 3"),
+    (["--eval-only"], "--eval-only needs MODEL.WEIGHTS"),
+])
+def test_a_mistake_in_the_settings_is_named_before_any_work(tiny_shapes_root, tmp_path, opts, message):
+    flags = [o for o in opts if o.startswith("--")]
+    train_net = load_tool("train_net")
+    args = train_net.default_argument_parser().parse_args(
+        ["--config-file", SHAPES_CONFIG, *flags, *TINY_DATASETS, "OUTPUT_DIR", str(tmp_path / "out"),
+         *[o for o in opts if o not in flags]])
+    with pytest.raises((ValueError, FileNotFoundError)) as error:
+        train_net.checked_config(args)
+    assert message in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_mistake_stops_the_script_with_one_line(tmp_path):
+    result = run_tool(["tools/train_net.py", "--config-file", "configs/shapes/missing.yaml"], {})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == ("error: configs/shapes/missing.yaml: no such config file; "
+                                                       "give one such as configs/mask_rcnn_R50_FPN_gn.yaml")
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")

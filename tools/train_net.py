@@ -9,6 +9,7 @@ Detectron2's usual flags apply (--resume, --num-machines, --machine-rank, --dist
 """
 import logging
 import os
+import sys
 
 import torch
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
@@ -38,9 +39,13 @@ class Trainer(DefaultTrainer):
         return COCOEvaluator(dataset_name, output_dir=output_folder or os.path.join(cfg.OUTPUT_DIR, "inference"))
 
 
-def setup(args):
-    """Config from gn_detection's defaults, the file and the command-line overrides; checks that the
-    device and the datasets it names are there before any work starts."""
+def checked_config(args):
+    """Config from gn_detection's defaults, the file and the command-line overrides, checked against the
+    device, the datasets, the weights and the GPU count before any work starts.
+
+    Raises:
+        ValueError, FileNotFoundError, RuntimeError: naming the file, key or value at fault.
+    """
     cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
@@ -49,6 +54,27 @@ def setup(args):
             "command line to run on the CPU."
         )
     check_dataset_files(cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN + cfg.DATASETS.TEST)
+    resuming = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
+    weights = cfg.MODEL.WEIGHTS
+    if not resuming and weights and "://" not in weights and not os.path.isfile(weights):
+        raise FileNotFoundError(f"MODEL.WEIGHTS {weights} does not exist; give a checkpoint file, a URL or a "
+                                "gn-zoo:// name (tools/model_zoo.py list)")
+    if args.eval_only and not resuming and not weights:
+        raise ValueError("--eval-only needs MODEL.WEIGHTS (a checkpoint file, URL or gn-zoo:// name), or --resume "
+                         f"with a checkpoint in OUTPUT_DIR {cfg.OUTPUT_DIR}; it would evaluate a random model")
+    world_size, reference = args.num_gpus * args.num_machines, cfg.SOLVER.REFERENCE_WORLD_SIZE
+    if not args.eval_only and reference and reference != world_size and cfg.SOLVER.IMS_PER_BATCH % reference:
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} is not a multiple of SOLVER.REFERENCE_WORLD_SIZE "
+            f"{reference}, which Detectron2 needs to rescale the batch, LR and schedule to {world_size} GPU(s); "
+            f"give a multiple of {reference}, or SOLVER.REFERENCE_WORLD_SIZE 0 to use them as given"
+        )
+    return cfg
+
+
+def setup(args):
+    """:func:`checked_config`, then Detectron2's logging, environment dump and OUTPUT_DIR."""
+    cfg = checked_config(args)
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="gn_detection")
     return cfg
@@ -87,6 +113,10 @@ def main(args):
 
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
+    try:  # in this process, so that a mistake stops with one line before any worker starts
+        checked_config(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
     launch(
         main,
         args.num_gpus,
