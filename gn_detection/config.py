@@ -50,7 +50,7 @@ def load_config(config_file: str, opts: Sequence = ()) -> CN:
         FileNotFoundError: if ``config_file`` does not exist.
         ValueError: naming the file or key at fault, for an unknown key, an odd-length ``opts``,
             an invalid ``MODEL.GN`` or ``TEST.VIS_NUM_IMAGES`` value, and settings that would be ignored (CUDA
-            graphs or channels last for a backbone that has neither).
+            graphs or channels last for a backbone that has neither, a group count for Res5ROIHeads' res5).
     """
     cfg = get_cfg()
     add_gn_config(cfg)
@@ -73,6 +73,11 @@ def load_config(config_file: str, opts: Sequence = ()) -> CN:
         raise ValueError(f"{config_file}: {e}") from e
     if cfg.TEST.VIS_NUM_IMAGES < 0:
         raise ValueError(f"{config_file}: TEST.VIS_NUM_IMAGES must be >= 0 (0 draws none), got {cfg.TEST.VIS_NUM_IMAGES}")
+    if (cfg.MODEL.ROI_HEADS.NAME == "Res5ROIHeads" and cfg.MODEL.RESNETS.NORM == "GN"
+            and (cfg.MODEL.GN.NUM_GROUPS != 32 or cfg.MODEL.GN.CHANNELS_PER_GROUP)):
+        raise ValueError(f"{config_file}: Detectron2's Res5ROIHeads builds res5 with its own GN of 32 groups, not "
+                         "with MODEL.GN; set MODEL.GN.NUM_GROUPS 32 and MODEL.GN.CHANNELS_PER_GROUP 0, or use an "
+                         "FPN model (configs/mask_rcnn_R50_FPN_gn.yaml)")
     graphed_backbone = "build_gn_resnet_fpn_backbone"
     our_backbones = (graphed_backbone, "build_gn_resnet_backbone")
     if cfg.MODEL.CUDA_GRAPHS.BACKBONE and cfg.MODEL.BACKBONE.NAME != graphed_backbone:

@@ -14,6 +14,7 @@ from detectron2.modeling import (BACKBONE_REGISTRY, PROPOSAL_GENERATOR_REGISTRY,
 from torch import nn
 
 import gn_detection
+from gn_detection.config import load_config
 from gn_detection.group_norm import GroupNormChannelsError, GroupNormSpec
 
 from .conftest import CONFIGS, REPO, SHAPES_CONFIG, backbone_features_and_gradients, make_cfg
@@ -277,3 +278,12 @@ def test_channels_last_is_refused_for_a_backbone_that_would_ignore_it():
     with pytest.raises(ValueError, match="MODEL.BACKBONE.CHANNELS_LAST needs MODEL.BACKBONE.NAME"):
         make_cfg(SHAPES_CONFIG, "MODEL.BACKBONE.CHANNELS_LAST", True,
                  "MODEL.BACKBONE.NAME", "build_resnet_fpn_backbone")
+
+
+def test_a_group_setting_that_res5_roi_heads_would_ignore_is_refused():
+    c4 = model_zoo.get_config_file("COCO-InstanceSegmentation/mask_rcnn_R_50_C4_3x.yaml")
+    gn_c4 = ["MODEL.BACKBONE.NAME", "build_gn_resnet_backbone", "MODEL.RESNETS.NORM", "GN"]
+    assert load_config(c4, gn_c4).MODEL.GN.NUM_GROUPS == 32  # Detectron2's own GN in res5: the same groups
+    for groups in (["MODEL.GN.NUM_GROUPS", 16], ["MODEL.GN.CHANNELS_PER_GROUP", 16]):
+        with pytest.raises(ValueError, match="Res5ROIHeads builds res5 with its own GN of 32 groups"):
+            load_config(c4, [*gn_c4, *groups])
