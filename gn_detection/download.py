@@ -233,6 +233,8 @@ def _fetch(url: str, part: str, timeout: float, progress: bool) -> None:
     except urllib.error.HTTPError as e:
         if e.code != 416 or not have:  # 416: the partial file is not a prefix the server can extend
             raise
+        if e.headers.get("Content-Range") == f"bytes */{have}":  # ... because it is the whole file already
+            return
         os.remove(part)
         return _fetch(url, part, timeout, progress)
     with response:

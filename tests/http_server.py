@@ -52,7 +52,10 @@ class FileServer:
             time.sleep(self.slow_seconds)
         start = int(range_header[len("bytes="):-1]) if range_header and behaviour != IGNORE_RANGE else 0
         if start >= len(body) and start:
-            request.send_error(416)
+            request.send_response(416)
+            request.send_header("Content-Range", f"bytes */{len(body)}")  # the size, as RFC 9110 asks
+            request.send_header("Content-Length", "0")
+            request.end_headers()
             return
         if behaviour == WRONG_RANGE and start:
             start, claimed = 0, f"bytes 0-{len(body) - 1}/{len(body)}"

@@ -304,6 +304,13 @@ def test_a_killed_downloads_part_is_resumed_not_trusted(server):
     assert server.requests[-1][2] == "bytes=1000-"
 
 
+def test_a_complete_part_is_verified_not_fetched_again(server):
+    start_part(URL, BODY)  # killed after the transfer, before the rename
+    serve(server, URL, BODY)
+    assert open(download(URL, progress=False), "rb").read() == BODY
+    assert [r[2] for r in server.requests] == [f"bytes={len(BODY)}-"]  # answered 416 with the size: no GET
+
+
 @pytest.mark.parametrize("behaviour, part", [(IGNORE_RANGE, BODY[:1000]), (WRONG_RANGE, BODY[:1000]),
                                              (OK, BODY + b"stale tail")])  # the last gets HTTP 416
 def test_a_part_the_server_cannot_extend_is_started_over(server, monkeypatch, behaviour, part):
