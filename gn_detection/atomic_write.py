@@ -1,5 +1,5 @@
 """Files written whole or not at all: under a temporary name beside the target, renamed into place once
-complete, so an interrupted run never leaves a truncated file where a good one was."""
+complete and on disk, so an interrupted run (or a crash) never leaves a truncated file where a good one was."""
 import os
 from contextlib import contextmanager
 from typing import Iterator
@@ -19,10 +19,27 @@ def replaced_atomically(path: str) -> Iterator[str]:
         if os.path.exists(partial):
             os.remove(partial)
         raise
-    os.replace(partial, path)
+    replace_durably(partial, path)
 
 
 def write_atomically(path: str, text: str) -> None:
     """Write ``text`` to ``path`` whole or not at all (see :func:`replaced_atomically`)."""
     with replaced_atomically(path) as partial, open(partial, "w") as f:
         f.write(text)
+
+
+def replace_durably(partial: str, path: str) -> None:
+    """Rename the complete file ``partial`` over ``path`` once its bytes are on disk, then sync the folder: after
+    a crash or power loss ``path`` is the old file or the new one, never an empty or torn one."""
+    _sync(partial)
+    os.replace(partial, path)
+    _sync(os.path.dirname(os.path.abspath(path)))
+
+
+def _sync(path: str) -> None:
+    """fsync a file or folder by path."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

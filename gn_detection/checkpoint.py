@@ -7,7 +7,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from torch import nn
 
-from .atomic_write import PARTIAL, write_atomically  # a PARTIAL file is never loaded or tagged as the last one
+from .atomic_write import PARTIAL, replace_durably, write_atomically  # a PARTIAL file is never loaded or tagged as the last one
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
                 os.remove(partial)
             raise
         final = os.path.join(self.save_dir, f"{name}.pth")
-        os.replace(partial, final)
+        replace_durably(partial, final)
         self.logger.info("Checkpoint complete: %s", final)
         self.tag_last_checkpoint(f"{name}.pth")
 

@@ -29,6 +29,8 @@ from typing import Optional
 
 from tqdm import tqdm
 
+from .atomic_write import replace_durably
+
 PUBLIC_HOST = "https://dl.fbaipublicfiles.com"  # where Detectron and Detectron2 publish their checkpoints
 ENV_CACHE = "GN_DETECTION_CACHE"
 ENV_MIRROR = "GN_DETECTION_MIRROR"
@@ -146,7 +148,7 @@ def download(url: str, checksums: Checksums = Checksums(), retry: Optional[Retry
         if not os.path.isfile(dest):  # another process may have finished it while we waited
             _fetch_with_retries(url, dest + PART, retry, progress)
             _verify(url, dest, checksums)
-            os.replace(dest + PART, dest)
+            replace_durably(dest + PART, dest)
             logger.info("Downloaded %s to %s", url, dest)
     return dest
 
@@ -257,7 +259,8 @@ def _fetch(url: str, part: str, timeout: float, progress: bool) -> None:
 
 
 def _write(response, part: str, have: int, total: Optional[int], progress: bool, label: str) -> None:
-    """Stream the response body onto ``part`` (appending after ``have`` bytes), synced to disk."""
+    """Stream the response body onto ``part`` (appending after ``have`` bytes); synced to disk when it is
+    renamed into place."""
     try:
         out = open(part, "ab" if have else "wb")
     except OSError as e:
@@ -270,8 +273,6 @@ def _write(response, part: str, have: int, total: Optional[int], progress: bool,
             except OSError as e:
                 raise DownloadError(f"cannot write {part} ({e.strerror}); free space or move {ENV_CACHE}.") from e
             bar.update(len(chunk))
-        out.flush()
-        os.fsync(out.fileno())
 
 
 def _total_size(response: http.client.HTTPResponse, have: int) -> Optional[int]:

@@ -36,3 +36,15 @@ def test_a_picture_that_fails_to_save_leaves_the_previous_one(tmp_path, monkeypa
         save_figure(fig, path)
     assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["plot.png"]
     assert not plt.fignum_exists(fig.number)  # closed all the same
+
+
+def test_the_new_file_reaches_the_disk_before_it_replaces_the_old_one(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(a))) or real_replace(a, b))
+    path = str(tmp_path / "last_checkpoint")
+    write_atomically(path, "model_final.pth")
+    partial = path + PARTIAL
+    assert events == [("fsync", partial), ("replace", partial), ("fsync", str(tmp_path))]
