@@ -42,7 +42,8 @@ def draw_predictions(
             truth = Visualizer(rgb, metadata, scale=scale).draw_dataset_dict(record).get_image()
             predicted = Visualizer(rgb, metadata, scale=scale).draw_instance_predictions(instances).get_image()
             path = os.path.join(out_dir, f"{os.path.splitext(os.path.basename(record['file_name']))[0]}.png")
-            plt.imsave(path, np.concatenate([truth, predicted], axis=1))
+            with replaced_atomically(path) as partial:
+                plt.imsave(partial, np.concatenate([truth, predicted], axis=1), format="png")
             paths.append(path)
     finally:
         model.train(was_training)
