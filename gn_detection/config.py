@@ -65,7 +65,7 @@ def load_config(config_file: str, opts: Sequence = ()) -> CN:
     try:
         cfg.merge_from_list(list(opts))
     except AssertionError as e:
-        raise ValueError(f"command-line overrides: {e}; give KEY VALUE pairs of existing keys, e.g. "
+        raise ValueError(f"overrides: {e}; give KEY VALUE pairs of existing keys, e.g. "
                          "MODEL.GN.NUM_GROUPS 16") from e
     try:
         GroupNormSpec.from_config(cfg)  # checks the MODEL.GN values
