@@ -4,18 +4,31 @@ datasets/shapes). A split that is already complete with the same settings is lef
 import argparse
 import os
 
-from gn_detection.shapes import ShapesSplitSpec, generate_split
+from gn_detection.shapes import MIN_SETTINGS, ShapesSplitSpec, generate_split
+
+
+def at_least(least: int):
+    """An argparse type: an integer of at least ``least`` (argparse names the flag when it is not)."""
+    def integer(text: str) -> int:
+        value = int(text)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        return value
+    return integer
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     default_root = os.path.join(os.getenv("DETECTRON2_DATASETS", "datasets"), "shapes")
+    num_images = at_least(MIN_SETTINGS["num_images"])
     parser.add_argument("--root", default=default_root, help="output directory (default: %(default)s)")
-    parser.add_argument("--num-train", type=int, default=1000, help="training images")
-    parser.add_argument("--num-val", type=int, default=200, help="validation images")
-    parser.add_argument("--image-size", type=int, default=192, help="side of the square images, pixels")
-    parser.add_argument("--max-objects", type=int, default=5, help="most objects per image")
-    parser.add_argument("--seed", type=int, default=0, help="dataset seed")
+    parser.add_argument("--num-train", type=num_images, default=1000, help="training images")
+    parser.add_argument("--num-val", type=num_images, default=200, help="validation images")
+    parser.add_argument("--image-size", type=at_least(MIN_SETTINGS["image_size"]), default=192,
+                        help="side of the square images, pixels")
+    parser.add_argument("--max-objects", type=at_least(MIN_SETTINGS["max_objects"]), default=5,
+                        help="most objects per image")
+    parser.add_argument("--seed", type=at_least(MIN_SETTINGS["seed"]), default=0, help="dataset seed")
     parser.add_argument("--force", action="store_true", help="regenerate even if complete")
     args = parser.parse_args()
     for split, count in (("train", args.num_train), ("val", args.num_val)):

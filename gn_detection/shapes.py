@@ -23,6 +23,8 @@ SHAPE_CLASSES = ("circle", "square", "triangle", "star")
 SPLIT_SEEDS = {"train": 0, "val": 1}  # mixed into each image's seed, so splits never share an image
 MIN_VISIBLE_FRACTION = 0.5  # an object must keep at least this share of its area visible
 MIN_CONTRAST = 120  # least L1 distance (0-765) between an object's colour and the background's mean
+# Least value of each numeric setting of a split; below 16 pixels the smallest shapes can rasterize to nothing.
+MIN_SETTINGS = {"num_images": 1, "image_size": 16, "max_objects": 1, "seed": 0}
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,10 @@ class ShapesSplitSpec:
     def __post_init__(self):
         if self.split not in SPLIT_SEEDS:
             raise ValueError(f"shapes split must be one of {sorted(SPLIT_SEEDS)}, got '{self.split}'")
+        for name, least in MIN_SETTINGS.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < least:
+                raise ValueError(f"shapes {self.split} split: {name} must be an integer >= {least}, got {value!r}")
 
 
 def split_paths(root: str, split: str) -> Tuple[str, str]:
@@ -139,10 +145,13 @@ def _existing_spec(json_file: str) -> Optional[Dict]:
 
 def generate_split(root: str, spec: ShapesSplitSpec, force: bool = False, progress: bool = True) -> str:
     """Write ``spec.split`` under ``root`` (PNG images and a COCO instances JSON) unless a complete
-    split with the same spec is already there. Returns the JSON path."""
+    split with the same spec is already there. Returns the JSON path. An old split's JSON is removed before
+    its first image is overwritten, so an interrupted regeneration leaves an incomplete split, not a mixed one."""
     json_file, image_dir = split_paths(root, spec.split)
     if not force and _existing_spec(json_file) == asdict(spec):
         return json_file
+    if os.path.exists(json_file):  # images are rewritten in place: the split is incomplete until the new JSON
+        os.remove(json_file)
     os.makedirs(image_dir, exist_ok=True)  # write_atomically makes the JSON's folder
     images, annotations = [], []
     for index in tqdm(range(spec.num_images), desc=f"shapes {spec.split}", disable=not progress):

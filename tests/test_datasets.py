@@ -1,15 +1,21 @@
 import json
 import os
+import runpy
 import shutil
+import sys
 
 import numpy as np
 import pytest
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog
+from detectron2.data.datasets import register_coco_instances
+from PIL import Image
 from pycocotools import mask as mask_util
 
 import gn_detection
 from gn_detection.datasets import check_dataset_files, load_checked_coco_json
 from gn_detection.shapes import SHAPE_CLASSES, ShapesSplitSpec, draw_image, generate_split, split_paths
+
+from .conftest import REPO
 
 
 def test_images_are_deterministic_per_seed_and_differ_across_seeds_and_splits():
@@ -105,9 +111,9 @@ def test_missing_image_error_names_the_image(copied_split):
 
 
 def test_missing_coco_error_names_expected_path_readme_and_demo(tmp_path):
-    # a dataset registered like Detectron2's COCO splits: metadata with json_file and image_root only
+    # a dataset registered as Detectron2 registers its COCO splits: metadata with json_file and image_root only
     json_file = str(tmp_path / "coco" / "annotations" / "instances_train2017.json")
-    MetadataCatalog.get("coco_like_missing").set(json_file=json_file, image_root=str(tmp_path / "coco" / "train2017"))
+    register_coco_instances("coco_like_missing", {}, json_file, str(tmp_path / "coco" / "train2017"))
     with pytest.raises(FileNotFoundError) as e:
         check_dataset_files(["coco_like_missing"])
     message = str(e.value)
@@ -119,3 +125,50 @@ def test_missing_shapes_error_says_how_to_generate(tmp_path):
     gn_detection.register_shapes(str(tmp_path / "nowhere"), prefix="absent_shapes")
     with pytest.raises(FileNotFoundError, match="prepare_shapes.py"):
         check_dataset_files(["absent_shapes_train"])
+
+
+def test_an_interrupted_regeneration_leaves_a_split_seen_as_incomplete(tmp_path, monkeypatch):
+    import gn_detection.shapes as shapes
+
+    json_file = generate_split(str(tmp_path), ShapesSplitSpec("val", 4, image_size=64), progress=False)
+    bigger = ShapesSplitSpec("val", 4, image_size=96)
+    draw = shapes.draw_image
+
+    def interrupted_at_image_2(spec, index):
+        if index == 2:
+            raise KeyboardInterrupt
+        return draw(spec, index)
+
+    monkeypatch.setattr(shapes, "draw_image", interrupted_at_image_2)
+    with pytest.raises(KeyboardInterrupt):
+        generate_split(str(tmp_path), bigger, progress=False)
+    assert not os.path.exists(json_file)  # not a 64-pixel JSON over 96-pixel images 0 and 1
+    monkeypatch.setattr(shapes, "draw_image", draw)
+    generate_split(str(tmp_path), bigger, progress=False)  # so the next run regenerates it
+    image_dir = split_paths(str(tmp_path), "val")[1]
+    assert {Image.open(os.path.join(image_dir, f"{i:06d}.png")).size for i in range(4)} == {(96, 96)}
+
+
+@pytest.mark.parametrize("setting", [{"num_images": 0}, {"image_size": 8}, {"max_objects": 0}, {"seed": -1},
+                                     {"num_images": 2.5}])
+def test_settings_no_split_could_have_are_refused_by_name(setting):
+    spec = {"split": "train", "num_images": 3, **setting}
+    name, value = next(iter(setting.items()))
+    with pytest.raises(ValueError, match=rf"shapes train split: {name} must be an integer >= \d+, got {value}"):
+        ShapesSplitSpec(**spec)
+
+
+@pytest.mark.parametrize("flag, value, least", [("--num-train", "0", 1), ("--num-val", "0", 1),
+                                                ("--image-size", "8", 16), ("--max-objects", "0", 1)])
+def test_prepare_shapes_names_the_flag_at_fault_and_writes_nothing(tmp_path, monkeypatch, capsys, flag, value, least):
+    script = os.path.join(REPO, "datasets", "prepare_shapes.py")
+    monkeypatch.setattr(sys, "argv", [script, "--root", str(tmp_path / "shapes"), "--num-val", "1", flag, value])
+    with pytest.raises(SystemExit):
+        runpy.run_path(script, run_name="__main__")
+    assert f"argument {flag}: must be at least {least}, got {value}" in capsys.readouterr().err
+    assert not (tmp_path / "shapes").exists()
+
+
+def test_an_unregistered_dataset_is_named_with_close_matches():
+    with pytest.raises(ValueError, match="Dataset 'shapes_trian' .* is not registered; did you mean shapes_train"):
+        check_dataset_files(["shapes_trian"])
