@@ -13,14 +13,15 @@ Every run of a preset sees the same number of images, so a run at b images per G
 the LR steps at the same fractions of the schedule.
 """
 import os
-from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from dataclasses import dataclass, field, fields
+from typing import Dict, List, Set, Tuple
 
 import yaml
 from detectron2.config import CfgNode
 from detectron2.modeling import build_model
 
 from .group_norm import GroupNormChannelsError
+from .shapes import ShapesSplitSpec
 
 NORM_KEYS = ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NORM")
 # Normalization variants: the NORM of (backbone, FPN, box head, mask head). Frozen BN from random
@@ -38,7 +39,18 @@ PLACEMENTS: Dict[str, Tuple[str, str, str, str]] = {
     "+mask head": ("GN", "GN", "GN", "GN"),
 }
 LABELS = {"FrozenBN": "frozen BN (no normalization)"}
-EXPERIMENTS = ("batch_size", "groups", "scratch", "gn_placement")
+# Keys of each experiment's entry in a preset: (required, optional).
+EXPERIMENT_KEYS: Dict[str, Tuple[Set[str], Set[str]]] = {
+    "batch_size": ({"norms", "ims_per_gpu"}, set()),
+    "groups": ({"ims_per_gpu"}, {"num_groups", "channels_per_group"}),
+    "scratch": ({"norms", "ims_per_gpu"}, set()),
+    "gn_placement": ({"placements", "ims_per_gpu"}, set()),
+}
+EXPERIMENTS = tuple(EXPERIMENT_KEYS)
+PRESET_KEYS = {"config", "experiments", "seeds", "images_per_run", "lr_per_image"}  # the keys every preset has
+# Keys of a preset's ``dataset``: required, then optional (the shapes settings both splits share).
+DATASET_KEYS = {"root", "num_train", "num_val"}
+SHAPES_SETTINGS = {f.name for f in fields(ShapesSplitSpec)} - {"split", "num_images"}
 
 
 @dataclass(frozen=True)
@@ -75,20 +87,21 @@ class Preset:
 
     @classmethod
     def load(cls, path: str) -> "Preset":
-        """Read a preset YAML; unknown keys and experiments are errors naming the file."""
+        """Read a preset YAML; unknown or missing keys, unknown experiments and settings no run could use
+        (an unknown normalization, a dataset of 0 images, ...) are ValueErrors naming the file."""
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        known = set(cls.__dataclass_fields__) - {"name"}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; a preset has {sorted(known)}")
-        missing = {"config", "experiments", "seeds", "images_per_run", "lr_per_image"} - set(data)
-        if missing:
-            raise ValueError(f"{path}: missing key(s) {sorted(missing)}")
-        bad = set(data["experiments"]) - set(EXPERIMENTS)
-        if bad:
-            raise ValueError(f"{path}: unknown experiment(s) {sorted(bad)}; choose from {list(EXPERIMENTS)}")
-        return cls(name=os.path.splitext(os.path.basename(path))[0], **data)
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ValueError(f"{path}: not valid YAML: {e}") from e
+        _check_preset_keys(path, data, set(cls.__dataclass_fields__) - {"name"})
+        preset = cls(name=os.path.splitext(os.path.basename(path))[0], **data)
+        for where, check in (("", preset.cells), ("dataset: ", preset.shapes_specs)):  # values, now keys are there
+            try:
+                check()
+            except ValueError as e:
+                raise ValueError(f"{path}: {where}{e}") from e
+        return preset
 
     def cells(self, only: Tuple[str, ...] = ()) -> List[Cell]:
         """Every run of the preset (of the experiments in ``only``, if given), seeds innermost."""
@@ -97,8 +110,17 @@ class Preset:
             if only and experiment not in only:
                 continue
             for variant, ims, opts in _variants(experiment, spec):
+                if not isinstance(ims, int) or ims < 1:
+                    raise ValueError(f"experiments.{experiment}: ims_per_gpu must be integers >= 1, got {ims!r}")
                 cells += [Cell(experiment, variant, ims, seed, opts) for seed in self.seeds]
         return cells
+
+    def shapes_specs(self) -> List[ShapesSplitSpec]:
+        """The train and val splits of the shapes dataset the preset generates (none if it names none)."""
+        if not self.dataset:
+            return []
+        settings = {key: value for key, value in self.dataset.items() if key in SHAPES_SETTINGS}
+        return [ShapesSplitSpec(split, self.dataset[f"num_{split}"], **settings) for split in ("train", "val")]
 
     def schedule(self, ims_per_gpu: int) -> List:
         """Solver overrides for a run at ``ims_per_gpu``: the same images seen, LR linear in the batch."""
@@ -136,8 +158,36 @@ def _variants(experiment: str, spec: Dict):
     else:
         for placement in spec["placements"]:
             if placement not in PLACEMENTS:
-                raise ValueError(f"gn_placement: unknown placement {placement!r}; choose from {list(PLACEMENTS)}")
+                raise ValueError(f"experiments.gn_placement: unknown placement {placement!r}; "
+                                 f"choose from {list(PLACEMENTS)}")
             yield placement, spec["ims_per_gpu"], _norm_opts(PLACEMENTS[placement])
+
+
+def _check_preset_keys(path: str, data, known: Set[str]) -> None:
+    """Raise a ValueError naming ``path`` and the key unless the preset, its experiments and its dataset have
+    every key they need and only keys they take (``known``: the preset's own)."""
+    _check_keys(path, data, PRESET_KEYS, known)
+    bad = set(data["experiments"]) - set(EXPERIMENTS)
+    if bad:
+        raise ValueError(f"{path}: unknown experiment(s) {sorted(bad)}; choose from {list(EXPERIMENTS)}")
+    for experiment, spec in data["experiments"].items():
+        _check_keys(f"{path}: experiments.{experiment}", spec, *EXPERIMENT_KEYS[experiment])
+    if data.get("dataset"):
+        _check_keys(f"{path}: dataset", data["dataset"], DATASET_KEYS, SHAPES_SETTINGS)
+
+
+def _check_keys(where: str, data, required: Set[str], optional: Set[str]) -> None:
+    """Raise a ValueError starting with ``where`` unless ``data`` is a mapping with every ``required`` key
+    and no key outside ``required`` and ``optional``."""
+    allowed = sorted(required | optional)
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping with keys {allowed}, got {data!r}")
+    unknown = set(data) - required - optional
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; it takes {allowed}")
+    missing = required - set(data)
+    if missing:
+        raise ValueError(f"{where}: missing key(s) {sorted(missing)}")
 
 
 def _norm(name: str) -> Tuple[str, str, str, str]:

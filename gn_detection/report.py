@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
+from .atomic_write import write_atomically  # noqa: E402
 from .experiments import LABELS  # noqa: E402
 from .metrics_log import read_metrics  # noqa: E402
 from .visualize import save_figure  # noqa: E402
@@ -30,12 +31,18 @@ def final_metrics(metrics_json: str) -> Dict[str, float]:
 
 
 def collect(out_dir: str) -> List[Dict]:
-    """Every ended run under ``out_dir`` (the records the runner wrote), sorted by experiment and cell."""
+    """Every ended run under ``out_dir`` (the records the runner wrote), sorted by experiment and cell.
+    A record that cannot be read is a ValueError naming it: deleting it makes the next sweep re-run that cell."""
     records = []
     for root, _, files in os.walk(out_dir):
         if RESULT_FILE in files:
-            with open(os.path.join(root, RESULT_FILE)) as f:
-                records.append(json.load(f))
+            path = os.path.join(root, RESULT_FILE)
+            with open(path) as f:
+                try:
+                    records.append(json.load(f))
+                except ValueError as e:  # e.g. cut short by an older runner that wrote it in place
+                    raise ValueError(f"{path}: unreadable run record ({e}); delete it and run the preset again "
+                                     "to re-run this cell") from e
     return sorted(records, key=lambda r: (r["experiment"], r["order"], r["ims_per_gpu"], r["seed"]))
 
 
@@ -150,11 +157,10 @@ def write_report(out_dir: str, title: str, header: Optional[Dict] = None) -> Dic
     records = collect(out_dir)
     rows = summarize(records)
     header = header or {}
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({**header, "summary": rows, "runs": records}, f, indent=1)
+    results = {**header, "summary": rows, "runs": records}
+    write_atomically(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1))
     lines = [f"# {title}", ""] + [f"- {k}: {v}" for k, v in header.items()] + ["", markdown_table(rows)]
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write("\n".join(lines))
+    write_atomically(os.path.join(out_dir, "results.md"), "\n".join(lines))
     plots = plot(rows, out_dir, title)
     return {"json": os.path.join(out_dir, "results.json"), "markdown": os.path.join(out_dir, "results.md"),
             "plots": plots}

@@ -8,20 +8,11 @@ import yaml
 from torch import nn
 
 from gn_detection.experiments import NORMS, Cell, Preset, build_error
-from gn_detection.report import markdown_table, summarize
+from gn_detection.report import collect, markdown_table, summarize, write_report
 
-from .conftest import REPO, SHAPES_CONFIG, TINY_OVERRIDES, run_tool
+from .conftest import REPO, SHAPES_CONFIG, TINY_OVERRIDES, load_tool, run_tool
 
 PRESETS = ["experiments/quick.yaml", "experiments/cpu_ablations.yaml", "experiments/full.yaml"]
-
-
-def load_tool():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("run_experiments", os.path.join(REPO, "tools", "run_experiments.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_quick_preset_is_experiment_1_with_two_seeds():
@@ -42,7 +33,7 @@ def test_schedule_holds_images_fixed_and_scales_lr_linearly(ims):
 
 @pytest.mark.parametrize("path", PRESETS)
 def test_every_variant_of_every_preset_builds(path):
-    tool = load_tool()
+    tool = load_tool("run_experiments")
     preset = Preset.load(os.path.join(REPO, path))
     seen = {}
     for cell in preset.cells():
@@ -70,7 +61,7 @@ def gn_parts(model) -> set:
 def test_gn_placement_puts_gn_where_it_says():
     from detectron2.modeling import build_model
 
-    tool = load_tool()
+    tool = load_tool("run_experiments")
     preset = Preset.load(os.path.join(REPO, "experiments/cpu_ablations.yaml"))
     found = {c.variant: gn_parts(build_model(tool.cell_config(preset, c))) for c in preset.cells(("gn_placement",))}
     assert found == {"backbone": {"backbone"}, "backbone+FPN": {"backbone", "FPN"},
@@ -81,7 +72,7 @@ def test_gn_placement_puts_gn_where_it_says():
 def test_a_group_count_that_does_not_divide_is_reported_not_built():
     cell = Cell("groups", "G=3", 2, 1, ("MODEL.GN.NUM_GROUPS", 3))
     preset = Preset.load(os.path.join(REPO, "experiments/cpu_ablations.yaml"))
-    error = build_error(load_tool().cell_config(preset, cell))
+    error = build_error(load_tool("run_experiments").cell_config(preset, cell))
     assert "MODEL.GN.NUM_GROUPS=3 does not divide" in error and "Cannot build" in error
 
 
@@ -142,3 +133,102 @@ def test_tiny_sweep_runs_collects_and_plots(tmp_path):
 
     again = run_tool(["tools/run_experiments.py", "--preset", str(path), "--output", str(out)], {})
     assert "12 already done, 0 to run" in again.stdout  # an interrupted sweep resumes
+
+
+def write_preset(tmp_path, **changes) -> str:
+    """A one-cell preset on the shapes config (with a 4-image dataset under tmp_path), with ``changes`` applied."""
+    preset = {"config": os.path.relpath(SHAPES_CONFIG, REPO), "images_per_run": 2, "lr_per_image": 0.001,
+              "seeds": [1], "experiments": {"batch_size": {"norms": ["GN"], "ims_per_gpu": [1]}},
+              "dataset": {"root": str(tmp_path / "data"), "image_size": 64, "num_train": 2, "num_val": 2},
+              **changes}
+    path = tmp_path / "preset.yaml"
+    path.write_text(yaml.safe_dump(preset))
+    return str(path)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"experiments": {"batch_size": {"ims_per_gpu": [1]}}}, r"experiments.batch_size: missing key\(s\) \['norms'\]"),
+    ({"experiments": {"groups": {"num_group": [8], "ims_per_gpu": 1}}},
+     r"experiments.groups: unknown key\(s\) \['num_group'\]"),
+    ({"experiments": {"scratch": {"norms": ["GN"], "ims_per_gpu": 0}}},
+     r"experiments.scratch: ims_per_gpu must be integers >= 1, got 0"),
+    ({"dataset": {"root": "data", "num_train": 0, "num_val": 2}}, r"dataset: shapes train split: num_images must be"),
+    ({"dataset": {"root": "data", "num_train": 2}}, r"dataset: missing key\(s\) \['num_val'\]"),
+])
+def test_bad_experiment_and_dataset_settings_name_the_file_and_key(tmp_path, change, message):
+    with pytest.raises(ValueError, match=r"preset.yaml: " + message):
+        Preset.load(write_preset(tmp_path, **change))
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+@pytest.mark.parametrize("change, message", [
+    ({"opts": ["MODEL.GN.NUM_GROUP", 16]}, "Non-existent key: MODEL.GN.NUM_GROUP"),
+    ({"config": "configs/nowhere.yaml"}, "configs/nowhere.yaml"),
+])
+def test_a_bad_override_or_config_stops_the_command_before_any_work(tmp_path, capsys, change, message, dry_run):
+    path = write_preset(tmp_path, **change)
+    out = tmp_path / "out"
+    assert load_tool("run_experiments").main(["--preset", path, "--output", str(out)] + ["--dry-run"] * dry_run) == 1
+    error = capsys.readouterr().err
+    assert f"{path}: cell batch_size/GN_ims1_seed1:" in error and message in error and "fix the preset" in error
+    assert not (tmp_path / "data").exists() and not out.exists()  # no dataset generated, no run folder made
+
+
+def test_jobs_below_one_is_refused_when_parsed(capsys):
+    with pytest.raises(SystemExit):
+        load_tool("run_experiments").main(["--quick", "--jobs", "0", "--dry-run"])
+    assert "--jobs must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_only_an_experiment_the_preset_lacks_is_refused_with_the_ones_it_has(capsys):
+    assert load_tool("run_experiments").main(["--quick", "--only", "groups", "--dry-run"]) == 1
+    assert "--only groups: " in (error := capsys.readouterr().err) and "quick.yaml" in error
+    assert "it has ['batch_size']" in error
+
+
+def test_a_cell_interrupted_while_its_record_is_written_has_not_ended(tmp_path, monkeypatch):
+    class InterruptedMetrics(dict):
+        def items(self):  # Ctrl-C while the record's metrics are being written
+            raise KeyboardInterrupt
+
+    tool = load_tool("run_experiments")
+    monkeypatch.setattr(tool.subprocess, "run", lambda command, **kw: tool.subprocess.CompletedProcess(command, 0))
+    monkeypatch.setattr(tool, "final_metrics", lambda path: InterruptedMetrics({"segm/AP": 1.0}))
+    preset = Preset.load(write_preset(tmp_path))
+    cell = preset.cells()[0]
+    with pytest.raises(KeyboardInterrupt):
+        tool.run_cell(preset, cell, 0, str(tmp_path), {})
+    assert sorted(os.listdir(tmp_path / cell.name)) == ["stdout.txt"]  # no cell.json, so the cell runs again
+
+
+def ended_record(out_dir, variant="GN") -> str:
+    """Write a cell.json as the runner does for one ended run; returns its path."""
+    run_dir = os.path.join(out_dir, "batch_size", f"{variant}_ims1_seed1")
+    os.makedirs(run_dir)
+    record = {"experiment": "batch_size", "variant": variant, "ims_per_gpu": 1, "seed": 1, "order": 0,
+              "status": "ok", "metrics": {"segm/AP": 10.0, "bbox/AP": 11.0}}
+    with open(os.path.join(run_dir, "cell.json"), "w") as f:
+        json.dump(record, f)
+    return os.path.join(run_dir, "cell.json")
+
+
+def test_an_unreadable_cell_record_is_named_with_what_to_do(tmp_path, capsys):
+    bad = ended_record(str(tmp_path))
+    text = open(bad).read()
+    open(bad, "w").write(text[: len(text) // 2])
+    with pytest.raises(ValueError, match="delete it and run the preset again") as e:
+        collect(str(tmp_path))
+    assert bad in str(e.value)
+    preset = write_preset(tmp_path)
+    assert load_tool("run_experiments").main(["--preset", preset, "--output", str(tmp_path), "--report-only"]) == 1
+    assert bad in capsys.readouterr().err
+
+
+def test_a_report_that_fails_to_write_leaves_the_previous_one(tmp_path):
+    ended_record(str(tmp_path))
+    write_report(str(tmp_path), "first")
+    before = {name: (tmp_path / name).read_text() for name in ("results.json", "results.md")}
+    with pytest.raises(TypeError):
+        write_report(str(tmp_path), "second", {"machine": object()})  # not JSON: fails while writing
+    assert {name: (tmp_path / name).read_text() for name in before} == before
+    assert not list(tmp_path.glob("*.partial"))

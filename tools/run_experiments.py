@@ -18,14 +18,16 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import torch
+import yaml
 
+from gn_detection.atomic_write import write_atomically
 from gn_detection.config import load_config
 from gn_detection.experiments import EXPERIMENTS, Cell, Preset, build_error
 from gn_detection.report import RESULT_FILE, collect, final_metrics, write_report
-from gn_detection.shapes import ShapesSplitSpec, generate_split
+from gn_detection.shapes import generate_split
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,15 +36,30 @@ def cell_config(preset: Preset, cell: Cell):
     return load_config(os.path.join(REPO, preset.config), preset.overrides(cell))
 
 
+def checked_cells(preset: Preset, path: str, only: Sequence[str]) -> List[Cell]:
+    """The preset's cells (of the experiments in ``only``, if given), each one's config built (no model, so
+    cheap) so that a bad base config or override stops the command before any work, with a ValueError naming
+    ``path`` and the cell."""
+    absent = [e for e in only if e not in preset.experiments]
+    if absent:
+        raise ValueError(f"--only {' '.join(absent)}: {path} has no such experiment; "
+                         f"it has {list(preset.experiments)}")
+    cells = preset.cells(tuple(only))
+    for cell in cells:
+        try:
+            cell_config(preset, cell)
+        except (OSError, ValueError, yaml.YAMLError) as e:  # load_config's errors, and a malformed YAML file
+            raise ValueError(f"{path}: cell {cell.name}: {e}; fix the preset's config or opts") from e
+    return cells
+
+
 def prepare_dataset(preset: Preset) -> Dict[str, str]:
     """Generate the preset's shapes dataset if it names one; the environment that points runs at it."""
     if not preset.dataset:
         return {}
-    spec = dict(preset.dataset)
-    root = os.path.join(REPO, spec.pop("root"))
-    counts = {"train": spec.pop("num_train"), "val": spec.pop("num_val")}
-    for split, count in counts.items():
-        generate_split(os.path.join(root, "shapes"), ShapesSplitSpec(split, count, **spec))
+    root = os.path.join(REPO, preset.dataset["root"])
+    for spec in preset.shapes_specs():
+        generate_split(os.path.join(root, "shapes"), spec)
     return {"DETECTRON2_DATASETS": root}
 
 
@@ -68,8 +85,7 @@ def run_cell(preset: Preset, cell: Cell, order: int, out_dir: str, env: Dict[str
         record["status"] = "ok" if done.returncode == 0 and record["metrics"] else _failure(run_dir)
         _remove_weights(run_dir)
     record["seconds"] = round(time.time() - start, 1)
-    with open(os.path.join(run_dir, RESULT_FILE), "w") as f:
-        json.dump(record, f, indent=1)
+    write_atomically(os.path.join(run_dir, RESULT_FILE), json.dumps(record, indent=1))  # whole, or not ended
     return record
 
 
@@ -131,11 +147,13 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="list the cells and their overrides, run nothing")
     parser.add_argument("--report-only", action="store_true", help="only collect the ended runs and write the report")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
 
     path = os.path.join(REPO, "experiments", "quick.yaml") if args.quick else args.preset
     try:
         preset = Preset.load(path)
-        cells = preset.cells(tuple(args.only))
+        cells = checked_cells(preset, path, args.only)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -153,7 +171,12 @@ def main(argv=None) -> int:
               "lr_per_image": preset.lr_per_image, "seeds": preset.seeds}
     if not args.report_only:
         header["sweep_minutes"] = round((time.time() - start) / 60, 1)
-    if not collect(out_dir):
+    try:
+        ended = collect(out_dir)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if not ended:
         print(f"error: no ended runs under {out_dir}; run the preset first (without --report-only)", file=sys.stderr)
         return 1
     report = write_report(out_dir, f"GN experiments, preset {preset.name}", header)
