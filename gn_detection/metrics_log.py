@@ -10,13 +10,15 @@ logger = logging.getLogger(__name__)
 def read_metrics(metrics_json: str) -> List[Dict]:
     """The records of ``metrics_json`` as the latest run left them.
 
-    A record whose iteration is below the one before it, or equal to it with a metric of it again, starts a
-    new run (a fresh one at iteration 0, or a ``--resume`` from an earlier checkpoint): the records it
-    overlaps, those at its iteration or later, are dropped, so a fresh run's curve is its own and a resumed run's continues the one it resumed. A line that
-    is not JSON (cut short when a run was killed; the next run's first record is then glued to it) is skipped
-    with a warning naming the file and line.
+    A record with a metric already logged at its iteration or a later one starts a new run (a fresh one at
+    iteration 0, or a ``--resume`` from an earlier checkpoint): the records it overlaps, those at its iteration
+    or later, are dropped, so a fresh run's curve is its own and a resumed run's continues the one it resumed.
+    (Records may go back in iterations within a run: Detectron2 writes an evaluation at iteration 249 after
+    the losses of 259; they share no metric.) A line that is not JSON (cut short when a run was killed; the
+    next run's first record is then glued to it) is skipped with a warning naming the file and line.
     """
     records: List[Dict] = []
+    last_logged: Dict[str, int] = {}  # metric -> the latest iteration it was logged at, in the kept records
     with open(metrics_json) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -27,17 +29,12 @@ def read_metrics(metrics_json: str) -> List[Dict]:
                 logger.warning("%s, line %d: not a JSON record (a run killed while writing it?); skipped",
                                metrics_json, number)
                 continue
-            if records and _starts_a_run(record, records[-1]):
-                records = [r for r in records if r.get("iteration", -1) < record["iteration"]]
+            iteration = record.get("iteration")
+            if iteration is not None and any(last_logged.get(key, -1) >= iteration for key in record
+                                             if key != "iteration"):
+                records = [r for r in records if r.get("iteration", -1) < iteration]
+                last_logged = {key: r["iteration"] for r in records for key in r if key != "iteration"}
             records.append(record)
+            if iteration is not None:
+                last_logged.update({key: iteration for key in record if key != "iteration"})
     return records
-
-
-def _starts_a_run(record: Dict, previous: Dict) -> bool:
-    """Whether ``record`` goes back in iterations from ``previous``: to an earlier one, or to the same one with
-    a metric ``previous`` has (evaluation results logged apart at the same iteration share none)."""
-    if "iteration" not in record or "iteration" not in previous:
-        return False
-    shared_metrics = record.keys() & previous.keys() - {"iteration"}
-    return record["iteration"] < previous["iteration"] or (record["iteration"] == previous["iteration"]
-                                                          and bool(shared_metrics))

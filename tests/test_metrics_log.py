@@ -47,3 +47,18 @@ def test_a_line_cut_short_is_skipped_with_a_warning_naming_it(tmp_path, caplog):
     assert final_metrics(path) == {"segm/AP": 59.0, "bbox/AP": 60.0}
     out = plot_loss_curve(path, str(tmp_path / "loss_curve.png"))
     assert (tmp_path / "loss_curve.png").stat().st_size > 1000 and out.endswith("loss_curve.png")
+
+
+def test_an_evaluation_written_after_later_losses_is_kept_with_them(tmp_path):
+    # TEST.EVAL_PERIOD 50, writes every 20: Detectron2 writes the evaluation at 49 after the losses of 59
+    path = write_lines(tmp_path / "metrics.json", losses(19, 3.0), losses(39, 2.0), losses(59, 1.5),
+                       evaluation(49, 40.0), losses(79, 1.2), losses(99, 1.0), evaluation(99, 50.0))
+    assert [r["iteration"] for r in read_metrics(path)] == [19, 39, 59, 49, 79, 99, 99]
+    assert final_metrics(path) == {"segm/AP": 49.0, "bbox/AP": 50.0}
+
+
+def test_a_fresh_run_after_a_final_evaluation_is_its_own(tmp_path):
+    path = write_lines(tmp_path / "metrics.json", losses(19, 3.0), losses(39, 2.0), evaluation(39, 50.0),
+                       losses(19, 2.5), evaluation(19, 30.0))
+    assert [(r["iteration"], r.get("total_loss")) for r in read_metrics(path)] == [(19, 2.5), (19, None)]
+    assert final_metrics(path) == {"segm/AP": 29.0, "bbox/AP": 30.0}
