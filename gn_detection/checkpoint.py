@@ -1,6 +1,8 @@
 """Detectron2's checkpointer, made safe to interrupt and explicit about what a load placed."""
 import os
 import pickle
+import pickletools
+import zipfile
 from dataclasses import dataclass
 
 import torch
@@ -66,8 +68,9 @@ class AtomicCheckpointer(DetectionCheckpointer):
         try:
             return torch.load(f, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            if "Unsupported global" not in str(e):  # torch's word for an object it will not unpickle
+            if not _is_whole_pickle(f):
                 raise unreadable(f, e) from e
+            # a well-formed file that weights_only refused: it holds objects that unpickling would construct
             raise pickle.UnpicklingError(
                 f"{f}: refused to load, it holds Python objects besides tensors and unpickling them could run "
                 "code. If you trust the file, re-save its tensors (torch.save(state_dict)) and load that."
@@ -87,9 +90,29 @@ class AtomicCheckpointer(DetectionCheckpointer):
 
 def unreadable(path: str, error: BaseException) -> ValueError:
     """The error for a checkpoint file that cannot be read: it names the file and says what to do."""
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if isinstance(error, pickle.UnpicklingError):  # torch's text suggests weights_only=False: no use here
+        reason = "not a complete pickle"
+    else:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
     return ValueError(f"{path}: not a readable checkpoint ({reason}); the file is truncated or of another kind: "
                       "download or save it again")
+
+
+def _is_whole_pickle(path: str) -> bool:
+    """Whether ``path`` is a complete pickle, or a torch zip archive around one, read opcode by opcode without
+    running any (so a refused file can be told from a corrupt one without trusting torch's wording)."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                data = archive.read(next(n for n in archive.namelist() if n.endswith("/data.pkl")))
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
+        for _ in pickletools.genops(data):
+            pass
+        return True
+    except (ValueError, UnicodeDecodeError, StopIteration, zipfile.BadZipFile, OSError):
+        return False
 
 
 def load_weights(model: nn.Module, path: str) -> LoadCounts:
