@@ -99,27 +99,51 @@ def test_missing_coco_stops_at_once_naming_the_path(tmp_path):
 TINY_DATASETS = ["DATASETS.TRAIN", "('tiny_shapes_train',)", "DATASETS.TEST", "('tiny_shapes_val',)"]
 
 
-@pytest.mark.parametrize("opts, message", [
-    (["MODEL.GN.NUM_GROUP", "16"], "Non-existent key: MODEL.GN.NUM_GROUP; give KEY VALUE pairs"),
-    (["MODEL.GN.NUM_GROUPS"], "Override list has odd length"),
-    (["MODEL.GN.IMPL", "fast"], "MODEL.GN.IMPL must be one of ('auto', 'triton', 'torch'), got 'fast'"),
-    (["TEST.VIS_NUM_IMAGES", "-1"], "TEST.VIS_NUM_IMAGES must be >= 0"),
-    (["DATASETS.TEST", "('tiny_shapes_vla',)"], "Dataset 'tiny_shapes_vla' (DATASETS.TRAIN / DATASETS.TEST) is not "
-                                                "registered; did you mean tiny_shapes_val"),
-    (["MODEL.WEIGHTS", "missing.pth"], "MODEL.WEIGHTS missing.pth does not exist"),
-    (["SOLVER.REFERENCE_WORLD_SIZE", "3"], "SOLVER.IMS_PER_BATCH 4 is not a multiple of SOLVER.REFERENCE_WORLD_SIZE 3"),
-    (["--eval-only"], "--eval-only needs MODEL.WEIGHTS"),
-])
-def test_a_mistake_in_the_settings_is_named_before_any_work(tiny_shapes_root, tmp_path, opts, message):
-    flags = [o for o in opts if o.startswith("--")]
+def checked_config(out, flags, opts):
+    """tools/train_net.py's checks of these flags and overrides, on the tiny shapes datasets."""
     train_net = load_tool("train_net")
     args = train_net.default_argument_parser().parse_args(
-        ["--config-file", SHAPES_CONFIG, *flags, *TINY_DATASETS, "OUTPUT_DIR", str(tmp_path / "out"),
-         *[o for o in opts if o not in flags]])
+        ["--config-file", SHAPES_CONFIG, *flags, *TINY_DATASETS, "OUTPUT_DIR", str(out), *opts])
+    return train_net.checked_config(args)
+
+
+@pytest.mark.parametrize("flags, opts, message", [
+    ([], ["MODEL.GN.NUM_GROUP", "16"], "Non-existent key: MODEL.GN.NUM_GROUP; give KEY VALUE pairs"),
+    ([], ["MODEL.GN.NUM_GROUPS"], "Override list has odd length"),
+    ([], ["MODEL.GN.IMPL", "fast"], "MODEL.GN.IMPL must be one of ('auto', 'triton', 'torch'), got 'fast'"),
+    ([], ["TEST.VIS_NUM_IMAGES", "-1"], "TEST.VIS_NUM_IMAGES must be >= 0"),
+    ([], ["DATASETS.TEST", "('tiny_shapes_vla',)"], "Dataset 'tiny_shapes_vla' (DATASETS.TRAIN / DATASETS.TEST) is "
+                                                    "not registered; did you mean tiny_shapes_val"),
+    ([], ["MODEL.WEIGHTS", "missing.pth"], "MODEL.WEIGHTS missing.pth does not exist"),
+    ([], ["SOLVER.REFERENCE_WORLD_SIZE", "3"], "SOLVER.IMS_PER_BATCH 4 is not a multiple of SOLVER.REFERENCE_WORLD_SIZE 3"),
+    (["--eval-only"], [], "--eval-only needs MODEL.WEIGHTS"),
+    (["--eval-only", "--resume"], [], "--eval-only needs MODEL.WEIGHTS"),  # nothing to resume from
+])
+def test_a_mistake_in_the_settings_is_named_before_any_work(tiny_shapes_root, tmp_path, flags, opts, message):
     with pytest.raises((ValueError, FileNotFoundError)) as error:
-        train_net.checked_config(args)
+        checked_config(tmp_path / "out", flags, opts)
     assert message in str(error.value)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, opts", [
+    ([], ["MODEL.WEIGHTS", "gn-zoo://ImageNetPretrained/R-50-GN"]),
+    ([], ["MODEL.WEIGHTS", "https://example.com/model_final.pth"]),
+    ([], ["MODEL.WEIGHTS", "catalog://ImageNetPretrained/FAIR/R-50-GN"]),
+    ([], ["MODEL.WEIGHTS", "{out}/model.pth"]),
+    ([], ["MODEL.WEIGHTS", "{out}/model.pth?matching_heuristics=True"]),  # Detectron2 drops the query to load it
+    (["--resume"], ["MODEL.WEIGHTS", "missing.pth"]),  # OUTPUT_DIR's last checkpoint is loaded instead
+    (["--eval-only", "--resume"], []),
+    (["--eval-only", "--resume"], ["SOLVER.REFERENCE_WORLD_SIZE", "3"]),  # no training, no rescaling
+    (["--num-gpus", "3"], ["SOLVER.REFERENCE_WORLD_SIZE", "3", "SOLVER.IMS_PER_BATCH", "2"]),  # already its size
+    (["--num-gpus", "2", "--num-machines", "2"], ["SOLVER.REFERENCE_WORLD_SIZE", "4", "SOLVER.IMS_PER_BATCH", "6"]),
+])
+def test_settings_detectron2_accepts_pass_the_checks(tiny_shapes_root, tmp_path, flags, opts):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.pth").write_bytes(b"")
+    (out / "last_checkpoint").write_text("model.pth")
+    assert checked_config(out, flags, [o.format(out=out) for o in opts]).OUTPUT_DIR == str(out)
 
 
 def test_a_mistake_stops_the_script_with_one_line(tmp_path):

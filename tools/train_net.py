@@ -10,6 +10,7 @@ Detectron2's usual flags apply (--resume, --num-machines, --machine-rank, --dist
 import logging
 import os
 import sys
+import urllib.parse
 
 import torch
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
@@ -56,7 +57,8 @@ def checked_config(args):
     check_dataset_files(cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN + cfg.DATASETS.TEST)
     resuming = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
     weights = cfg.MODEL.WEIGHTS
-    if not resuming and weights and "://" not in weights and not os.path.isfile(weights):
+    local_file = urllib.parse.urlparse(weights)._replace(query="").geturl()  # Detectron2 drops a ?query
+    if not resuming and weights and "://" not in weights and not os.path.isfile(local_file):
         raise FileNotFoundError(f"MODEL.WEIGHTS {weights} does not exist; give a checkpoint file, a URL or a "
                                 "gn-zoo:// name (tools/model_zoo.py list)")
     if args.eval_only and not resuming and not weights:
