@@ -33,7 +33,10 @@ def replace_durably(partial: str, path: str) -> None:
     a crash or power loss ``path`` is the old file or the new one, never an empty or torn one."""
     _sync(partial)
     os.replace(partial, path)
-    _sync(os.path.dirname(os.path.abspath(path)))
+    try:
+        _sync(os.path.dirname(os.path.abspath(path)))
+    except OSError:  # some network and FUSE file systems cannot sync a folder; the file itself is whole
+        pass
 
 
 def _sync(path: str) -> None:

@@ -1,6 +1,7 @@
 """Config keys added by gn_detection."""
 from typing import Sequence
 
+import yaml
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 from detectron2.utils.file_io import PathManager
@@ -48,7 +49,7 @@ def load_config(config_file: str, opts: Sequence = ()) -> CN:
 
     Raises:
         FileNotFoundError: if ``config_file`` does not exist.
-        ValueError: naming the file or key at fault, for an unknown key, an odd-length ``opts``,
+        ValueError: naming the file or key at fault, for a file that is not YAML, an unknown key, an odd-length ``opts``,
             an invalid ``MODEL.GN`` or ``TEST.VIS_NUM_IMAGES`` value, and settings that would be ignored (CUDA
             graphs or channels last for a backbone that has neither, a group count for Res5ROIHeads' res5).
     """
@@ -62,6 +63,8 @@ def load_config(config_file: str, opts: Sequence = ()) -> CN:
     except AssertionError as e:
         raise ValueError(f"{config_file}: {e}; a key must be one of Detectron2's defaults or gn_detection's "
                          "(README.md lists those)") from e
+    except yaml.YAMLError as e:
+        raise ValueError(f"{config_file}: not valid YAML: {e}") from e
     try:
         cfg.merge_from_list(list(opts))
     except AssertionError as e:

@@ -48,3 +48,16 @@ def test_the_new_file_reaches_the_disk_before_it_replaces_the_old_one(tmp_path, 
     write_atomically(path, "model_final.pth")
     partial = path + PARTIAL
     assert events == [("fsync", partial), ("replace", partial), ("fsync", str(tmp_path))]
+
+
+def test_a_folder_that_cannot_be_synced_still_gets_the_file(tmp_path, monkeypatch):
+    real_fsync = os.fsync
+
+    def no_folder_sync(fd):
+        if os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")):
+            raise OSError(22, "Invalid argument")  # as some network file systems answer
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", no_folder_sync)
+    write_atomically(str(tmp_path / "results.md"), "# results")
+    assert (tmp_path / "results.md").read_text() == "# results"

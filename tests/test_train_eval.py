@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+from gn_detection.config import load_config
 from gn_detection.metrics_log import read_metrics
 
 from .conftest import SHAPES_CONFIG, TINY_OVERRIDES, load_tool, run_tool
@@ -144,6 +145,13 @@ def test_settings_detectron2_accepts_pass_the_checks(tiny_shapes_root, tmp_path,
     (out / "model.pth").write_bytes(b"")
     (out / "last_checkpoint").write_text("model.pth")
     assert checked_config(out, flags, [o.format(out=out) for o in opts]).OUTPUT_DIR == str(out)
+
+
+def test_a_config_file_that_is_not_yaml_is_named(tmp_path):
+    config = tmp_path / "broken.yaml"
+    config.write_text("MODEL:\n  GN: {NUM_GROUPS: 16\n")
+    with pytest.raises(ValueError, match=f"{config}: not valid YAML"):
+        load_config(str(config))
 
 
 def test_a_mistake_stops_the_script_with_one_line(tmp_path):

@@ -21,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Sequence
 
 import torch
-import yaml
 
 from gn_detection.atomic_write import write_atomically
 from gn_detection.config import load_config
@@ -48,7 +47,7 @@ def checked_cells(preset: Preset, path: str, only: Sequence[str]) -> List[Cell]:
     for cell in cells:
         try:
             cell_config(preset, cell)
-        except (OSError, ValueError, yaml.YAMLError) as e:  # load_config's errors, and a malformed YAML file
+        except (OSError, ValueError) as e:  # load_config's errors
             raise ValueError(f"{path}: cell {cell.name}: {e}; fix the preset's config or opts") from e
     return cells
 
