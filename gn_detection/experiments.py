@@ -47,6 +47,9 @@ EXPERIMENT_KEYS: Dict[str, Tuple[Set[str], Set[str]]] = {
     "gn_placement": ({"placements", "ims_per_gpu"}, set()),
 }
 EXPERIMENTS = tuple(EXPERIMENT_KEYS)
+# The keys of each experiment that hold a list (the others hold one value).
+LIST_KEYS = {"batch_size": {"norms", "ims_per_gpu"}, "groups": {"num_groups", "channels_per_group"},
+             "scratch": {"norms"}, "gn_placement": {"placements"}}
 PRESET_KEYS = {"config", "experiments", "seeds", "images_per_run", "lr_per_image"}  # the keys every preset has
 # Keys of a preset's ``dataset``: required, then optional (the shapes settings both splits share).
 DATASET_KEYS = {"root", "num_train", "num_val"}
@@ -167,13 +170,25 @@ def _check_preset_keys(path: str, data, known: Set[str]) -> None:
     """Raise a ValueError naming ``path`` and the key unless the preset, its experiments and its dataset have
     every key they need and only keys they take (``known``: the preset's own)."""
     _check_keys(path, data, PRESET_KEYS, known)
+    if not isinstance(data["experiments"], dict):
+        raise ValueError(f"{path}: experiments: expected a mapping of experiment names to their settings, got "
+                         f"{data['experiments']!r}")
     bad = set(data["experiments"]) - set(EXPERIMENTS)
     if bad:
         raise ValueError(f"{path}: unknown experiment(s) {sorted(bad)}; choose from {list(EXPERIMENTS)}")
+    seeds = data["seeds"]
+    if not (isinstance(seeds, list) and seeds and all(isinstance(seed, int) for seed in seeds)):
+        raise ValueError(f"{path}: seeds: expected a list of integers, got {seeds!r}")
     for experiment, spec in data["experiments"].items():
-        _check_keys(f"{path}: experiments.{experiment}", spec, *EXPERIMENT_KEYS[experiment])
+        where = f"{path}: experiments.{experiment}"
+        _check_keys(where, spec, *EXPERIMENT_KEYS[experiment])
+        for key in LIST_KEYS[experiment] & set(spec):
+            if not isinstance(spec[key], list):
+                raise ValueError(f"{where}.{key}: expected a list, got {spec[key]!r}")
     if data.get("dataset"):
         _check_keys(f"{path}: dataset", data["dataset"], DATASET_KEYS, SHAPES_SETTINGS)
+        if not isinstance(data["dataset"]["root"], str):
+            raise ValueError(f"{path}: dataset.root: expected a folder, got {data['dataset']['root']!r}")
 
 
 def _check_keys(where: str, data, required: Set[str], optional: Set[str]) -> None:

@@ -159,7 +159,8 @@ def test_settings_no_split_could_have_are_refused_by_name(setting):
 
 
 @pytest.mark.parametrize("flag, value, least", [("--num-train", "0", 1), ("--num-val", "0", 1),
-                                                ("--image-size", "8", 16), ("--max-objects", "0", 1)])
+                                                ("--image-size", "8", 16), ("--max-objects", "0", 1),
+                                                ("--seed", "-1", 0)])
 def test_prepare_shapes_names_the_flag_at_fault_and_writes_nothing(tmp_path, monkeypatch, capsys, flag, value, least):
     script = os.path.join(REPO, "datasets", "prepare_shapes.py")
     monkeypatch.setattr(sys, "argv", [script, "--root", str(tmp_path / "shapes"), "--num-val", "1", flag, value])

@@ -1,5 +1,6 @@
 """The experiment runner: its cell matrix, every variant building, and tiny end-to-end sweeps collected
 into a table, JSON and plots."""
+import builtins
 import json
 import os
 
@@ -154,6 +155,10 @@ def write_preset(tmp_path, **changes) -> str:
      r"experiments.scratch: ims_per_gpu must be integers >= 1, got 0"),
     ({"dataset": {"root": "data", "num_train": 0, "num_val": 2}}, r"dataset: shapes train split: num_images must be"),
     ({"dataset": {"root": "data", "num_train": 2}}, r"dataset: missing key\(s\) \['num_val'\]"),
+    ({"dataset": {"root": None, "num_train": 2, "num_val": 2}}, r"dataset.root: expected a folder, got None"),
+    ({"experiments": ["batch_size"]}, r"experiments: expected a mapping of experiment names"),
+    ({"seeds": 1}, r"seeds: expected a list of integers, got 1"),
+    ({"experiments": {"scratch": {"norms": "GN", "ims_per_gpu": 1}}}, r"experiments.scratch.norms: expected a list"),
 ])
 def test_bad_experiment_and_dataset_settings_name_the_file_and_key(tmp_path, change, message):
     with pytest.raises(ValueError, match=r"preset.yaml: " + message):
@@ -186,17 +191,40 @@ def test_only_an_experiment_the_preset_lacks_is_refused_with_the_ones_it_has(cap
     assert "it has ['batch_size']" in error
 
 
-def test_a_cell_interrupted_while_its_record_is_written_has_not_ended(tmp_path, monkeypatch):
-    class InterruptedMetrics(dict):
-        def items(self):  # Ctrl-C while the record's metrics are being written
-            raise KeyboardInterrupt
+def fail_writing(monkeypatch, name):
+    """Make writing a file whose name starts with ``name`` stop halfway with a full disk, as a crash would."""
+    real_open = builtins.open
 
+    class HalfWritten:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            self.f.write(text[:len(text) // 2])
+            self.f.flush()
+            raise OSError(28, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def open_that_fails(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return HalfWritten(f) if "w" in mode and os.path.basename(path).startswith(name) else f
+
+    monkeypatch.setattr(builtins, "open", open_that_fails)
+
+
+def test_a_cell_interrupted_while_its_record_is_written_has_not_ended(tmp_path, monkeypatch):
     tool = load_tool("run_experiments")
     monkeypatch.setattr(tool.subprocess, "run", lambda command, **kw: tool.subprocess.CompletedProcess(command, 0))
-    monkeypatch.setattr(tool, "final_metrics", lambda path: InterruptedMetrics({"segm/AP": 1.0}))
+    monkeypatch.setattr(tool, "final_metrics", lambda path: {"segm/AP": 1.0})
     preset = Preset.load(write_preset(tmp_path))
     cell = preset.cells()[0]
-    with pytest.raises(KeyboardInterrupt):
+    fail_writing(monkeypatch, "cell.json")
+    with pytest.raises(OSError, match="No space left"):
         tool.run_cell(preset, cell, 0, str(tmp_path), {})
     assert sorted(os.listdir(tmp_path / cell.name)) == ["stdout.txt"]  # no cell.json, so the cell runs again
 
@@ -212,7 +240,7 @@ def ended_record(out_dir, variant="GN") -> str:
     return os.path.join(run_dir, "cell.json")
 
 
-def test_an_unreadable_cell_record_is_named_with_what_to_do(tmp_path, capsys):
+def test_an_unreadable_cell_record_is_named_with_what_to_do_before_a_sweep(tmp_path, capsys, monkeypatch):
     bad = ended_record(str(tmp_path))
     text = open(bad).read()
     open(bad, "w").write(text[: len(text) // 2])
@@ -220,15 +248,20 @@ def test_an_unreadable_cell_record_is_named_with_what_to_do(tmp_path, capsys):
         collect(str(tmp_path))
     assert bad in str(e.value)
     preset = write_preset(tmp_path)
-    assert load_tool("run_experiments").main(["--preset", preset, "--output", str(tmp_path), "--report-only"]) == 1
-    assert bad in capsys.readouterr().err
+    tool = load_tool("run_experiments")
+    monkeypatch.setattr(tool, "run_all", lambda *args: pytest.fail("the sweep started"))
+    for mode in (["--report-only"], []):
+        assert tool.main(["--preset", preset, "--output", str(tmp_path), *mode]) == 1
+        assert bad in capsys.readouterr().err
 
 
-def test_a_report_that_fails_to_write_leaves_the_previous_one(tmp_path):
+@pytest.mark.parametrize("failing", ["results.json", "results.md"])
+def test_a_report_that_fails_to_write_leaves_the_previous_one(tmp_path, monkeypatch, failing):
     ended_record(str(tmp_path))
     write_report(str(tmp_path), "first")
     before = {name: (tmp_path / name).read_text() for name in ("results.json", "results.md")}
-    with pytest.raises(TypeError):
-        write_report(str(tmp_path), "second", {"machine": object()})  # not JSON: fails while writing
-    assert {name: (tmp_path / name).read_text() for name in before} == before
+    fail_writing(monkeypatch, failing)
+    with pytest.raises(OSError, match="No space left"):
+        write_report(str(tmp_path), "second", {"machine": "another"})
+    assert (tmp_path / failing).read_text() == before[failing]
     assert not list(tmp_path.glob("*.partial"))

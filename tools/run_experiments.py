@@ -153,10 +153,11 @@ def main(argv=None) -> int:
     try:
         preset = Preset.load(path)
         cells = checked_cells(preset, path, args.only)
+        out_dir = args.output or os.path.join(REPO, "output", "experiments", preset.name)
+        collect(out_dir)  # an unreadable record of an earlier sweep: said now, not after this one's hours
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    out_dir = args.output or os.path.join(REPO, "output", "experiments", preset.name)
     if args.dry_run:
         for cell in cells:
             print(cell.name, " ".join(map(str, preset.overrides(cell))))
