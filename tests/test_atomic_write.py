@@ -5,6 +5,8 @@ import pytest
 
 from gn_detection.atomic_write import PARTIAL, write_atomically
 
+from .conftest import SHAPES_CONFIG, TINY_OVERRIDES, make_cfg
+
 
 def test_a_write_that_fails_leaves_the_previous_file_and_no_partial_one(tmp_path):
     path = str(tmp_path / "sub" / "report.json")
@@ -61,3 +63,27 @@ def test_a_folder_that_cannot_be_synced_still_gets_the_file(tmp_path, monkeypatc
     monkeypatch.setattr(os, "fsync", no_folder_sync)
     write_atomically(str(tmp_path / "results.md"), "# results")
     assert (tmp_path / "results.md").read_text() == "# results"
+
+
+def test_a_prediction_picture_that_fails_to_save_leaves_the_previous_one(tiny_shapes_root, tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    from detectron2.modeling import build_model
+
+    from gn_detection import visualize
+
+    cfg = make_cfg(SHAPES_CONFIG, *TINY_OVERRIDES)
+    model = build_model(cfg)
+    [path] = visualize.draw_predictions(model, cfg, "tiny_shapes_val", str(tmp_path), 1, 0.0)
+    before = open(path, "rb").read()
+    real_imsave = plt.imsave
+
+    def fail_halfway(target, image, **kwargs):
+        real_imsave(target, image, **kwargs)
+        with open(target, "r+b") as f:
+            f.truncate(100)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(visualize.plt, "imsave", fail_halfway)
+    with pytest.raises(OSError, match="No space left"):
+        visualize.draw_predictions(model, cfg, "tiny_shapes_val", str(tmp_path), 1, 0.0)
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == [os.path.basename(path)]
