@@ -1,6 +1,7 @@
 """Training and evaluation end to end on the synthetic dataset, through Detectron2's trainer and
 COCOEvaluator, as a user runs them (tools/train_net.py in a fresh process)."""
 import os
+import shutil
 
 import pytest
 import torch
@@ -13,11 +14,11 @@ from .conftest import SHAPES_CONFIG, TINY_OVERRIDES, load_tool, run_tool
 ITERS = 40
 
 
-def train_net(datasets_root, output_dir, *extra):
+def train_net(datasets_root, output_dir, *extra, max_iter=ITERS):
     opts = [str(v) for v in TINY_OVERRIDES]
     return run_tool(
         ["tools/train_net.py", "--config-file", SHAPES_CONFIG, *extra, *opts, "OUTPUT_DIR", str(output_dir),
-         "SOLVER.MAX_ITER", str(ITERS), "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "5",
+         "SOLVER.MAX_ITER", str(max_iter), "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "5",
          "SOLVER.CHECKPOINT_PERIOD", str(ITERS), "TEST.VIS_NUM_IMAGES", "2", "TEST.VIS_SCORE_THRESH", "0.0"],
         {"DETECTRON2_DATASETS": str(datasets_root)},
     )
@@ -83,6 +84,20 @@ def test_eval_only_refuses_a_checkpoint_holding_python_objects(tiny_shapes_root,
     torch.save({"model": {}, "note": object()}, weights)
     result = train_net(tiny_shapes_root, tmp_path / "out", "--eval-only", "MODEL.WEIGHTS", str(weights))
     assert result.returncode != 0 and f"{weights}: refused to load" in result.stderr
+
+
+def test_resume_continues_from_the_last_checkpoint(trained, tiny_shapes_root, tmp_path):
+    output_dir, _ = trained
+    resumed = tmp_path / "resumed"
+    shutil.copytree(output_dir, resumed)
+    result = train_net(tiny_shapes_root, resumed, "--resume", max_iter=ITERS + 10)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert f"Loading from {resumed}/model_final.pth" in log and f"Starting training from iteration {ITERS}" in log
+    # the first run's records (19, 39), then the resumed run's: one curve, with the new evaluation last
+    rows = read_output_metrics(resumed)
+    assert [r["iteration"] for r in rows if "total_loss" in r] == [19, 39, ITERS + 9]
+    assert "bbox/AP" in rows[-1] and rows[-1]["iteration"] == ITERS + 10  # Detectron2 logs it after the last step
 
 
 def test_missing_coco_stops_at_once_naming_the_path(tmp_path):
