@@ -112,6 +112,7 @@ def test_missing_coco_stops_at_once_naming_the_path(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing started
 
 
+ON_GPUS = ["MODEL.DEVICE", "cuda"]  # several processes need CUDA
 TINY_DATASETS = ["DATASETS.TRAIN", "('tiny_shapes_train',)", "DATASETS.TEST", "('tiny_shapes_val',)"]
 
 
@@ -134,6 +135,7 @@ def checked_config(out, flags, opts):
     ([], ["SOLVER.REFERENCE_WORLD_SIZE", "3"], "SOLVER.IMS_PER_BATCH 4 is not a multiple of SOLVER.REFERENCE_WORLD_SIZE 3"),
     (["--eval-only"], [], "--eval-only needs MODEL.WEIGHTS"),
     (["--eval-only", "--resume"], [], "--eval-only needs MODEL.WEIGHTS"),  # nothing to resume from
+    (["--num-gpus", "2"], [], "several processes need CUDA; on the CPU use --num-gpus 1"),
 ])
 def test_a_mistake_in_the_settings_is_named_before_any_work(tiny_shapes_root, tmp_path, flags, opts, message):
     with pytest.raises((ValueError, FileNotFoundError)) as error:
@@ -151,10 +153,12 @@ def test_a_mistake_in_the_settings_is_named_before_any_work(tiny_shapes_root, tm
     (["--resume"], ["MODEL.WEIGHTS", "missing.pth"]),  # OUTPUT_DIR's last checkpoint is loaded instead
     (["--eval-only", "--resume"], []),
     (["--eval-only", "--resume"], ["SOLVER.REFERENCE_WORLD_SIZE", "3"]),  # no training, no rescaling
-    (["--num-gpus", "3"], ["SOLVER.REFERENCE_WORLD_SIZE", "3", "SOLVER.IMS_PER_BATCH", "2"]),  # already its size
-    (["--num-gpus", "2", "--num-machines", "2"], ["SOLVER.REFERENCE_WORLD_SIZE", "4", "SOLVER.IMS_PER_BATCH", "6"]),
+    (["--num-gpus", "3"], ["SOLVER.REFERENCE_WORLD_SIZE", "3", "SOLVER.IMS_PER_BATCH", "2", *ON_GPUS]),  # its size
+    (["--num-gpus", "2", "--num-machines", "2"],
+     ["SOLVER.REFERENCE_WORLD_SIZE", "4", "SOLVER.IMS_PER_BATCH", "6", *ON_GPUS]),
 ])
-def test_settings_detectron2_accepts_pass_the_checks(tiny_shapes_root, tmp_path, flags, opts):
+def test_settings_detectron2_accepts_pass_the_checks(tiny_shapes_root, tmp_path, monkeypatch, flags, opts):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # for the multi-process cases' MODEL.DEVICE
     out = tmp_path / "out"
     out.mkdir()
     (out / "model.pth").write_bytes(b"")

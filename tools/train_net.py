@@ -65,6 +65,11 @@ def checked_config(args):
         raise ValueError("--eval-only needs MODEL.WEIGHTS (a checkpoint file, URL or gn-zoo:// name), or --resume "
                          f"with a checkpoint in OUTPUT_DIR {cfg.OUTPUT_DIR}; it would evaluate a random model")
     world_size, reference = args.num_gpus * args.num_machines, cfg.SOLVER.REFERENCE_WORLD_SIZE
+    if world_size > 1 and not cfg.MODEL.DEVICE.startswith("cuda"):
+        raise ValueError(f"{world_size} processes (--num-gpus {args.num_gpus}, --num-machines {args.num_machines}) "
+                         f"with MODEL.DEVICE {cfg.MODEL.DEVICE}: Detectron2's trainer gives each process's model a "
+                         "GPU (DistributedDataParallel device_ids), so several processes need CUDA; on the CPU "
+                         "use --num-gpus 1")
     if not args.eval_only and reference and reference != world_size and cfg.SOLVER.IMS_PER_BATCH % reference:
         raise ValueError(
             f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} is not a multiple of SOLVER.REFERENCE_WORLD_SIZE "
