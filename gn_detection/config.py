@@ -56,7 +56,7 @@ def load_config(config_file: str, opts: Sequence = ()) -> CN:
     cfg = get_cfg()
     add_gn_config(cfg)
     if not PathManager.isfile(config_file):
-        raise FileNotFoundError(f"{config_file}: no such config file; give one such as "
+        raise FileNotFoundError(f"{config_file or '--config-file'}: no such config file; give one such as "
                                 "configs/mask_rcnn_R50_FPN_gn.yaml")
     try:  # yacs asserts; a user's mistake deserves a ValueError that says what to do
         cfg.merge_from_file(config_file)

@@ -173,6 +173,11 @@ def test_a_config_file_that_is_not_yaml_is_named(tmp_path):
         load_config(str(config))
 
 
+def test_no_config_file_names_the_flag():
+    with pytest.raises(FileNotFoundError, match="^--config-file: no such config file"):
+        load_config("")
+
+
 def test_a_mistake_stops_the_script_with_one_line(tmp_path):
     result = run_tool(["tools/train_net.py", "--config-file", "configs/shapes/missing.yaml"], {})
     assert result.returncode == 1
