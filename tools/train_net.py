@@ -79,12 +79,10 @@ def checked_config(args):
     return cfg
 
 
-def setup(args):
-    """:func:`checked_config`, then Detectron2's logging, environment dump and OUTPUT_DIR."""
-    cfg = checked_config(args)
+def setup(cfg, args) -> None:
+    """Detectron2's logging, environment dump and OUTPUT_DIR for a config :func:`checked_config` gave."""
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="gn_detection")
-    return cfg
 
 
 def save_pictures(cfg, model) -> None:
@@ -101,8 +99,9 @@ def save_pictures(cfg, model) -> None:
         logger.info("Predictions on %d images (ground truth | prediction): %s", len(paths), out_dir)
 
 
-def main(args):
-    cfg = setup(args)
+def main(args, cfg):
+    """Train (or with --eval-only, evaluate) in one process of the job, on the config checked before launch."""
+    setup(cfg, args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         # ours, as training's: .pth read with weights_only, and the load's counts logged
@@ -121,7 +120,7 @@ def main(args):
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     try:  # in this process, so that a mistake stops with one line before any worker starts
-        checked_config(args)
+        config = checked_config(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     launch(
@@ -130,5 +129,5 @@ if __name__ == "__main__":
         num_machines=args.num_machines,
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
-        args=(args,),
+        args=(args, config),  # each worker takes the checked config, rather than loading and checking it again
     )
