@@ -9,7 +9,8 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from torch import nn
 
-from .atomic_write import PARTIAL, replace_durably, write_atomically  # a PARTIAL file is never loaded or tagged as the last one
+# a PARTIAL file is never loaded or tagged as the last one
+from .atomic_write import PARTIAL, replace_durably, write_atomically
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
             return super()._load_file(filename)
         except (pickle.UnpicklingError, EOFError) as e:
             if filename.endswith(".pkl"):  # .pth files are handled in _torch_load
-                raise unreadable(filename, e) from e
+                raise _unreadable(filename, e) from e
             raise
 
     def _torch_load(self, f: str):
@@ -69,14 +70,14 @@ class AtomicCheckpointer(DetectionCheckpointer):
             return torch.load(f, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             if not _is_whole_pickle(f):
-                raise unreadable(f, e) from e
+                raise _unreadable(f, e) from e
             # a well-formed file that weights_only refused: it holds objects that unpickling would construct
             raise pickle.UnpicklingError(
                 f"{f}: refused to load, it holds Python objects besides tensors and unpickling them could run "
                 "code. If you trust the file, re-save its tensors (torch.save(state_dict)) and load that."
             ) from e
         except (RuntimeError, EOFError) as e:  # torch's errors for a truncated or foreign zip archive
-            raise unreadable(f, e) from e
+            raise _unreadable(f, e) from e
 
     def _load_model(self, checkpoint):
         in_file = set(checkpoint["model"])
@@ -88,7 +89,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         return incompatible
 
 
-def unreadable(path: str, error: BaseException) -> ValueError:
+def _unreadable(path: str, error: BaseException) -> ValueError:
     """The error for a checkpoint file that cannot be read: it names the file and says what to do."""
     if isinstance(error, pickle.UnpicklingError):  # torch's text suggests weights_only=False: no use here
         reason = "not a complete pickle"

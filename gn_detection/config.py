@@ -49,9 +49,9 @@ def load_config(config_file: str, opts: Sequence = ()) -> CN:
 
     Raises:
         FileNotFoundError: if ``config_file`` does not exist.
-        ValueError: naming the file or key at fault, for a file that is not YAML, an unknown key, an odd-length ``opts``,
-            an invalid ``MODEL.GN`` or ``TEST.VIS_NUM_IMAGES`` value, and settings that would be ignored (CUDA
-            graphs or channels last for a backbone that has neither, a group count for Res5ROIHeads' res5).
+        ValueError: naming the file or key at fault, for a file that is not YAML, an unknown key, an odd-length
+            ``opts``, an invalid ``MODEL.GN`` or ``TEST.VIS_NUM_IMAGES`` value, and settings that would be ignored
+            (CUDA graphs or channels last for a backbone that has neither, a group count for Res5ROIHeads' res5).
     """
     cfg = get_cfg()
     add_gn_config(cfg)
@@ -75,7 +75,8 @@ def load_config(config_file: str, opts: Sequence = ()) -> CN:
     except ValueError as e:
         raise ValueError(f"{config_file}: {e}") from e
     if cfg.TEST.VIS_NUM_IMAGES < 0:
-        raise ValueError(f"{config_file}: TEST.VIS_NUM_IMAGES must be >= 0 (0 draws none), got {cfg.TEST.VIS_NUM_IMAGES}")
+        raise ValueError(f"{config_file}: TEST.VIS_NUM_IMAGES must be >= 0 (0 draws none), "
+                         f"got {cfg.TEST.VIS_NUM_IMAGES}")
     if (cfg.MODEL.ROI_HEADS.NAME == "Res5ROIHeads" and cfg.MODEL.RESNETS.NORM == "GN"
             and (cfg.MODEL.GN.NUM_GROUPS != 32 or cfg.MODEL.GN.CHANNELS_PER_GROUP)):
         raise ValueError(f"{config_file}: Detectron2's Res5ROIHeads builds res5 with its own GN of 32 groups, not "

@@ -132,7 +132,8 @@ def checked_config(out, flags, opts):
     ([], ["DATASETS.TEST", "('tiny_shapes_vla',)"], "Dataset 'tiny_shapes_vla' (DATASETS.TRAIN / DATASETS.TEST) is "
                                                     "not registered; did you mean tiny_shapes_val"),
     ([], ["MODEL.WEIGHTS", "missing.pth"], "MODEL.WEIGHTS missing.pth does not exist"),
-    ([], ["SOLVER.REFERENCE_WORLD_SIZE", "3"], "SOLVER.IMS_PER_BATCH 4 is not a multiple of SOLVER.REFERENCE_WORLD_SIZE 3"),
+    ([], ["SOLVER.REFERENCE_WORLD_SIZE", "3"],
+     "SOLVER.IMS_PER_BATCH 4 is not a multiple of SOLVER.REFERENCE_WORLD_SIZE 3"),
     (["--eval-only"], [], "--eval-only needs MODEL.WEIGHTS"),
     (["--eval-only", "--resume"], [], "--eval-only needs MODEL.WEIGHTS"),  # nothing to resume from
     (["--num-gpus", "2"], [], "several processes need CUDA; on the CPU use --num-gpus 1"),

@@ -5,7 +5,8 @@
     python tools/model_zoo.py download NAME ...   # download + verify into the cache, print the local path
 
 The cache is $GN_DETECTION_CACHE (default $XDG_CACHE_HOME/gn_detection, else ~/.cache/gn_detection);
-$GN_DETECTION_MIRROR replaces https://dl.fbaipublicfiles.com. Exit status 1 with a one-line reason when a name or download fails.
+$GN_DETECTION_MIRROR replaces https://dl.fbaipublicfiles.com. Exit status 1 with a one-line reason when a name
+or download fails.
 """
 import argparse
 import os
