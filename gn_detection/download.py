@@ -3,7 +3,9 @@
 A file reaches its cache path only by a rename after it has arrived whole and passed its checks, so a
 cached file is trusted and used without touching the network. An interrupted transfer leaves only
 ``<file>.part``, which is never trusted: the next attempt resumes it with an HTTP Range request and
-verifies the whole file again.
+verifies the whole file again. The resume is conditional (If-Range with the ETag or Last-Modified the server
+gave when the part began, kept in ``<file>.part.validator``), so a file that changed on the server since is
+sent whole instead of being spliced onto the old part.
 
 Environment variables:
   GN_DETECTION_CACHE       cache directory (default: $XDG_CACHE_HOME/gn_detection, else ~/.cache/gn_detection)
@@ -36,6 +38,7 @@ ENV_CACHE = "GN_DETECTION_CACHE"
 ENV_MIRROR = "GN_DETECTION_MIRROR"
 ENV_ALLOW_HTTP = "GN_DETECTION_ALLOW_HTTP"
 PART = ".part"
+VALIDATOR = ".validator"  # appended to the .part path: the version of the remote file the part is a prefix of
 CHUNK = 1 << 20
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}  # HTTP errors worth another try; any other status is final
 
@@ -149,6 +152,7 @@ def download(url: str, checksums: Checksums = Checksums(), retry: Optional[Retry
             _fetch_with_retries(url, dest + PART, retry, progress)
             _verify(url, dest, checksums)
             replace_durably(dest + PART, dest)
+            _discard(dest + PART + VALIDATOR)
             logger.info("Downloaded %s to %s", url, dest)
     return dest
 
@@ -156,7 +160,7 @@ def download(url: str, checksums: Checksums = Checksums(), retry: Optional[Retry
 def _verify(url: str, dest: str, checksums: Checksums) -> None:
     problem = checksums.mismatch(dest + PART)
     if problem:
-        os.remove(dest + PART)
+        _discard_part(dest + PART)
         raise IntegrityError(
             f"{os.path.basename(dest)} from {url} failed verification: {problem}. The file was deleted; "
             f"if {ENV_MIRROR} points to a mirror, check its copy, else run again to retry.")
@@ -226,10 +230,13 @@ def _network_cause(error: BaseException, timeout: float) -> str:
 
 
 def _fetch(url: str, part: str, timeout: float, progress: bool) -> None:
-    """One attempt: extend ``part`` from where it ends (HTTP Range) to the size the server reports; start
-    over when the server cannot resume it."""
+    """One attempt: extend ``part`` from where it ends (HTTP Range, if the remote file is still the one the
+    part began from) to the size the server reports; start over when the server cannot resume it."""
     have = os.path.getsize(part) if os.path.exists(part) else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    validator = _recorded_validator(part) if have else None
+    if not validator:
+        have = 0  # a part of unknown version could be the start of an older file: start over
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-", "If-Range": validator} if have else {})
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as e:
@@ -237,25 +244,64 @@ def _fetch(url: str, part: str, timeout: float, progress: bool) -> None:
             raise
         if e.headers.get("Content-Range") == f"bytes */{have}":  # ... because it is the whole file already
             return
-        os.remove(part)
+        _discard_part(part)
         return _fetch(url, part, timeout, progress)
     with response:
-        if have and response.status == 206 and not response.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
-            os.remove(part)  # the server answered another range than asked: ask for the whole file
+        answered_range = response.headers.get("Content-Range", "")
+        if have and response.status == 206 and not answered_range.startswith(f"bytes {have}-"):
+            _discard_part(part)  # the server answered another range than asked: ask for the whole file
             return _fetch(url, part, timeout, progress)
         if response.status != 206:
-            have = 0  # the server ignored the Range header and sends the whole file
+            have = 0  # the server ignored the Range header, or the file changed: it sends the whole file
+            _discard(part)  # before the new record, so that no part is ever paired with a newer file's record
+            _record_validator(part, response)
         total = _total_size(response, have)
         _write(response, part, have, total, progress, os.path.basename(urllib.parse.urlparse(url).path))
     size = os.path.getsize(part)
     if total is None:
-        os.remove(part)
+        _discard_part(part)
         raise DownloadError(f"{url}: the server did not say how large the file is, so a cut-short transfer "
                             "could not be told from a complete one; nothing was kept. Try another mirror.")
     if size > total:
-        os.remove(part)  # not a prefix of this file: start over next attempt
+        _discard_part(part)  # not a prefix of this file: start over next attempt
     if size != total:
         raise http.client.IncompleteRead(b"", total - size)
+
+
+def _record_validator(part: str, response: http.client.HTTPResponse) -> None:
+    """Keep what identifies the version of the file the server is sending: a strong ETag, else its
+    Last-Modified date (RFC 9110 If-Range accepts either); remove any older record when it gives neither."""
+    etag = response.headers.get("ETag", "")
+    validator = etag if etag.startswith('"') else response.headers.get("Last-Modified", "")  # W/"..." is weak
+    if not validator:
+        _discard(part + VALIDATOR)
+        return
+    try:
+        with open(part + VALIDATOR, "w") as f:
+            f.write(validator)
+    except OSError as e:
+        raise DownloadError(f"cannot write {part}{VALIDATOR} ({e.strerror}); check the cache directory or "
+                            f"{ENV_CACHE}.") from e
+
+
+def _recorded_validator(part: str) -> Optional[str]:
+    try:
+        with open(part + VALIDATOR) as f:
+            return f.read().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _discard(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _discard_part(part: str) -> None:
+    _discard(part)
+    _discard(part + VALIDATOR)
 
 
 def _write(response, part: str, have: int, total: Optional[int], progress: bool, label: str) -> None:

@@ -1,9 +1,11 @@
 """A loopback HTTP server for download tests: serves bytes by path, with scripted misbehaviour."""
+import hashlib
 import threading
 import time
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-OK = "ok"  # honours "Range: bytes=N-" (416 past the end)
+OK = "ok"  # honours "Range: bytes=N-" (416 past the end) and If-Range
 TRUNCATE = "truncate"  # announces the full length, sends half, closes
 DIE_ONCE = "die_once"  # TRUNCATE the first time, OK after
 SLOW = "slow"  # waits slow_seconds, then OK
@@ -16,10 +18,11 @@ FORBIDDEN = "forbidden"  # 403
 
 class FileServer:
     """Serves ``routes[path] = (behaviour, body)``; any other path is a 404. ``requests`` records
-    (method, path, Range header) for each request."""
+    (method, path, Range header, If-Range header) for each request. Every response names the body's
+    version as ``validators`` says: "etag" (strong), "weak_etag", "last_modified" or "none"."""
 
     def __init__(self, slow_seconds: float = 2.0):
-        self.routes, self.requests, self.slow_seconds = {}, [], slow_seconds
+        self.routes, self.requests, self.slow_seconds, self.validators = {}, [], slow_seconds, "etag"
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -38,8 +41,8 @@ class FileServer:
         self.thread.start()
 
     def handle(self, request: BaseHTTPRequestHandler, send_body: bool) -> None:
-        range_header = request.headers.get("Range")
-        self.requests.append((request.command, request.path, range_header))
+        range_header, if_range = request.headers.get("Range"), request.headers.get("If-Range")
+        self.requests.append((request.command, request.path, range_header, if_range))
         if request.path not in self.routes:
             request.send_error(404)
             return
@@ -50,6 +53,8 @@ class FileServer:
             return
         if behaviour == SLOW:
             time.sleep(self.slow_seconds)
+        if if_range is not None and if_range != validator(self.validators, body):
+            range_header = None  # RFC 9110: another version of the file than the client has, so send it whole
         start = int(range_header[len("bytes="):-1]) if range_header and behaviour != IGNORE_RANGE else 0
         if start >= len(body) and start:
             request.send_response(416)
@@ -62,6 +67,9 @@ class FileServer:
         else:
             claimed = f"bytes {start}-{len(body) - 1}/{len(body)}"
         request.send_response(206 if range_header and behaviour != IGNORE_RANGE else 200)
+        if self.validators != "none":
+            header = "Last-Modified" if self.validators == "last_modified" else "ETag"
+            request.send_header(header, validator(self.validators, body))
         if behaviour != NO_LENGTH:
             request.send_header("Content-Length", str(len(body) - start))
         if range_header and behaviour != IGNORE_RANGE:
@@ -73,8 +81,17 @@ class FileServer:
             request.wfile.write(body[start:end])
 
     def count(self, path: str) -> int:
-        return sum(1 for _, p, _ in self.requests if p == path)
+        return sum(1 for request in self.requests if request[1] == path)
 
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def validator(kind: str, body: bytes) -> str:
+    """What a server sends to identify this version of ``body``: an ETag of ``kind`` "etag" or
+    "weak_etag", or a date for "last_modified"."""
+    digest = hashlib.sha1(body).hexdigest()
+    if kind == "last_modified":
+        return formatdate(1_500_000_000 + int(digest[:6], 16), usegmt=True)
+    return ("W/" if kind == "weak_etag" else "") + f'"{digest[:16]}"'

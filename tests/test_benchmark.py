@@ -2,7 +2,6 @@
 import argparse
 import json
 import math
-import os
 import re
 
 import matplotlib.pyplot as plt
@@ -18,7 +17,7 @@ from gn_detection import host_work
 from gn_detection.host_work import counting_host_work
 from gn_detection.visualize import benchmark_figure
 
-from .conftest import REPO, SHAPES_CONFIG, TINY_OVERRIDES, load_tool, make_cfg, run_tool
+from .conftest import SHAPES_CONFIG, TINY_OVERRIDES, load_tool, make_cfg, run_tool
 
 # Shrink the per-image work of every variant (Detectron2's R-50 ones included) to CPU-test size.
 SMALL_WORK = ["MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 32, "MODEL.RPN.POST_NMS_TOPK_TRAIN", 100,

@@ -5,6 +5,7 @@ import io
 import os
 import pickle
 import threading
+from typing import Optional
 
 import pytest
 import torch
@@ -14,12 +15,13 @@ from detectron2.utils.file_io import PathManager
 
 from gn_detection import model_zoo
 from gn_detection.checkpoint import AtomicCheckpointer, load_weights
-from gn_detection.download import PART, Checksums, DownloadError, IntegrityError, cache_path, download, mirrored
+from gn_detection.download import (PART, VALIDATOR, Checksums, DownloadError, IntegrityError, cache_path, download,
+                                   mirrored)
 
 from .conftest import CONFIGS, TINY_OVERRIDES, make_cfg, run_tool
 from .fabricate import caffe2_name, detectron_blobs
 from .http_server import (DIE_ONCE, FORBIDDEN, IGNORE_RANGE, NO_LENGTH, OK, SLOW, TRUNCATE, UNAVAILABLE_ONCE,
-                          WRONG_RANGE, FileServer)
+                          WRONG_RANGE, FileServer, validator)
 
 # A depth-50 GN ResNet with Detectron's layer names at 1/4 of the width, so files stay a few MB.
 NARROW_R50 = (*TINY_OVERRIDES, "MODEL.RESNETS.STEM_OUT_CHANNELS", 16, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
@@ -238,17 +240,20 @@ def test_truncated_responses_give_up_with_a_clear_error_and_nothing_trusted(serv
         download(URL, progress=False)
     assert server.count(mirrored(URL)[len(server.url):]) == 3
     assert not os.path.exists(cache_path(URL))  # only the .part, which is never trusted
-    assert cache_files(URL) == [os.path.basename(URL) + PART]
+    assert cache_files(URL) == [os.path.basename(URL) + PART, os.path.basename(URL) + PART + VALIDATOR]
 
 
-def test_server_dying_mid_transfer_is_resumed_with_range(server):
-    path = mirrored(URL)[len(server.url):]
+@pytest.mark.parametrize("validators, resumed", [("etag", True), ("last_modified", True), ("weak_etag", False),
+                                                  ("none", False)])
+def test_server_dying_mid_transfer_is_resumed_only_if_the_files_version_is_known(server, validators, resumed):
+    server.validators = validators
     serve(server, URL, BODY, DIE_ONCE)
     local = download(URL, Checksums(md5_prefix=hashlib.md5(BODY).hexdigest()[:8]), progress=False)
     assert open(local, "rb").read() == BODY
-    gets = [r for r in server.requests if r[1] == path]
-    assert [r[2] for r in gets] == [None, f"bytes={len(BODY) // 2}-"]
-    assert cache_files(URL) == [os.path.basename(URL)]
+    asked = [(r[2], r[3]) for r in server.requests]
+    resume = (f"bytes={len(BODY) // 2}-", validator(validators, BODY))
+    assert asked == [(None, None), resume if resumed else (None, None)]  # a weak ETag cannot make a Range safe
+    assert cache_files(URL) == [os.path.basename(URL)]  # the version record goes with the part
 
 
 def test_404_is_final_and_names_the_url(server):
@@ -298,22 +303,36 @@ def part_of(url: str) -> str:
     return cache_path(url) + PART
 
 
-def start_part(url: str, data: bytes) -> None:
-    """A partial download left behind, as by a killed process."""
+def start_part(url: str, data: bytes, version: Optional[str]) -> None:
+    """A partial download left behind, as by a killed process, of the file the server named ``version``."""
     os.makedirs(os.path.dirname(part_of(url)), exist_ok=True)
     with open(part_of(url), "wb") as f:
         f.write(data)
+    if version:
+        with open(part_of(url) + VALIDATOR, "w") as f:
+            f.write(version)
 
 
 def test_a_killed_downloads_part_is_resumed_not_trusted(server):
-    start_part(URL, BODY[:1000])
+    start_part(URL, BODY[:1000], validator("etag", BODY))
     serve(server, URL, BODY)
     assert open(download(URL, progress=False), "rb").read() == BODY
-    assert server.requests[-1][2] == "bytes=1000-"
+    assert server.requests[-1][2:] == ("bytes=1000-", validator("etag", BODY))
+
+
+@pytest.mark.parametrize("version", [validator("etag", b"old"), None], ids=["older", "unknown"])
+def test_a_part_of_an_older_or_unknown_version_is_not_spliced(server, version):
+    old, new = os.urandom(len(BODY)), BODY  # the file changed on the server; no digest would catch a splice
+    start_part(URL, old[:1000], version)
+    serve(server, URL, new)
+    assert open(download(URL, progress=False), "rb").read() == new
+    assert len(server.requests) == 1 and server.requests[0][2:] == (("bytes=1000-", version) if version else
+                                                                    (None, None))
+    assert cache_files(URL) == [os.path.basename(URL)]
 
 
 def test_a_complete_part_is_verified_not_fetched_again(server):
-    start_part(URL, BODY)  # killed after the transfer, before the rename
+    start_part(URL, BODY, validator("etag", BODY))  # killed after the transfer, before the rename
     serve(server, URL, BODY)
     assert open(download(URL, progress=False), "rb").read() == BODY
     assert [r[2] for r in server.requests] == [f"bytes={len(BODY)}-"]  # answered 416 with the size: no GET
@@ -323,7 +342,7 @@ def test_a_complete_part_is_verified_not_fetched_again(server):
                                              (OK, BODY + b"stale tail")])  # the last gets HTTP 416
 def test_a_part_the_server_cannot_extend_is_started_over(server, monkeypatch, behaviour, part):
     monkeypatch.setenv("GN_DETECTION_RETRIES", "1")  # starting over is part of the same attempt
-    start_part(URL, part)
+    start_part(URL, part, validator("etag", BODY))
     serve(server, URL, BODY, behaviour)
     assert open(download(URL, progress=False), "rb").read() == BODY
 
