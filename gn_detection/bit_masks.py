@@ -18,8 +18,8 @@ class GatheredBitMasks(BitMasks):
 
     def __init__(self, source: Union[torch.Tensor, BitMasks], index: Optional[torch.Tensor] = None):
         """``source``: (G, H, W) masks (any dtype, read as bool) or a :class:`BitMasks`; ``index``: (N,)
-        integer rows of it (negative ones count from the end; in range, which is not checked, as that would
-        wait for a GPU); all G rows in order if None (as ``type(masks)(tensor)`` in ``BitMasks.cat`` builds
+        integer rows of it (negative ones count from the end; in range, which is checked for an index on the
+        CPU only, as checking a GPU one would wait for it); all G rows in order if None (as ``type(masks)(tensor)`` in ``BitMasks.cat`` builds
         one)."""
         if isinstance(source, GatheredBitMasks):
             source, index = source.source, source.index if index is None else source.index[index]
@@ -34,6 +34,11 @@ class GatheredBitMasks(BitMasks):
             raise ValueError(f"GatheredBitMasks: index must be 1-d int64 or int32 rows of the source, got "
                              f"{index.dtype} of shape {tuple(index.shape)}")
         else:
+            if index.device.type == "cpu" and len(index):  # reading a GPU index's range would wait for the GPU
+                low, high = int(index.min()), int(index.max())
+                if not -len(source) <= low <= high < len(source):
+                    raise IndexError(f"GatheredBitMasks: index rows {low}..{high} are out of range for "
+                                     f"{len(source)} source masks")
             index = index.to(source.device, torch.int64)
             index = torch.where(index < 0, index + len(source), index)
         self.source, self.index, self.image_size = source.to(torch.bool), index, source.shape[1:]

@@ -123,6 +123,9 @@ def test_errors_name_what_is_wrong():
         GatheredBitMasks(source, torch.ones(5, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"index must be 1-d.*torch.int64 of shape \(\)"):
         GatheredBitMasks(source, torch.tensor(2))
+    for rows in ([0, 5], [-6, 1]):  # 5 source masks; a GPU index is not checked, as that would wait for it
+        with pytest.raises(IndexError, match=f"rows {min(rows)}..{max(rows)} are out of range for 5 source masks"):
+            GatheredBitMasks(source, torch.tensor(rows))
 
 
 def test_negative_rows_count_from_the_end():
