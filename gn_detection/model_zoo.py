@@ -122,12 +122,19 @@ def lookup(name: str) -> ZooModel:
     return CATALOG[name]
 
 
-def fetch(name: str, progress: bool = True) -> str:
-    """The local path of a catalog checkpoint, downloaded and verified on first use."""
+def downloadable(name: str) -> ZooModel:
+    """The catalog entry called ``name``, checked to have a file: raises :class:`DownloadError` for one
+    published as results only (and ``KeyError`` for an unknown name, as :func:`lookup`)."""
     model = lookup(name)
     if not model.url:
         raise DownloadError(f"{model.name} was published as results only ({model.box_ap} box / "
                             f"{model.mask_ap} mask AP), without a file to download.")
+    return model
+
+
+def fetch(name: str, progress: bool = True) -> str:
+    """The local path of a catalog checkpoint, downloaded and verified on first use."""
+    model = downloadable(name)
     return download(model.url, model.checksums, progress=progress)
 
 

@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 
+from gn_detection import triton_group_norm
 from gn_detection.config import load_config
 from gn_detection.metrics_log import read_metrics
 
@@ -132,6 +133,13 @@ def checked_config(out, flags, opts):
     ([], ["DATASETS.TEST", "('tiny_shapes_vla',)"], "Dataset 'tiny_shapes_vla' (DATASETS.TRAIN / DATASETS.TEST) is "
                                                     "not registered; did you mean tiny_shapes_val"),
     ([], ["MODEL.WEIGHTS", "missing.pth"], "MODEL.WEIGHTS missing.pth does not exist"),
+    ([], ["MODEL.WEIGHTS", "gn-zoo://ImageNetPretrained/R-50-G"], "'ImageNetPretrained/R-50-G' is not in the GN "
+                                                                  "model zoo. Did you mean ImageNetPretrained/R-50-GN"),
+    ([], ["MODEL.WEIGHTS", "gn-zoo://Detectron/scratch_e2e_mask_rcnn_R-50-FPN_3x_gn"], "published as results only"),
+    ([], ["MODEL.GN.NUM_GROUPS", "7"], "cannot be built: Cannot build the ResNet stem "
+                                       "(MODEL.RESNETS.STEM_OUT_CHANNELS=64): MODEL.GN.NUM_GROUPS=7 does not divide"),
+    ([], ["MODEL.ROI_HEADS.NAME", "GNROIHeads"], "cannot be built: No object named 'GNROIHeads' found in "
+                                                 "'ROI_HEADS' registry"),
     ([], ["SOLVER.REFERENCE_WORLD_SIZE", "3"],
      "SOLVER.IMS_PER_BATCH 4 is not a multiple of SOLVER.REFERENCE_WORLD_SIZE 3"),
     (["--eval-only"], [], "--eval-only needs MODEL.WEIGHTS"),
@@ -165,6 +173,13 @@ def test_settings_detectron2_accepts_pass_the_checks(tiny_shapes_root, tmp_path,
     (out / "model.pth").write_bytes(b"")
     (out / "last_checkpoint").write_text("model.pth")
     assert checked_config(out, flags, [o.format(out=out) for o in opts]).OUTPUT_DIR == str(out)
+
+
+def test_triton_gn_on_the_cpu_is_named_unless_interpreted(tiny_shapes_root, tmp_path, monkeypatch):
+    assert checked_config(tmp_path / "out", [], ["MODEL.GN.IMPL", "triton"])  # the tests run the interpreter
+    monkeypatch.setattr(triton_group_norm, "INTERPRETED", False)
+    with pytest.raises(ValueError, match="MODEL.GN.IMPL triton runs its kernels on CUDA, but MODEL.DEVICE is cpu"):
+        checked_config(tmp_path / "out", [], ["MODEL.GN.IMPL", "triton"])
 
 
 def test_a_config_file_that_is_not_yaml_is_named(tmp_path):

@@ -15,12 +15,15 @@ import urllib.parse
 import torch
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator
+from detectron2.modeling import build_model
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from gn_detection.config import load_config
 from gn_detection.checkpoint import AtomicCheckpointer
 from gn_detection.datasets import check_dataset_files
+from gn_detection.download import DownloadError
+from gn_detection import model_zoo
 from gn_detection.visualize import draw_predictions, plot_loss_curve
 
 
@@ -54,14 +57,15 @@ def checked_config(args):
             f"MODEL.DEVICE is '{cfg.MODEL.DEVICE}' but no CUDA GPU is visible; add `MODEL.DEVICE cpu` to the "
             "command line to run on the CPU."
         )
+    if cfg.MODEL.GN.IMPL == "triton" and not cfg.MODEL.DEVICE.startswith("cuda") and not _triton_interpreted():
+        raise ValueError(f"MODEL.GN.IMPL triton runs its kernels on CUDA, but MODEL.DEVICE is {cfg.MODEL.DEVICE} "
+                         "(on the CPU only under TRITON_INTERPRET=1, for tests); set MODEL.GN.IMPL auto")
+    check_model_builds(cfg, args.config_file)
     check_dataset_files(cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN + cfg.DATASETS.TEST)
     resuming = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
-    weights = cfg.MODEL.WEIGHTS
-    local_file = urllib.parse.urlparse(weights)._replace(query="").geturl()  # Detectron2 drops a ?query
-    if not resuming and weights and "://" not in weights and not os.path.isfile(local_file):
-        raise FileNotFoundError(f"MODEL.WEIGHTS {weights} does not exist; give a checkpoint file, a URL or a "
-                                "gn-zoo:// name (tools/model_zoo.py list)")
-    if args.eval_only and not resuming and not weights:
+    if not resuming:
+        check_weights(cfg.MODEL.WEIGHTS)
+    if args.eval_only and not resuming and not cfg.MODEL.WEIGHTS:
         raise ValueError("--eval-only needs MODEL.WEIGHTS (a checkpoint file, URL or gn-zoo:// name), or --resume "
                          f"with a checkpoint in OUTPUT_DIR {cfg.OUTPUT_DIR}; it would evaluate a random model")
     world_size, reference = args.num_gpus * args.num_machines, cfg.SOLVER.REFERENCE_WORLD_SIZE
@@ -77,6 +81,49 @@ def checked_config(args):
             f"give a multiple of {reference}, or SOLVER.REFERENCE_WORLD_SIZE 0 to use them as given"
         )
     return cfg
+
+
+def _triton_interpreted() -> bool:
+    from gn_detection.triton_group_norm import INTERPRETED  # imports Triton: only when a config asks for it
+
+    return INTERPRETED
+
+
+def check_model_builds(cfg, config_file: str) -> None:
+    """Build the model on PyTorch's meta device (no memory, no initialization: a fraction of a second), so that
+    settings it cannot be built from (a group count that does not divide a layer's channels, an unregistered
+    component name) are named before any work starts.
+
+    Raises:
+        ValueError: with the builder's message.
+    """
+    meta = cfg.clone()
+    meta.defrost()
+    meta.MODEL.DEVICE = "meta"
+    try:
+        with torch.device("meta"):
+            build_model(meta)
+    except (ValueError, KeyError, AssertionError) as e:
+        reason = e.args[0] if e.args else type(e).__name__  # a KeyError's str() is its message quoted
+        raise ValueError(f"{config_file} and the overrides give a model that cannot be built: {reason}") from e
+
+
+def check_weights(weights: str) -> None:
+    """That ``MODEL.WEIGHTS`` names something to load: an existing file, a URL, or a ``gn-zoo://`` entry with
+    a file.
+
+    Raises:
+        FileNotFoundError, ValueError: naming the value and what to give instead.
+    """
+    if weights.startswith(model_zoo.SCHEME):
+        try:
+            model_zoo.downloadable(weights)
+        except (KeyError, DownloadError) as e:
+            raise ValueError(f"MODEL.WEIGHTS {weights}: {e.args[0]}") from e
+    local_file = urllib.parse.urlparse(weights)._replace(query="").geturl()  # Detectron2 drops a ?query
+    if weights and "://" not in weights and not os.path.isfile(local_file):
+        raise FileNotFoundError(f"MODEL.WEIGHTS {weights} does not exist; give a checkpoint file, a URL or a "
+                                "gn-zoo:// name (tools/model_zoo.py list)")
 
 
 def setup(cfg, args) -> None:
