@@ -10,16 +10,16 @@ PARTIAL = ".partial"  # suffix of a file still being written; never read as the 
 @contextmanager
 def replaced_atomically(path: str) -> Iterator[str]:
     """Yield the temporary path (``path + PARTIAL``) to write ``path``'s new content to: renamed over ``path``
-    when the block ends, removed if it raises. Creates ``path``'s folder if needed."""
+    when the block ends, removed if it or the rename raises. Creates ``path``'s folder if needed."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     partial = path + PARTIAL
     try:
         yield partial
-    except BaseException:
+        replace_durably(partial, path)
+    except BaseException:  # the block failed, or the rename did (``path`` is a folder, say): leave no partial
         if os.path.exists(partial):
             os.remove(partial)
         raise
-    replace_durably(partial, path)
 
 
 def write_atomically(path: str, text: str) -> None:

@@ -19,6 +19,14 @@ def test_a_write_that_fails_leaves_the_previous_file_and_no_partial_one(tmp_path
     assert open(path).read() == "second" and not os.path.exists(path + PARTIAL)
 
 
+def test_a_rename_that_fails_leaves_no_partial_file(tmp_path):
+    target = tmp_path / "results.json"
+    target.mkdir()  # a folder where the file should go: the write succeeds, the rename cannot
+    with pytest.raises(IsADirectoryError):
+        write_atomically(str(target), "{}")
+    assert os.listdir(tmp_path) == ["results.json"] and target.is_dir()
+
+
 def test_a_picture_that_fails_to_save_leaves_the_previous_one(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
