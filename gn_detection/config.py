@@ -49,7 +49,7 @@ def load_config(config_file: str, opts: Sequence = ()) -> CN:
 
     Raises:
         FileNotFoundError: if ``config_file`` does not exist.
-        ValueError: naming the file or key at fault, for a file that is not YAML, an unknown key, an odd-length
+        ValueError: naming the file or key at fault, for a file that is not a YAML mapping, an unknown key, an odd-length
             ``opts``, an invalid ``MODEL.GN`` or ``TEST.VIS_NUM_IMAGES`` value, and settings that would be ignored
             (CUDA graphs or channels last for a backbone that has neither, a group count for Res5ROIHeads' res5).
     """
@@ -65,6 +65,9 @@ def load_config(config_file: str, opts: Sequence = ()) -> CN:
                          "(README.md lists those)") from e
     except yaml.YAMLError as e:
         raise ValueError(f"{config_file}: not valid YAML: {e}") from e
+    except (TypeError, AttributeError) as e:  # the file (or a _BASE_ it names) is empty, a list or a plain value
+        raise ValueError(f"{config_file}: a config must be a YAML mapping of KEY: value (e.g. MODEL: {{GN: ...}}), "
+                         f"and this file or a _BASE_ it names is not ({e})") from e
     try:
         cfg.merge_from_list(list(opts))
     except AssertionError as e:

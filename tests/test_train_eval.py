@@ -189,6 +189,18 @@ def test_a_config_file_that_is_not_yaml_is_named(tmp_path):
         load_config(str(config))
 
 
+@pytest.mark.parametrize("text", ["", "just a string\n", "- MODEL\n- GN\n"])
+def test_a_config_file_that_holds_no_mapping_is_named(text, tmp_path):
+    config = tmp_path / "empty.yaml"
+    config.write_text(text)
+    with pytest.raises(ValueError, match=f"{config}: a config must be a YAML mapping"):
+        load_config(str(config))
+    child = tmp_path / "child.yaml"  # the same through _BASE_
+    child.write_text("_BASE_: empty.yaml\nMODEL:\n  GN:\n    NUM_GROUPS: 16\n")
+    with pytest.raises(ValueError, match=f"{child}: a config must be a YAML mapping.* a _BASE_ it names"):
+        load_config(str(child))
+
+
 def test_no_config_file_names_the_flag():
     with pytest.raises(FileNotFoundError, match="^--config-file: no such config file"):
         load_config("")
