@@ -19,6 +19,7 @@ import fcntl
 import hashlib
 import http.client
 import logging
+import math
 import os
 import socket
 import ssl
@@ -102,9 +103,10 @@ class RetryPolicy:
 
         policy = cls(number("GN_DETECTION_RETRIES", cls.attempts, int), number("GN_DETECTION_TIMEOUT", cls.timeout),
                      number("GN_DETECTION_BACKOFF", cls.backoff))
-        if policy.attempts < 1 or policy.timeout <= 0 or policy.backoff < 0:
-            raise ValueError(f"GN_DETECTION_RETRIES must be >= 1, GN_DETECTION_TIMEOUT > 0 and GN_DETECTION_BACKOFF "
-                             f">= 0; got {policy.attempts}, {policy.timeout:g} and {policy.backoff:g}")
+        if policy.attempts < 1 or not 0 < policy.timeout < math.inf or not 0 <= policy.backoff < math.inf:  # nan too
+            raise ValueError(f"GN_DETECTION_RETRIES must be >= 1, GN_DETECTION_TIMEOUT a finite number > 0 and "
+                             f"GN_DETECTION_BACKOFF a finite number >= 0; got {policy.attempts}, {policy.timeout:g} "
+                             f"and {policy.backoff:g}")
         return policy
 
 
@@ -137,9 +139,10 @@ def download(url: str, checksums: Checksums = Checksums(), retry: Optional[Retry
     dest = cache_path(url)
     if os.path.isfile(dest):  # only verified files get this name: no network, no lock, read-only caches work
         return dest
+    if os.path.isdir(dest):  # the download could never be renamed into place
+        raise DownloadError(f"cannot cache {url}: {dest} is a folder; remove it or point {ENV_CACHE} elsewhere.")
     retry = retry or RetryPolicy.from_env()
-    url = mirrored(url)
-    _check_url(url)
+    url = checked_source(url)
     try:
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         lock = open(dest + ".lock", "w")
@@ -167,7 +170,11 @@ def _verify(url: str, dest: str, checksums: Checksums) -> None:
 
 
 def _check_url(url: str) -> None:
-    parsed = urllib.parse.urlparse(url)
+    try:
+        parsed = urllib.parse.urlparse(url)
+        parsed.port  # reading it raises ValueError for a port that is not a number in range
+    except ValueError as e:
+        raise DownloadError(f"cannot download {url}: {e} (check {ENV_MIRROR}).") from e
     if parsed.scheme == "http" and os.environ.get(ENV_ALLOW_HTTP) != "1":
         raise DownloadError(f"refusing to download {url} over plain HTTP (it could be altered in transit); "
                             f"use an https:// mirror or set {ENV_ALLOW_HTTP}=1 to allow it.")
@@ -330,10 +337,19 @@ def _total_size(response: http.client.HTTPResponse, have: int) -> Optional[int]:
     return int(length) + have if length and length.isdigit() else None
 
 
-def remote_size(url: str, timeout: float = 10.0) -> Optional[int]:
-    """The size the server reports for ``url`` (mirrored) in a HEAD request; None if it does not say."""
+def checked_source(url: str) -> str:
+    """``url`` as it will be downloaded (mirrored); :class:`DownloadError` naming :data:`ENV_MIRROR` if it cannot be
+    (plain HTTP without the opt-in, another scheme, no host, a malformed host or port)."""
     url = mirrored(url)
     _check_url(url)
+    return url
+
+
+def remote_size(url: str, timeout: Optional[float] = None) -> Optional[int]:
+    """The size the server reports for ``url`` (mirrored) in a HEAD request, waiting ``timeout`` seconds (default
+    GN_DETECTION_TIMEOUT's) for an answer; None if it does not say."""
+    url = checked_source(url)
+    timeout = RetryPolicy.from_env().timeout if timeout is None else timeout
     with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout) as response:
         length = response.headers.get("Content-Length")
     return int(length) if length and length.isdigit() else None

@@ -389,8 +389,18 @@ def test_a_cached_file_needs_no_lock_and_an_unwritable_cache_is_named(server):
         download(other, progress=False)
 
 
+def test_a_folder_at_the_cache_path_is_named_before_downloading(server):
+    serve(server, URL, BODY)
+    os.makedirs(cache_path(URL))
+    with pytest.raises(DownloadError, match=f"{cache_path(URL)} is a folder; remove it or point GN_DETECTION_CACHE"):
+        download(URL, progress=False)
+    assert server.requests == []
+
+
 @pytest.mark.parametrize("mirror, message", [("https://", "names no host"), ("ftp://127.0.0.1", "only https://"),
-                                             ("https://127.0.0.1:port", "nonnumeric port")])
+                                             ("https://127.0.0.1:port", "Port could not be cast"),
+                                             ("https://127.0.0.1:99999", "Port out of range"),
+                                             ("https://[::1", "Invalid IPv6 URL")])
 def test_malformed_mirrors_fail_at_once(server, monkeypatch, mirror, message):
     monkeypatch.setenv("GN_DETECTION_MIRROR", mirror)
     monkeypatch.setenv("GN_DETECTION_BACKOFF", "5")  # a retry would make this test slow
@@ -398,7 +408,9 @@ def test_malformed_mirrors_fail_at_once(server, monkeypatch, mirror, message):
         download(URL, progress=False)
 
 
-@pytest.mark.parametrize("variable, value", [("GN_DETECTION_RETRIES", "0"), ("GN_DETECTION_TIMEOUT", "0")])
+@pytest.mark.parametrize("variable, value", [("GN_DETECTION_RETRIES", "0"), ("GN_DETECTION_TIMEOUT", "0"),
+                                             ("GN_DETECTION_TIMEOUT", "inf"), ("GN_DETECTION_TIMEOUT", "nan"),
+                                             ("GN_DETECTION_BACKOFF", "nan"), ("GN_DETECTION_BACKOFF", "-1")])
 def test_out_of_range_settings_are_named(server, monkeypatch, variable, value):
     monkeypatch.setenv(variable, value)
     with pytest.raises(ValueError, match=variable):
@@ -422,6 +434,22 @@ def test_every_entry_has_a_config(entry):
     cfg = model_zoo.get_config(entry.name)
     assert cfg.MODEL.WEIGHTS == f"gn-zoo://{entry.name}"
     assert cfg.MODEL.RESNETS.NORM == "GN" and cfg.MODEL.FPN.NORM == "GN"
+
+
+def test_remote_sizes_wait_as_long_as_downloads_do_and_a_bad_mirror_is_named_once(server, monkeypatch):
+    slow = model_zoo.lookup("Detectron/e2e_mask_rcnn_R-50-FPN_2x_gn")
+    serve(server, slow.url, BODY, SLOW)  # answers after 2 s; GN_DETECTION_TIMEOUT is 1
+    listing = run_tool(["tools/model_zoo.py", "list", "--remote"], {})
+    assert listing.returncode == 0, listing.stderr
+    assert "timed out" in next(line for line in listing.stdout.splitlines() if line.startswith(slow.name))
+    assert "Asking the server for the size of 9 files" in listing.stderr
+    for mirror, message in (("https://[::1", "Invalid IPv6 URL (check GN_DETECTION_MIRROR)"),
+                            ("http://127.0.0.1:1", "over plain HTTP")):
+        monkeypatch.setenv("GN_DETECTION_MIRROR", mirror)
+        monkeypatch.delenv("GN_DETECTION_ALLOW_HTTP", raising=False)
+        refused = run_tool(["tools/model_zoo.py", "list", "--remote"], {})
+        assert refused.returncode == 1 and refused.stdout == ""
+        assert refused.stderr.count(message) == 1 and "Traceback" not in refused.stderr
 
 
 def test_unknown_and_results_only_names_are_clear():
@@ -449,6 +477,9 @@ def test_command_line_list_and_download(server):
     assert "42.3" in row and "37.2" in row and "293.0 KiB (cached)" in row
     remote = run_tool(["tools/model_zoo.py", "list", "--remote"], env).stdout.splitlines()
     assert "2.0 KiB" in next(line for line in remote if line.startswith(not_cached.name))
+
+    results_only = next(line for line in remote if line.startswith("Detectron/scratch_e2e_mask_rcnn_R-50-FPN_3x_gn"))
+    assert "- (no file)" in results_only and "Detectron (Caffe2)" not in results_only
 
     unknown = run_tool(["tools/model_zoo.py", "download", "Detectron/nothing"], env)
     assert unknown.returncode == 1 and "not in the GN model zoo" in unknown.stderr

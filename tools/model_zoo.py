@@ -9,15 +9,17 @@ $GN_DETECTION_MIRROR replaces https://dl.fbaipublicfiles.com. Exit status 1 with
 or download fails.
 """
 import argparse
+import http.client
 import os
 import sys
 import urllib.error
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 from tabulate import tabulate
 
 from gn_detection import model_zoo
-from gn_detection.download import DownloadError, cache_path, remote_size
+from gn_detection.download import DownloadError, cache_path, checked_source, remote_size
 
 
 def human_size(size: Optional[int]) -> str:
@@ -40,16 +42,26 @@ def model_size(model: model_zoo.ZooModel, remote: bool) -> str:
         return "not cached"
     try:
         return human_size(remote_size(model.url))
-    except (urllib.error.URLError, OSError, DownloadError) as e:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         return f"? ({getattr(e, 'reason', e)})"
 
 
 def list_models(remote: bool) -> None:
+    """Print the catalog; with ``remote``, ask the server (all at once) for the size of files not cached. A source
+    that cannot be asked (GN_DETECTION_MIRROR malformed or plain HTTP) is a DownloadError, raised before asking."""
     def ap(value):
         return "-" if value is None else f"{value:.1f}"
 
-    rows = [[m.name, m.file_format, ap(m.box_ap), ap(m.mask_ap), model_size(m, remote), m.config, m.note]
-            for m in model_zoo.catalog()]
+    models = model_zoo.catalog()
+    if remote:
+        for model in models:
+            if model.url:
+                checked_source(model.url)  # one message for all rows: they share the mirror
+        print(f"Asking the server for the size of {sum(bool(m.url) for m in models)} files ...", file=sys.stderr)
+    with ThreadPoolExecutor(max_workers=8) as pool:  # HEAD requests wait on the network, not the CPU
+        sizes = list(pool.map(lambda m: model_size(m, remote), models))
+    rows = [[m.name, m.file_format if m.url else "- (no file)", ap(m.box_ap), ap(m.mask_ap), size, m.config, m.note]
+            for m, size in zip(models, sizes)]
     print(tabulate(rows, headers=["name", "format", "box AP", "mask AP", "size", "config", "note"]))
 
 
