@@ -35,30 +35,39 @@ from torch.profiler import ProfilerActivity
 
 from .atomic_write import write_atomically
 from .config import load_config
+from .datasets import check_dataset_files
 from .host_work import COUNTED_PARTS, counting_host_work
 
 logger = logging.getLogger(__name__)
 PRECISIONS = {"fp32": None, "amp_fp16": torch.float16, "amp_bf16": torch.bfloat16}
 REFERENCE_VARIANT = "detectron2_gn"
 _POLYGON_VERTICES = 32  # per synthetic mask; COCO's polygons have a few dozen
+PROGRESS_EVERY_S = 30.0  # how often a long measurement logs how far it is
 
 
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU runs bf16 convolutions through oneDNN (AVX512-BF16 or AMX). Without it they take a
-    reference path: a 256-channel 3x3 convolution on 2x64x64 took 16 s in bf16 against 0.07 s in fp32 on an
-    AVX2-only 2-core VM."""
-    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+# The oneDNN probe that says whether this CPU convolves in a half precision natively (AVX512-BF16/AMX, AVX512-FP16).
+_CPU_HALF_PROBES = {"amp_bf16": "_is_mkldnn_bf16_supported", "amp_fp16": "_is_mkldnn_fp16_supported"}
+
+
+def cpu_has_fast(precision: str) -> bool:
+    """Whether this CPU runs ``precision``'s (amp_bf16 or amp_fp16) convolutions through oneDNN. Without it they
+    take a reference path: a 256-channel 3x3 convolution on 2x256x64x64 took 18 s in bf16 and 20 s in fp16
+    against 0.23 s in fp32 on an AVX2-only 2-core VM."""
+    probe = getattr(torch.ops.mkldnn, _CPU_HALF_PROBES[precision], None)
     return bool(probe is not None and probe())
 
 
 def slow_precision_warning(device: str, precisions: Sequence[str]) -> Optional[str]:
-    """A warning, before any measurement, when ``amp_bf16`` is asked of a CPU without fast bf16
-    convolutions (see :func:`cpu_has_fast_bf16`); else None."""
-    if device.split(":")[0] == "cpu" and "amp_bf16" in precisions and not cpu_has_fast_bf16():
-        return ("--precision amp_bf16 on this CPU: its convolutions have no fast bf16 path (no AVX512-BF16/AMX "
-                "in oneDNN), so the bf16 cells will take far longer than fp32 ones (one 3x3 convolution: 16 s against "
-                "0.07 s on an AVX2 VM); drop amp_bf16 or use a GPU")
-    return None
+    """A warning, before any measurement, when an AMP precision is asked of a CPU without fast convolutions in
+    it (see :func:`cpu_has_fast`); else None."""
+    if device.split(":")[0] != "cpu":
+        return None
+    slow = [p for p in precisions if p in _CPU_HALF_PROBES and not cpu_has_fast(p)]
+    if not slow:
+        return None
+    return (f"--precision {' '.join(slow)} on this CPU: its convolutions have no fast path in that precision "
+            "(no AVX512-BF16/FP16 or AMX in oneDNN), so those cells take far longer than fp32 ones (one 3x3 "
+            "convolution: about 20 s against 0.23 s on an AVX2 VM); drop them or use a GPU")
 
 
 @dataclass(frozen=True)
@@ -148,9 +157,11 @@ def synthetic_batch(count: int, height: int, width: int, boxes: int, num_classes
 
 
 def dataset_batch(cfg: CfgNode, dataset: str, count: int) -> List[dict]:
-    """The first ``count`` images of a registered dataset through Detectron2's training mapper."""
+    """The first ``count`` images of a registered dataset through Detectron2's training mapper. Raises ValueError
+    for a name no one registered and FileNotFoundError, naming the path, for files it lacks."""
     if dataset not in DatasetCatalog.list():
         raise ValueError(f"Dataset {dataset!r} is not registered; registered: {', '.join(DatasetCatalog.list())}")
+    check_dataset_files([dataset])
     dicts = DatasetCatalog.get(dataset)
     if len(dicts) < count:
         raise ValueError(f"Dataset {dataset!r} has {len(dicts)} images; the benchmark needs {count}")
@@ -168,19 +179,32 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(step: Callable[[], object], device: str, warmup: int, iters: int, calls: int = 1) -> float:
+def median_seconds(step: Callable[[], object], device: str, warmup: int, iters: int, calls: int = 1,
+                   label: str = "") -> float:
     """Median wall time per call of ``step`` over ``iters`` samples of ``calls`` calls each, after ``warmup``
-    calls, device-synchronized around each sample (``calls`` > 1 keeps the sync out of short ops' times)."""
-    for _ in range(warmup):
+    calls, device-synchronized around each sample (``calls`` > 1 keeps the sync out of short ops' times). With
+    ``label``, logs how far it is every :data:`PROGRESS_EVERY_S` seconds: on a CPU one cell can take minutes."""
+    last_log = time.perf_counter()
+
+    def progress(phase: str, done: int, total: int, times: Sequence[float] = ()) -> None:
+        nonlocal last_log
+        if label and time.perf_counter() - last_log >= PROGRESS_EVERY_S:
+            so_far = f", median so far {statistics.median(times):.3g} s" if times else ""
+            logger.info("%s: %s %d/%d%s", label, phase, done, total, so_far)
+            last_log = time.perf_counter()
+
+    for done in range(warmup):
         step()
+        progress("warm-up", done + 1, warmup)
     times = []
-    for _ in range(iters):
+    for done in range(iters):
         synchronize(device)
         start = time.perf_counter()
         for _ in range(calls):
             step()
         synchronize(device)
         times.append((time.perf_counter() - start) / calls)
+        progress("timed", done + 1, iters, times)
     return statistics.median(times)
 
 
@@ -277,9 +301,10 @@ def training_setup(cfg: CfgNode, batch: List[dict], precision: str):
 
 
 def measure_training(cfg: CfgNode, batch: List[dict], precision: str, warmup: int, iters: int,
-                     profile_path: str = "") -> Cell:
+                     profile_path: str = "", label: str = "") -> Cell:
     """Training images/s and peak memory for one batch size; losses that are not finite are counted. With
-    ``profile_path``, :func:`write_profile` profiles a few more steps there."""
+    ``profile_path``, :func:`write_profile` profiles a few more steps there; ``label`` names the progress logged
+    (:func:`median_seconds`)."""
     device = cfg.MODEL.DEVICE
     model, optimizer, dtype, scaler = training_setup(cfg, batch, precision)
     cell = Cell("", precision, len(batch))
@@ -290,7 +315,7 @@ def measure_training(cfg: CfgNode, batch: List[dict], precision: str, warmup: in
 
     with EventStorage():
         with PeakMemory(device) as peak:
-            seconds = median_seconds(step, device, warmup, iters)
+            seconds = median_seconds(step, device, warmup, iters, label=label)
         cell.train_images_per_s = len(batch) / seconds
         cell.peak_memory_gb = peak.bytes / 1e9
         cell.peak_reserved_gb = None if peak.reserved_bytes is None else peak.reserved_bytes / 1e9
@@ -329,7 +354,7 @@ def host_work_table(rows: List[dict]) -> str:
 
 
 def measure_inference(cfg: CfgNode, image: dict, precision: str, warmup: int, iters: int,
-                      profile_path: str = "") -> Tuple[float, int]:
+                      profile_path: str = "", label: str = "") -> Tuple[float, int]:
     """Seconds per image, one image per call as Detectron2's evaluation runs it, and the number of
     detections the model returns for it (the mask head's RoIs); ``profile_path`` as in
     :func:`measure_training`."""
@@ -346,7 +371,7 @@ def measure_inference(cfg: CfgNode, image: dict, precision: str, warmup: int, it
                                                     enabled=dtype is not None):
             detections[:] = [len(model(inputs)[0]["instances"])]
 
-    seconds = median_seconds(step, device, warmup, iters)
+    seconds = median_seconds(step, device, warmup, iters, label=label)
     if profile_path:
         write_profile(profile_path, step, device)
     return seconds, detections[0]

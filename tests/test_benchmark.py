@@ -107,10 +107,32 @@ def test_repeated_passes_rotate_the_variants_and_give_each_ratio_its_median_and_
     assert "Over 2 passes:" in result.stdout and "| ours | fp32 | 1 | 2 |" in result.stdout
 
 
-def test_zero_repeats_are_refused(capsys):
-    with pytest.raises(SystemExit):
-        load_tool("benchmark").parse_args(["--device", "cpu", "--repeats", "0"])
-    assert "--repeats must be >= 1" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--repeats", "0"], "--repeats must be >= 1"),
+        (["--device", "tpu0"], "--device 'tpu0' is not a device"),
+        (["--device", "meta"], "--device meta: the benchmark runs on cpu or cuda"),
+        (["--input-size", "0", "64"], "--input-size H W and --boxes must be >= 1"),
+        (["--boxes", "-1"], "--boxes must be >= 1, got [800, 1216] and -1"),
+        (["--task", "op", "--op-groups", "0"], "--op-groups 0 (>= 1)"),
+        (["--task", "op", "--op-shape", "2", "0", "4"], "positive N C"),
+        (["--skip", "train", "inference"], "leaves nothing to measure"),
+        (["--variants", "ours", "frozen_bn", "ours"], "--variants names ours more than once"),
+        (["--output", ""], "--output '': give a file name"),
+        (["--output", "{tmp}"], "give a file name for the JSON results"),
+        (["--output", "{tmp}/run.png"], "the JSON cannot be a .png; give e.g. {tmp}/run.json"),
+        (["--output", "{tmp}/a_file/run.json"], "cannot write in {tmp}/a_file"),
+    ],
+)
+def test_bad_requests_are_refused_before_any_work(args, message, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    args = [arg.format(tmp=tmp_path) for arg in args]
+    output = [] if "--output" in args else ["--output", str(tmp_path / "b.json")]
+    with pytest.raises(SystemExit) as exit_:
+        load_tool("benchmark").parse_args(["--device", "cpu", *output, *args])
+    assert exit_.value.code == 2 and message.format(tmp=tmp_path) in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
 def test_summary_over_passes_leaves_failed_cells_out_of_the_statistics():
@@ -220,20 +242,28 @@ def test_cli_rejects_bad_requests_naming_what_is_wrong(args, message, tmp_path):
     assert not (tmp_path / "b.json").exists()
 
 
-def test_amp_bf16_on_a_cpu_without_fast_bf16_convolutions_is_warned_about(monkeypatch, tmp_path):
-    monkeypatch.setattr(bench, "cpu_has_fast_bf16", lambda: False)
-    assert "--precision amp_bf16" in bench.slow_precision_warning("cpu", ["fp32", "amp_bf16"])
-    assert "--precision amp_bf16" in bench.slow_precision_warning("cpu:0", ["amp_bf16"])
-    assert bench.slow_precision_warning("cpu", ["fp32", "amp_fp16"]) is None
-    assert bench.slow_precision_warning("cuda", ["amp_bf16"]) is None
-    monkeypatch.setattr(bench, "cpu_has_fast_bf16", lambda: True)
+def test_amp_on_a_cpu_without_fast_half_convolutions_is_warned_about(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "cpu_has_fast", lambda precision: False)
+    assert "--precision amp_bf16 on this CPU" in bench.slow_precision_warning("cpu", ["fp32", "amp_bf16"])
+    assert "--precision amp_fp16 amp_bf16 on" in bench.slow_precision_warning("cpu:0", ["amp_fp16", "amp_bf16"])
+    assert bench.slow_precision_warning("cpu", ["fp32"]) is None
+    assert bench.slow_precision_warning("cuda", ["amp_bf16", "amp_fp16"]) is None
+    monkeypatch.setattr(bench, "cpu_has_fast", lambda precision: precision == "amp_bf16")
     assert bench.slow_precision_warning("cpu", ["amp_bf16"]) is None
+    assert "--precision amp_fp16 on" in bench.slow_precision_warning("cpu", ["amp_bf16", "amp_fp16"])
     # the CLI says it before anything else (here the unknown variant stops it at once)
-    result = run_tool(["tools/benchmark.py", "--device", "cpu", "--precision", "amp_bf16", "--variants", "resnet",
+    result = run_tool(["tools/benchmark.py", "--device", "cpu", "--precision", "amp_fp16", "--variants", "resnet",
                        "--output", str(tmp_path / "b.json")], {}, timeout=120)
     assert result.returncode == 2
     monkeypatch.undo()
-    assert ("no fast bf16 path" in result.stdout + result.stderr) == (not bench.cpu_has_fast_bf16())
+    assert ("no fast path" in result.stdout + result.stderr) == (not bench.cpu_has_fast("amp_fp16"))
+
+
+def test_the_default_precisions_leave_cpu_autocast_out(tmp_path):
+    parse = load_tool("benchmark").parse_args
+    output = ["--output", str(tmp_path / "b.json")]
+    assert parse(["--device", "cpu", *output]).precision == ["fp32"]
+    assert parse(["--device", "cpu", "--precision", "amp_fp16", *output]).precision == ["amp_fp16"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
@@ -261,6 +291,46 @@ def test_op_task_times_eager_and_our_layer(tmp_path):
     assert report["shape"] == [2, 16, 24, 24]
     for name in ("torch_eager", "ours"):
         assert report["results"][name]["ms"] > 0 and f"| {name} |" in result.stdout
+
+
+def test_the_workload_is_told_and_a_long_cpu_run_is_warned_about(tmp_path):
+    tool = load_tool("benchmark")
+    args = tool.parse_args(["--device", "cpu", "--output", str(tmp_path / "b.json")])  # the defaults
+    assert tool.workload(args, 3) == ("3 variant(s) x 1 precision(s) x 4 batch size(s) x 1 pass(es): 480 training "
+                                      "steps of 1800 images and 120 inference calls, warm-up included")
+    assert tool.cpu_time_warning(args, 3).startswith("on a CPU this is about 2.8 h of training steps alone")
+    assert tool.cpu_time_warning(argparse.Namespace(**{**vars(args), "device": "cuda"}), 3) is None
+    args = tool.parse_args(["--device", "cpu", "--output", str(tmp_path / "b.json"), "--skip", "train"])
+    assert tool.workload(args, 3).endswith("0 training steps of 0 images and 120 inference calls, warm-up included")
+    assert tool.cpu_time_warning(args, 3) is None
+    args = tool.parse_args(["--device", "cpu", "--output", str(tmp_path / "b.json"), "--images-per-gpu", "2",
+                            "--input-size", "320", "480", "--warmup", "1", "--iters", "3"])  # what it suggests
+    assert tool.cpu_time_warning(args, 3) is None
+
+
+def test_long_measurements_log_how_far_they_are(monkeypatch, caplog):
+    caplog.set_level("INFO", logger=bench.logger.name)
+    monkeypatch.setattr(bench, "PROGRESS_EVERY_S", 0.0)
+    bench.median_seconds(lambda: None, "cpu", warmup=2, iters=3, label="ours fp32 2 img training")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[:2] == ["ours fp32 2 img training: warm-up 1/2", "ours fp32 2 img training: warm-up 2/2"]
+    assert lines[2].startswith("ours fp32 2 img training: timed 1/3, median so far ")
+    assert len(lines) == 5 and lines[-1].startswith("ours fp32 2 img training: timed 3/3")
+    caplog.clear()
+    bench.median_seconds(lambda: None, "cpu", warmup=2, iters=3)  # no label, no progress
+    monkeypatch.setattr(bench, "PROGRESS_EVERY_S", 60.0)
+    bench.median_seconds(lambda: None, "cpu", warmup=2, iters=3, label="quick")  # done before the first report
+    assert not caplog.records
+
+
+def test_a_dataset_without_its_files_is_named_before_any_measurement(tmp_path):
+    empty_root = tmp_path / "datasets"
+    empty_root.mkdir()
+    result = run_tool(["tools/benchmark.py", "--device", "cpu", "--dataset", "shapes_train", "--output",
+                       str(tmp_path / "b.json")], {"DETECTRON2_DATASETS": str(empty_root)}, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"Dataset 'shapes_train': its annotation file {empty_root}/shapes/annotations" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "b.json").exists()
 
 
 def test_training_measurement_on_a_registered_dataset_under_cpu_autocast(tiny_shapes_root, tmp_path, monkeypatch,

@@ -31,6 +31,7 @@ import re
 import sys
 import tempfile
 import time
+from typing import Optional
 
 import torch
 from detectron2.engine import default_argument_parser
@@ -44,6 +45,7 @@ from gn_detection.visualize import plot_benchmark
 
 DEFAULT_OURS = os.path.join(CONFIG_DIR, "mask_rcnn_R50_FPN_gn.yaml")
 OP_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CPU_S_PER_TRAINING_IMAGE = 5.5  # R50-FPN GN, 800x1216, fp32, 2-core EPYC VM (2026-12-01, with model building)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,7 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="built-in variants (ours, ours_stock_gn, detectron2_gn, frozen_bn), each optionally "
                              "NAME:KEY=VALUE,... with overrides")
     parser.add_argument("--images-per-gpu", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--precision", nargs="+", choices=list(bench.PRECISIONS), default=["fp32", "amp_fp16"])
+    parser.add_argument("--precision", nargs="+", choices=list(bench.PRECISIONS),
+                        help="default fp32 amp_fp16 on CUDA, fp32 on the CPU (CPU autocast is far slower)")
     parser.add_argument("--skip", nargs="*", choices=("train", "inference"), default=[],
                         help="leave out training or inference measurements")
     parser.add_argument("--input-size", type=int, nargs=2, default=[800, 1216], metavar=("H", "W"))
@@ -79,23 +82,69 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--op-dtype", choices=list(OP_DTYPES), default="fp16")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of GN+ReLU (op task)")
     args = parser.parse_args(argv)
-    if args.num_gpus != 1 or args.num_machines != 1:
-        parser.error("the benchmark measures one device per process: use --num-gpus 1 (images per GPU is "
-                     "--images-per-gpu)")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device} but no CUDA GPU is visible; use --device cpu")
-    if min(args.images_per_gpu) < 1 or args.iters < 1 or args.repeats < 1 or args.warmup < 0:
-        parser.error("--images-per-gpu, --iters and --repeats must be >= 1 and --warmup >= 0")
-    if len(args.op_shape) < 2 or args.op_shape[1] % args.op_groups:
-        parser.error(f"--op-shape needs N C [spatial...] with C divisible by --op-groups {args.op_groups}, "
-                     f"got {args.op_shape}")
-    if args.profile:
-        try:
-            os.makedirs(args.profile, exist_ok=True)
-            tempfile.TemporaryFile(dir=args.profile).close()
-        except OSError as e:
-            parser.error(f"--profile {args.profile}: cannot write there ({e.strerror}); give a writable folder")
+    if args.precision is None:
+        args.precision = ["fp32", "amp_fp16"] if args.device.startswith("cuda") else ["fp32"]
+    problem = request_problem(args)
+    if problem:
+        parser.error(problem)
     return args
+
+
+def request_problem(args: argparse.Namespace) -> Optional[str]:
+    """What is wrong with the command line's request, naming the flag, or None: checked before any model is built,
+    so a mistake never costs a measurement."""
+    if args.num_gpus != 1 or args.num_machines != 1:
+        return "the benchmark measures one device per process: use --num-gpus 1 (images per GPU is --images-per-gpu)"
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        return f"--device {args.device!r} is not a device; give cpu, cuda or cuda:N"
+    if device.type not in ("cpu", "cuda"):
+        return f"--device {args.device}: the benchmark runs on cpu or cuda[:N]"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {args.device} but no CUDA GPU is visible; use --device cpu"
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        return f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+    if min(args.images_per_gpu) < 1 or args.iters < 1 or args.repeats < 1 or args.warmup < 0:
+        return "--images-per-gpu, --iters and --repeats must be >= 1 and --warmup >= 0"
+    if min(args.input_size) < 1 or args.boxes < 1:
+        return f"--input-size H W and --boxes must be >= 1, got {args.input_size} and {args.boxes}"
+    if args.op_groups < 1 or len(args.op_shape) < 2 or min(args.op_shape) < 1 or args.op_shape[1] % args.op_groups:
+        return (f"--op-shape needs positive N C [spatial...] with C divisible by --op-groups {args.op_groups} (>= 1), "
+                f"got {args.op_shape}")
+    if args.task == "model" and set(args.skip) == {"train", "inference"}:
+        return "--skip train inference leaves nothing to measure; skip one of them"
+    repeated = sorted({spec for spec in args.variants if args.variants.count(spec) > 1})
+    if repeated:
+        return f"--variants names {', '.join(repeated)} more than once; each variant is measured once per pass"
+    if args.profile and (why := not_writable(args.profile)):
+        return f"--profile {args.profile}: cannot write there ({why}); give a writable folder"
+    if not args.replot:
+        return output_problem(args.output)
+    return None
+
+
+def output_problem(path: str) -> Optional[str]:
+    """Why ``--output`` cannot take the results (a folder, the picture's own name, an unwritable place), or None."""
+    if not path or os.path.isdir(path):
+        return f"--output {path!r}: give a file name for the JSON results, e.g. output/benchmark/benchmark.json"
+    if picture_path(path) == path:
+        return (f"--output {path}: the picture is written beside the JSON as .png, so the JSON cannot be a .png; "
+                f"give e.g. {os.path.splitext(path)[0]}.json")
+    folder = os.path.dirname(os.path.abspath(path))
+    if why := not_writable(folder):
+        return f"--output {path}: cannot write in {folder} ({why}); give a writable place"
+    return None
+
+
+def not_writable(folder: str) -> Optional[str]:
+    """Why files cannot be written in ``folder`` (created if missing), or None."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
 
 
 def inputs_for(cfg, args, count):
@@ -142,10 +191,44 @@ def passes(variants: dict, repeats: int):
             yield repeat, variant, prepared
 
 
+def calls_per_batch_size(args, variant_count: int) -> int:
+    """Training steps (or inference calls) per batch size over all variants, precisions and passes, warm-up
+    included."""
+    return args.repeats * variant_count * len(args.precision) * (args.warmup + args.iters)
+
+
+def workload(args, variant_count: int) -> str:
+    """What the model task is about to run: training steps and images, inference calls."""
+    calls = calls_per_batch_size(args, variant_count)
+    steps, images = (0, 0) if "train" in args.skip else (calls * len(args.images_per_gpu),
+                                                          calls * sum(args.images_per_gpu))
+    return (f"{variant_count} variant(s) x {len(args.precision)} precision(s) x {len(args.images_per_gpu)} batch "
+            f"size(s) x {args.repeats} pass(es): {steps} training steps of {images} images and "
+            f"{0 if 'inference' in args.skip else calls} inference calls, warm-up included")
+
+
+def cpu_time_warning(args, variant_count: int) -> Optional[str]:
+    """A warning when a CPU run would train for over half an hour at the rate measured on the project's VM
+    (:data:`CPU_S_PER_TRAINING_IMAGE`), with a CPU-sized command instead; else None."""
+    if torch.device(args.device).type != "cpu" or "train" in args.skip:
+        return None
+    images = calls_per_batch_size(args, variant_count) * sum(args.images_per_gpu)
+    minutes = images * args.input_size[0] * args.input_size[1] / (800 * 1216) * CPU_S_PER_TRAINING_IMAGE / 60
+    if minutes < 30:
+        return None
+    return (f"on a CPU this is about {minutes / 60:.1f} h of training steps alone (R50-FPN at 800x1216 trains about "
+            f"{CPU_S_PER_TRAINING_IMAGE:g} s per image on a 2-core VM); for a CPU-sized run try --images-per-gpu 2 "
+            "--input-size 320 480 --warmup 1 --iters 3")
+
+
 def run_models(args, variants, logger, save) -> dict:
     """Measure every (variant, precision, images) cell, ``--repeats`` times; ``save(report)`` after each, so
     an interrupted run keeps what it measured. A cell that fails (out of memory, a dtype the device lacks, a
     kernel that does not compile, divergence) is recorded with its error and the run goes on."""
+    logger.info("Measuring %s", workload(args, len(variants)))
+    warning = cpu_time_warning(args, len(variants))
+    if warning:
+        logger.warning(warning)
     cells, start = [], time.time()
     total = args.repeats * len(variants) * len(args.precision) * len(args.images_per_gpu)
     for repeat, variant, (cfg, batch) in passes(variants, args.repeats):
@@ -157,16 +240,18 @@ def run_models(args, variants, logger, save) -> dict:
                 try:
                     inference, detections = bench.measure_inference(
                         cfg, batch[0], precision, args.warmup, args.iters,
-                        profile_path(profile_folder, variant.name, precision, "inference"))
+                        profile_path(profile_folder, variant.name, precision, "inference"),
+                        label=f"{variant.name} {precision} inference{in_pass}")
                 except Exception as e:  # noqa: BLE001 (recorded, the other cells still run)
                     inference_error = f"inference: {bench.error_text(e)}"
             for count in args.images_per_gpu:
                 cell = bench.Cell(variant.name, precision, count)
                 if "train" not in args.skip:
                     try:
-                        cell = bench.measure_training(cfg, batch[:count], precision, args.warmup, args.iters,
-                                                      profile_path(profile_folder, variant.name, precision,
-                                                                   f"{count}img", "train"))
+                        cell = bench.measure_training(
+                            cfg, batch[:count], precision, args.warmup, args.iters,
+                            profile_path(profile_folder, variant.name, precision, f"{count}img", "train"),
+                            label=f"{variant.name} {precision} {count} img training{in_pass}")
                     except Exception as e:  # noqa: BLE001
                         cell.error = bench.error_text(e)
                 cell.variant, cell.inference_s_per_image, cell.repeat = variant.name, inference, repeat
@@ -276,7 +361,7 @@ def main(argv=None) -> int:
             logger.warning(warning)
         try:
             variants = prepare_variants(args)
-        except ValueError as e:  # unknown variant, key or dataset, missing config file
+        except (ValueError, FileNotFoundError) as e:  # unknown variant, key or dataset, missing file
             print(f"benchmark: error: {e}", file=sys.stderr)
             return 2
         if args.task == "host":
