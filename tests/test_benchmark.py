@@ -118,6 +118,7 @@ def test_repeated_passes_rotate_the_variants_and_give_each_ratio_its_median_and_
         (["--task", "op", "--op-groups", "0"], "--op-groups 0 (>= 1)"),
         (["--task", "op", "--op-shape", "2", "0", "4"], "positive N C"),
         (["--skip", "train", "inference"], "leaves nothing to measure"),
+        (["--task", "host", "--repeats", "2"], "--repeats 2: only the model task repeats its grid"),
         (["--variants", "ours", "frozen_bn", "ours"], "--variants names ours more than once"),
         (["--output", ""], "--output '': give a file name"),
         (["--output", "{tmp}"], "give a file name for the JSON results"),
@@ -525,6 +526,28 @@ def test_host_task_counts_ops_and_waits_by_model_part(tmp_path):
         assert ours["waits"]["proposal_generator"] < theirs["waits"]["proposal_generator"]
     assert rows[("ours", 2)]["ops"]["roi_heads"] > rows[("ours", 1)]["ops"]["roi_heads"]  # per-image work
     assert f"| {batched} | fp32 | 2 |" in result.stdout
+
+
+def test_the_host_task_saves_after_every_cell(tmp_path, monkeypatch):
+    tool = load_tool("benchmark")
+    args = tool.parse_args(["--device", "cpu", "--task", "host", "--images-per-gpu", "1", "2", "--output",
+                            str(tmp_path / "b.json")])
+    parts = host_work.COUNTED_PARTS
+    counts = iter([{"ops": dict.fromkeys(parts, 3), "waits": dict.fromkeys(parts, 1)}, RuntimeError("out of memory")])
+
+    def count(cfg, batch, precision):
+        outcome = next(counts)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(tool.bench, "count_host_work", count)
+    saved = []
+    variants = {bench.Variant("ours", SHAPES_CONFIG): (None, [None, None])}
+    report = tool.run_host(args, variants, tool.logging.getLogger("test"),
+                           lambda r: saved.append(json.loads(json.dumps(r))))  # as written at that moment
+    assert [len(r["rows"]) for r in saved] == [1, 2] and saved[-1] == report
+    assert saved[0]["rows"][0]["ops"]["backbone"] == 3 and "RuntimeError: out of memory" in report["rows"][1]["error"]
 
 
 def test_host_work_counts_the_ops_that_make_a_gpu_host_wait():

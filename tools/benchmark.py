@@ -112,6 +112,8 @@ def request_problem(args: argparse.Namespace) -> Optional[str]:
     if args.op_groups < 1 or len(args.op_shape) < 2 or min(args.op_shape) < 1 or args.op_shape[1] % args.op_groups:
         return (f"--op-shape needs positive N C [spatial...] with C divisible by --op-groups {args.op_groups} (>= 1), "
                 f"got {args.op_shape}")
+    if args.task != "model" and args.repeats > 1:
+        return f"--repeats {args.repeats}: only the model task repeats its grid (op and host counts are one pass)"
     if args.task == "model" and set(args.skip) == {"train", "inference"}:
         return "--skip train inference leaves nothing to measure; skip one of them"
     repeated = sorted({spec for spec in args.variants if args.variants.count(spec) > 1})
@@ -272,9 +274,13 @@ def run_models(args, variants, logger, save) -> dict:
     return models_report(variants, cells)
 
 
-def run_host(args, variants, logger) -> dict:
+def host_report(variants, rows) -> dict:
+    return {"variants": variants_record(variants), "rows": rows, "table": bench.host_work_table(rows)}
+
+
+def run_host(args, variants, logger, save) -> dict:
     """Count one training step's ops and host waits for every (variant, precision, images) cell; a cell that
-    fails is recorded with its error."""
+    fails is recorded with its error; ``save(report)`` after each, as in :func:`run_models`."""
     rows = []
     for variant, (cfg, batch) in variants.items():
         for precision in args.precision:
@@ -287,7 +293,8 @@ def run_host(args, variants, logger) -> dict:
                 rows.append(row)
                 logger.info("%s %s %d img: %s", variant.name, precision, count, row["error"] or (
                     f"{sum(row['ops'].values())} ops, {sum(row['waits'].values())} of them waiting"))
-    return {"variants": variants_record(variants), "rows": rows, "table": bench.host_work_table(rows)}
+                save(host_report(variants, rows))
+    return host_report(variants, rows)
 
 
 def _short(value):
@@ -364,11 +371,8 @@ def main(argv=None) -> int:
         except (ValueError, FileNotFoundError) as e:  # unknown variant, key or dataset, missing file
             print(f"benchmark: error: {e}", file=sys.stderr)
             return 2
-        if args.task == "host":
-            result = run_host(args, variants, logger)
-        else:
-            result = run_models(args, variants, logger,
-                                lambda report: write_json(args.output, {**header, **report}))
+        run = run_host if args.task == "host" else run_models
+        result = run(args, variants, logger, lambda report: write_json(args.output, {**header, **report}))
     write_json(args.output, {**header, **result})
     print(result["table"])
     if "summary_table" in result:
