@@ -159,9 +159,7 @@ def synthetic_batch(count: int, height: int, width: int, boxes: int, num_classes
 def dataset_batch(cfg: CfgNode, dataset: str, count: int) -> List[dict]:
     """The first ``count`` images of a registered dataset through Detectron2's training mapper. Raises ValueError
     for a name no one registered and FileNotFoundError, naming the path, for files it lacks."""
-    if dataset not in DatasetCatalog.list():
-        raise ValueError(f"Dataset {dataset!r} is not registered; registered: {', '.join(DatasetCatalog.list())}")
-    check_dataset_files([dataset])
+    check_dataset_files([dataset], named_by="--dataset")
     dicts = DatasetCatalog.get(dataset)
     if len(dicts) < count:
         raise ValueError(f"Dataset {dataset!r} has {len(dicts)} images; the benchmark needs {count}")

@@ -44,14 +44,30 @@ def add_gn_config(cfg: CN) -> None:
     cfg.TEST.VIS_SCORE_THRESH = 0.5
 
 
+def _structure_problem(config_file: str) -> str:
+    """What is wrong with the shape of a config file yacs could not merge: not a mapping at all, or a section or
+    _BASE_ holding the wrong kind of value."""
+    try:
+        with PathManager.open(config_file) as f:
+            top = yaml.load(f, Loader=yaml.BaseLoader)  # structure only: every value a string, no tags run
+    except yaml.YAMLError:
+        top = {}
+    if not isinstance(top, dict):
+        held = "nothing" if top is None else f"a {type(top).__name__}"
+        return f"a config must be a YAML mapping of KEY: value (e.g. MODEL: {{GN: ...}}), and this file holds {held}"
+    return ("each section (e.g. MODEL:) must hold KEY: value pairs, and _BASE_ must name a config file whose own "
+            "content is such a mapping")
+
+
 def load_config(config_file: str, opts: Sequence = ()) -> CN:
     """Detectron2's defaults plus gn_detection's keys, merged with ``config_file`` and KEY VALUE ``opts``.
 
     Raises:
         FileNotFoundError: if ``config_file`` does not exist.
-        ValueError: naming the file or key at fault, for a file that is not a YAML mapping, an unknown key, an odd-length
-            ``opts``, an invalid ``MODEL.GN`` or ``TEST.VIS_NUM_IMAGES`` value, and settings that would be ignored
-            (CUDA graphs or channels last for a backbone that has neither, a group count for Res5ROIHeads' res5).
+        ValueError: naming the file or key at fault, for a file that is not a YAML mapping, an unknown key, an
+            odd-length ``opts``, an invalid ``MODEL.GN`` or ``TEST.VIS_NUM_IMAGES`` value, and settings that would be
+            ignored (CUDA graphs or channels last for a backbone that has neither, a group count for Res5ROIHeads'
+            res5).
     """
     cfg = get_cfg()
     add_gn_config(cfg)
@@ -65,9 +81,8 @@ def load_config(config_file: str, opts: Sequence = ()) -> CN:
                          "(README.md lists those)") from e
     except yaml.YAMLError as e:
         raise ValueError(f"{config_file}: not valid YAML: {e}") from e
-    except (TypeError, AttributeError) as e:  # the file (or a _BASE_ it names) is empty, a list or a plain value
-        raise ValueError(f"{config_file}: a config must be a YAML mapping of KEY: value (e.g. MODEL: {{GN: ...}}), "
-                         f"and this file or a _BASE_ it names is not ({e})") from e
+    except (TypeError, AttributeError) as e:  # yacs met a value where it expects a mapping or a file name
+        raise ValueError(f"{config_file}: {_structure_problem(config_file)} ({e})") from e
     try:
         cfg.merge_from_list(list(opts))
     except AssertionError as e:

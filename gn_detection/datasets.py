@@ -70,14 +70,14 @@ def register_shapes(root: str, prefix: str = "shapes") -> None:
         )
 
 
-def check_dataset_files(names: Iterable[str]) -> None:
+def check_dataset_files(names: Iterable[str], named_by: str = "DATASETS.TRAIN / DATASETS.TEST") -> None:
     """Raise a clear FileNotFoundError for the first dataset whose annotation file or image directory
-    is missing, naming the expected path and how to get it, and a ValueError for a name no one registered.
-    Datasets without files are skipped."""
+    is missing, naming the expected path and how to get it, and a ValueError for a name no one registered
+    (saying where it was given: ``named_by``). Datasets without files are skipped."""
     for name in names:
         if name not in DatasetCatalog:
             close = difflib.get_close_matches(name, DatasetCatalog.list(), n=3)
-            raise ValueError(f"Dataset '{name}' (DATASETS.TRAIN / DATASETS.TEST) is not registered"
+            raise ValueError(f"Dataset '{name}' ({named_by}) is not registered"
                            + (f"; did you mean {', '.join(close)}?" if close else "")
                            + " Register it first, e.g. with detectron2.data.datasets.register_coco_instances.")
         metadata = MetadataCatalog.get(name)

@@ -124,6 +124,8 @@ def test_repeated_passes_rotate_the_variants_and_give_each_ratio_its_median_and_
         (["--output", "{tmp}"], "give a file name for the JSON results"),
         (["--output", "{tmp}/run.png"], "the JSON cannot be a .png; give e.g. {tmp}/run.json"),
         (["--output", "{tmp}/a_file/run.json"], "cannot write in {tmp}/a_file"),
+        (["--output", "{tmp}/new/"], "give a file name for the JSON results"),
+        (["--output", "{tmp}/new/deeper/b.json", "--variants", "ours", "ours"], "more than once"),
     ],
 )
 def test_bad_requests_are_refused_before_any_work(args, message, tmp_path, capsys):
@@ -232,7 +234,7 @@ def test_replot_redraws_a_run_or_names_the_file_it_cannot_draw(report, message, 
         (["--config-file", "missing.yaml"], "missing.yaml"),
         (["--num-gpus", "2"], "one device per process"),
         (["--iters", "0"], "--iters"),
-        (["--dataset", "no_such_dataset"], "Dataset 'no_such_dataset' is not registered"),
+        (["--dataset", "shapes_trian"], "Dataset 'shapes_trian' (--dataset) is not registered; did you mean shapes_train"),
         (["--task", "op", "--op-shape", "2", "30", "4", "4"], "divisible by --op-groups 32"),
         (["--profile", "/proc/gn_profiles"], "--profile /proc/gn_profiles: cannot write there"),
     ],
@@ -265,6 +267,25 @@ def test_the_default_precisions_leave_cpu_autocast_out(tmp_path):
     output = ["--output", str(tmp_path / "b.json")]
     assert parse(["--device", "cpu", *output]).precision == ["fp32"]
     assert parse(["--device", "cpu", "--precision", "amp_fp16", *output]).precision == ["amp_fp16"]
+
+
+def test_a_cuda_request_is_checked_against_the_devices_there_are(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # one GPU, as far as the checks can tell
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    parse = load_tool("benchmark").parse_args
+    output = ["--output", str(tmp_path / "b.json")]
+    assert parse(["--device", "cuda:0", *output]).precision == ["fp32", "amp_fp16"]
+    assert parse(["--device", "cuda", "--task", "op", *output]).device == "cuda"
+    with pytest.raises(SystemExit):
+        parse(["--device", "cuda:1", *output])
+    assert "--device cuda:1: this machine has 1 CUDA device(s)" in capsys.readouterr().err
+
+
+def test_each_amp_precision_asks_its_own_probe(monkeypatch):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: True, raising=False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False, raising=False)
+    assert bench.cpu_has_fast("amp_fp16") and not bench.cpu_has_fast("amp_bf16")
+    assert bench.slow_precision_warning("cpu", ["amp_fp16", "amp_bf16"]).startswith("--precision amp_bf16 on")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
@@ -319,9 +340,13 @@ def test_long_measurements_log_how_far_they_are(monkeypatch, caplog):
     assert len(lines) == 5 and lines[-1].startswith("ours fp32 2 img training: timed 3/3")
     caplog.clear()
     bench.median_seconds(lambda: None, "cpu", warmup=2, iters=3)  # no label, no progress
-    monkeypatch.setattr(bench, "PROGRESS_EVERY_S", 60.0)
-    bench.median_seconds(lambda: None, "cpu", warmup=2, iters=3, label="quick")  # done before the first report
     assert not caplog.records
+    clock = iter(range(0, 1000, 20))  # each reading 20 s later: a report every other step at the 30 s default
+    monkeypatch.setattr(bench, "PROGRESS_EVERY_S", 30.0)
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    assert bench.median_seconds(lambda: None, "cpu", warmup=4, iters=1, label="slow") == 20
+    assert [r.getMessage() for r in caplog.records] == ["slow: warm-up 2/4", "slow: warm-up 4/4",
+                                                        "slow: timed 1/1, median so far 20 s"]
 
 
 def test_a_dataset_without_its_files_is_named_before_any_measurement(tmp_path):

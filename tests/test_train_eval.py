@@ -189,16 +189,23 @@ def test_a_config_file_that_is_not_yaml_is_named(tmp_path):
         load_config(str(config))
 
 
-@pytest.mark.parametrize("text", ["", "just a string\n", "- MODEL\n- GN\n"])
-def test_a_config_file_that_holds_no_mapping_is_named(text, tmp_path):
+@pytest.mark.parametrize("text, held", [("", "nothing"), ("just a string\n", "a str"), ("- MODEL\n- GN\n", "a list")])
+def test_a_config_file_that_holds_no_mapping_is_named(text, held, tmp_path):
     config = tmp_path / "empty.yaml"
     config.write_text(text)
-    with pytest.raises(ValueError, match=f"{config}: a config must be a YAML mapping"):
+    with pytest.raises(ValueError, match=f"{config}: a config must be a YAML mapping .* this file holds {held} "):
         load_config(str(config))
-    child = tmp_path / "child.yaml"  # the same through _BASE_
+    child = tmp_path / "child.yaml"  # the same through _BASE_: the child is a mapping, its base is not
     child.write_text("_BASE_: empty.yaml\nMODEL:\n  GN:\n    NUM_GROUPS: 16\n")
-    with pytest.raises(ValueError, match=f"{child}: a config must be a YAML mapping.* a _BASE_ it names"):
+    with pytest.raises(ValueError, match=f"{child}: each section .* _BASE_ must name a config file whose own"):
         load_config(str(child))
+
+
+def test_a_section_left_empty_is_named_as_such(tmp_path):
+    config = tmp_path / "commented.yaml"
+    config.write_text("MODEL:\n#  GN:\n#    NUM_GROUPS: 16\nSOLVER:\n  BASE_LR: 0.01\n")
+    with pytest.raises(ValueError, match=f"{config}: each section \\(e.g. MODEL:\\) must hold KEY: value pairs"):
+        load_config(str(config))
 
 
 def test_no_config_file_names_the_flag():

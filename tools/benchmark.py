@@ -122,15 +122,15 @@ def request_problem(args: argparse.Namespace) -> Optional[str]:
     if args.profile and (why := not_writable(args.profile)):
         return f"--profile {args.profile}: cannot write there ({why}); give a writable folder"
     if not args.replot:
-        return output_problem(args.output)
+        return output_problem(args.output, draws_picture=args.task == "model")
     return None
 
 
-def output_problem(path: str) -> Optional[str]:
+def output_problem(path: str, draws_picture: bool) -> Optional[str]:
     """Why ``--output`` cannot take the results (a folder, the picture's own name, an unwritable place), or None."""
-    if not path or os.path.isdir(path):
+    if not os.path.basename(path) or os.path.isdir(path):  # "" or a trailing "/" names a folder too
         return f"--output {path!r}: give a file name for the JSON results, e.g. output/benchmark/benchmark.json"
-    if picture_path(path) == path:
+    if draws_picture and picture_path(path) == path:
         return (f"--output {path}: the picture is written beside the JSON as .png, so the JSON cannot be a .png; "
                 f"give e.g. {os.path.splitext(path)[0]}.json")
     folder = os.path.dirname(os.path.abspath(path))
@@ -140,10 +140,15 @@ def output_problem(path: str) -> Optional[str]:
 
 
 def not_writable(folder: str) -> Optional[str]:
-    """Why files cannot be written in ``folder`` (created if missing), or None."""
+    """Why files cannot be written in ``folder``, or None. A folder that does not exist yet counts as its nearest
+    existing parent, which is tried with a temporary file: nothing is left behind, the folders are made on writing."""
+    existing = os.path.abspath(folder)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is a file"
     try:
-        os.makedirs(folder, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
+        tempfile.TemporaryFile(dir=existing).close()
     except OSError as e:
         return e.strerror or str(e)
     return None

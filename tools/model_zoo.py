@@ -53,13 +53,13 @@ def list_models(remote: bool) -> None:
         return "-" if value is None else f"{value:.1f}"
 
     models = model_zoo.catalog()
-    if remote:
-        for model in models:
-            if model.url:
-                checked_source(model.url)  # one message for all rows: they share the mirror
-        print(f"Asking the server for the size of {sum(bool(m.url) for m in models)} files ...", file=sys.stderr)
+    asked = [m for m in models if remote and m.url and not os.path.isfile(cache_path(m.url))]
+    for model in asked:
+        checked_source(model.url)  # one message, before asking, for what all rows share: the mirror
+    if asked:
+        print(f"Asking the server for the size of {len(asked)} files ...", file=sys.stderr)
     with ThreadPoolExecutor(max_workers=8) as pool:  # HEAD requests wait on the network, not the CPU
-        sizes = list(pool.map(lambda m: model_size(m, remote), models))
+        sizes = list(pool.map(lambda m: model_size(m, m in asked), models))
     rows = [[m.name, m.file_format if m.url else "- (no file)", ap(m.box_ap), ap(m.mask_ap), size, m.config, m.note]
             for m, size in zip(models, sizes)]
     print(tabulate(rows, headers=["name", "format", "box AP", "mask AP", "size", "config", "note"]))
