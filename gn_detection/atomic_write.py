@@ -1,8 +1,9 @@
 """Files written whole or not at all: under a temporary name beside the target, renamed into place once
 complete and on disk, so an interrupted run (or a crash) never leaves a truncated file where a good one was."""
 import os
+import tempfile
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Optional
 
 PARTIAL = ".partial"  # suffix of a file still being written; never read as the finished file
 
@@ -37,6 +38,21 @@ def replace_durably(partial: str, path: str) -> None:
         _sync(os.path.dirname(os.path.abspath(path)))
     except OSError:  # some network and FUSE file systems cannot sync a folder; the file itself is whole
         pass
+
+
+def not_writable(folder: str) -> Optional[str]:
+    """Why files cannot be written in ``folder``, or None. A folder that does not exist yet counts as its nearest
+    existing parent, which is tried with a temporary file: nothing is left behind, the folders are made on writing."""
+    existing = os.path.abspath(folder)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is a file"
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
 
 
 def _sync(path: str) -> None:

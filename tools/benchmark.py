@@ -29,7 +29,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import time
 from typing import Optional
 
@@ -39,7 +38,7 @@ from detectron2.utils.logger import setup_logger
 
 import gn_detection  # noqa: F401  (registers our components)
 from gn_detection import benchmark as bench
-from gn_detection.atomic_write import write_atomically
+from gn_detection.atomic_write import not_writable, write_atomically
 from gn_detection.model_zoo import CONFIG_DIR
 from gn_detection.visualize import plot_benchmark
 
@@ -136,21 +135,6 @@ def output_problem(path: str, draws_picture: bool) -> Optional[str]:
     folder = os.path.dirname(os.path.abspath(path))
     if why := not_writable(folder):
         return f"--output {path}: cannot write in {folder} ({why}); give a writable place"
-    return None
-
-
-def not_writable(folder: str) -> Optional[str]:
-    """Why files cannot be written in ``folder``, or None. A folder that does not exist yet counts as its nearest
-    existing parent, which is tried with a temporary file: nothing is left behind, the folders are made on writing."""
-    existing = os.path.abspath(folder)
-    while not os.path.lexists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        return f"{existing} is a file"
-    try:
-        tempfile.TemporaryFile(dir=existing).close()
-    except OSError as e:
-        return e.strerror or str(e)
     return None
 
 
