@@ -3,7 +3,9 @@
 datasets/shapes). A split that is already complete with the same settings is left as it is."""
 import argparse
 import os
+import sys
 
+from gn_detection.atomic_write import not_writable
 from gn_detection.shapes import MIN_SETTINGS, ShapesSplitSpec, generate_split
 
 
@@ -31,9 +33,15 @@ def main() -> None:
     parser.add_argument("--seed", type=at_least(MIN_SETTINGS["seed"]), default=0, help="dataset seed")
     parser.add_argument("--force", action="store_true", help="regenerate even if complete")
     args = parser.parse_args()
-    for split, count in (("train", args.num_train), ("val", args.num_val)):
-        spec = ShapesSplitSpec(split, count, args.image_size, args.max_objects, args.seed)
-        print(generate_split(args.root, spec, force=args.force))
+    if why := not_writable(args.root):
+        parser.error(f"--root {args.root}: cannot write there ({why}); give a writable folder")
+    try:
+        for split, count in (("train", args.num_train), ("val", args.num_val)):
+            spec = ShapesSplitSpec(split, count, args.image_size, args.max_objects, args.seed)
+            print(generate_split(args.root, spec, force=args.force))
+    except KeyboardInterrupt:
+        sys.exit("interrupted: the split being written has no JSON yet, so it counts as incomplete; "
+                 "run the same command again to generate it")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@ import os
 import pickle
 import pickletools
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -16,12 +17,13 @@ from .atomic_write import PARTIAL, replace_durably, write_atomically
 @dataclass(frozen=True)
 class LoadCounts:
     """What loading a checkpoint did: tensors of the model it set (``loaded``), model tensors it left at
-    their initial values (``missing``, shape mismatches included), and tensors of the file that went
-    nowhere (``unused``)."""
+    their initial values (``missing``, shape mismatches included; their names in ``missing_names``), and
+    tensors of the file that went nowhere (``unused``)."""
 
     loaded: int
     missing: int
     unused: int
+    missing_names: Tuple[str, ...] = field(default=(), repr=False)
 
     def __str__(self) -> str:
         return f"loaded {self.loaded}, missing {self.missing}, unused {self.unused}"
@@ -84,7 +86,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
         incompatible = super()._load_model(checkpoint)  # converts names where the file needs it
         model_keys = set(self.model.state_dict())
         loaded = len(model_keys) - len(incompatible.missing_keys)
-        self.last_load_counts = LoadCounts(loaded, len(incompatible.missing_keys), len(in_file) - loaded)
+        self.last_load_counts = LoadCounts(loaded, len(incompatible.missing_keys), len(in_file) - loaded,
+                                           tuple(incompatible.missing_keys))
         self.logger.info("Loaded %d of the model's %d tensors (%s)", loaded, len(model_keys), self.last_load_counts)
         return incompatible
 

@@ -42,6 +42,8 @@ def add_gn_config(cfg: CN) -> None:
     cfg.TEST.VIS_NUM_IMAGES = 0
     # Score threshold for the predictions drawn on those images.
     cfg.TEST.VIS_SCORE_THRESH = 0.5
+    # --eval-only refuses weights that leave any model tensor unset (its AP would be a random model's); True allows it.
+    cfg.TEST.ALLOW_PARTIAL_WEIGHTS = False
 
 
 def _structure_problem(config_file: str) -> str:

@@ -85,3 +85,16 @@ def check_dataset_files(names: Iterable[str], named_by: str = "DATASETS.TRAIN / 
         for what, path in (("annotation file", metadata.get("json_file")), ("image directory", metadata.get("image_root"))):
             if path and not os.path.exists(path):
                 raise FileNotFoundError(f"Dataset '{name}': its {what} {path} does not exist. {hint}")
+
+
+def check_num_classes(names: Iterable[str], num_classes: int) -> None:
+    """Raise a ValueError for the first dataset whose registered ``thing_classes`` are not ``num_classes`` many
+    (``MODEL.ROI_HEADS.NUM_CLASSES``): more classes index past the classifier mid-training, fewer leave the model
+    predicting classes the evaluator cannot map back, after training. Datasets that register their classes
+    only when loaded (``register_coco_instances``) are not read for this."""
+    for name in names:
+        classes = MetadataCatalog.get(name).get("thing_classes")
+        if classes is not None and len(classes) != num_classes:
+            shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+            raise ValueError(f"Dataset '{name}' has {len(classes)} classes ({shown}) but MODEL.ROI_HEADS.NUM_CLASSES "
+                             f"is {num_classes}; set MODEL.ROI_HEADS.NUM_CLASSES {len(classes)}")

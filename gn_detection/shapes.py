@@ -170,4 +170,13 @@ def generate_split(root: str, spec: ShapesSplitSpec, force: bool = False, progre
         "categories": [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(SHAPE_CLASSES)],
     }
     write_atomically(json_file, json.dumps(coco))
+    _remove_images_from(image_dir, spec.num_images)
     return json_file
+
+
+def _remove_images_from(image_dir: str, first_stale: int) -> None:
+    """Remove the images an earlier, larger split of this folder left beyond the new one's last."""
+    for name in os.listdir(image_dir):
+        stem, extension = os.path.splitext(name)
+        if extension == ".png" and stem.isdigit() and int(stem) >= first_stale:
+            os.remove(os.path.join(image_dir, name))

@@ -12,7 +12,7 @@ from PIL import Image
 from pycocotools import mask as mask_util
 
 import gn_detection
-from gn_detection.datasets import check_dataset_files, load_checked_coco_json
+from gn_detection.datasets import check_dataset_files, check_num_classes, load_checked_coco_json
 from gn_detection.shapes import SHAPE_CLASSES, ShapesSplitSpec, draw_image, generate_split, split_paths
 
 from .conftest import REPO
@@ -70,6 +70,8 @@ def test_generate_split_skips_a_complete_split_and_regenerates_a_changed_one(tmp
     generate_split(str(tmp_path), ShapesSplitSpec("val", 4, image_size=64), progress=False)
     assert len(json.load(open(json_file))["images"]) == 4
     assert not os.path.exists(json_file + ".partial")
+    generate_split(str(tmp_path), ShapesSplitSpec("val", 2, image_size=64), progress=False)
+    assert sorted(os.listdir(tmp_path / "val")) == ["000000.png", "000001.png"]  # none left from the 4-image split
 
 
 def test_registered_split_loads_through_detectron2(tiny_shapes_root):
@@ -121,6 +123,16 @@ def test_missing_coco_error_names_expected_path_readme_and_demo(tmp_path):
     assert "$DETECTRON2_DATASETS/coco" in message and "datasets/README.md" in message and "make demo" in message
 
 
+def test_a_class_count_other_than_the_datasets_is_named(tmp_path):
+    gn_detection.register_shapes(str(tmp_path), prefix="counted_shapes")
+    check_num_classes(["counted_shapes_train", "counted_shapes_val"], len(SHAPE_CLASSES))
+    with pytest.raises(ValueError, match=r"Dataset 'counted_shapes_val' has 4 classes \(circle, square, triangle, "
+                                         r"star\) but MODEL.ROI_HEADS.NUM_CLASSES is 80; set .*NUM_CLASSES 4$"):
+        check_num_classes(["counted_shapes_val"], 80)
+    register_coco_instances("classes_known_when_loaded", {}, str(tmp_path / "a.json"), str(tmp_path))
+    check_num_classes(["classes_known_when_loaded"], 80)  # not read for this: no thing_classes until loaded
+
+
 def test_missing_shapes_error_says_how_to_generate(tmp_path):
     gn_detection.register_shapes(str(tmp_path / "nowhere"), prefix="absent_shapes")
     with pytest.raises(FileNotFoundError, match="prepare_shapes.py"):
@@ -168,6 +180,17 @@ def test_prepare_shapes_names_the_flag_at_fault_and_writes_nothing(tmp_path, mon
         runpy.run_path(script, run_name="__main__")
     assert f"argument {flag}: must be at least {least}, got {value}" in capsys.readouterr().err
     assert not (tmp_path / "shapes").exists()
+
+
+@pytest.mark.parametrize("root", ["{tmp}/a_file", "{tmp}/a_file/shapes"])
+def test_prepare_shapes_names_a_root_it_cannot_write_in(tmp_path, monkeypatch, capsys, root):
+    script = os.path.join(REPO, "datasets", "prepare_shapes.py")
+    (tmp_path / "a_file").write_text("")
+    root = root.format(tmp=tmp_path)
+    monkeypatch.setattr(sys, "argv", [script, "--root", root])
+    with pytest.raises(SystemExit):
+        runpy.run_path(script, run_name="__main__")
+    assert f"--root {root}: cannot write there ({tmp_path}/a_file is a file)" in capsys.readouterr().err
 
 
 def test_an_unregistered_dataset_is_named_with_close_matches():

@@ -1,10 +1,15 @@
 """Training and evaluation end to end on the synthetic dataset, through Detectron2's trainer and
 COCOEvaluator, as a user runs them (tools/train_net.py in a fresh process)."""
+import json
 import os
 import shutil
 
 import pytest
 import torch
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.modeling import build_model
+from detectron2.structures import BoxMode
 
 from gn_detection import triton_group_norm
 from gn_detection.config import load_config
@@ -84,7 +89,8 @@ def test_eval_only_refuses_a_checkpoint_holding_python_objects(tiny_shapes_root,
     weights = tmp_path / "untrusted.pth"
     torch.save({"model": {}, "note": object()}, weights)
     result = train_net(tiny_shapes_root, tmp_path / "out", "--eval-only", "MODEL.WEIGHTS", str(weights))
-    assert result.returncode != 0 and f"{weights}: refused to load" in result.stderr
+    assert result.returncode == 1 and f"{weights}: refused to load" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()  # refused before any work
 
 
 def test_resume_continues_from_the_last_checkpoint(trained, tiny_shapes_root, tmp_path):
@@ -142,6 +148,10 @@ def checked_config(out, flags, opts):
                                                  "'ROI_HEADS' registry"),
     ([], ["SOLVER.REFERENCE_WORLD_SIZE", "3"],
      "SOLVER.IMS_PER_BATCH 4 is not a multiple of SOLVER.REFERENCE_WORLD_SIZE 3"),
+    ([], ["MODEL.ROI_HEADS.NUM_CLASSES", "80"], "Dataset 'tiny_shapes_train' has 4 classes (circle, square, "
+                                                "triangle, star) but MODEL.ROI_HEADS.NUM_CLASSES is 80"),
+    ([], ["OUTPUT_DIR", "/proc/version/out"], "OUTPUT_DIR /proc/version/out: cannot write there (/proc/version is a "
+                                              "file); give a writable folder"),
     (["--eval-only"], [], "--eval-only needs MODEL.WEIGHTS"),
     (["--eval-only", "--resume"], [], "--eval-only needs MODEL.WEIGHTS"),  # nothing to resume from
     (["--num-gpus", "2"], [], "several processes need CUDA; on the CPU use --num-gpus 1"),
@@ -170,9 +180,53 @@ def test_settings_detectron2_accepts_pass_the_checks(tiny_shapes_root, tmp_path,
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # for the multi-process cases' MODEL.DEVICE
     out = tmp_path / "out"
     out.mkdir()
-    (out / "model.pth").write_bytes(b"")
+    save_tiny_checkpoint(out / "model.pth")  # --eval-only --resume loads it
     (out / "last_checkpoint").write_text("model.pth")
     assert checked_config(out, flags, [o.format(out=out) for o in opts]).OUTPUT_DIR == str(out)
+
+
+def save_tiny_checkpoint(path, opts=()):
+    """A checkpoint of the model checked_config's settings (and ``opts``) build, as training saves one."""
+    cfg = load_config(SHAPES_CONFIG, [*TINY_DATASETS, *opts])
+    torch.save({"model": build_model(cfg).state_dict(), "iteration": 1}, path)
+
+
+def test_eval_only_refuses_weights_that_leave_tensors_at_random(tiny_shapes_root, tmp_path):
+    out = tmp_path / "out"
+    other_classes = tmp_path / "three_classes.pth"
+    save_tiny_checkpoint(other_classes, ["MODEL.ROI_HEADS.NUM_CLASSES", 3])  # the shapes datasets have 4
+    with pytest.raises(ValueError) as error:
+        checked_config(out, ["--eval-only"], ["MODEL.WEIGHTS", str(other_classes)])
+    message = str(error.value)
+    assert message.startswith(f"--eval-only: {other_classes} sets ") and "TEST.ALLOW_PARTIAL_WEIGHTS True" in message
+    # the box predictor's class scores and box deltas and the mask predictor: weight and bias each
+    assert " 6 would keep their random initialization" in message and "roi_heads.box_predictor" in message
+    assert not out.exists()
+    assert checked_config(out, ["--eval-only"], ["MODEL.WEIGHTS", str(other_classes),
+                                                 "TEST.ALLOW_PARTIAL_WEIGHTS", "True"])
+    same = tmp_path / "same.pth"
+    save_tiny_checkpoint(same)
+    assert checked_config(out, ["--eval-only"], ["MODEL.WEIGHTS", str(same)])
+    assert checked_config(out, [], ["MODEL.WEIGHTS", str(other_classes)])  # training from it is fine-tuning
+    out.mkdir()
+    torch.save({"model": {}}, out / "model_0000009.pth")  # --resume takes OUTPUT_DIR's last checkpoint instead
+    (out / "last_checkpoint").write_text("model_0000009.pth")
+    with pytest.raises(ValueError, match=f"{out}/model_0000009.pth sets 0 of the model's"):
+        checked_config(out, ["--eval-only", "--resume"], ["MODEL.WEIGHTS", str(same)])
+
+
+def test_evaluation_converts_a_dataset_without_json_anew(tmp_path):
+    def one_image(name):
+        return [{"file_name": str(tmp_path / f"{name}.png"), "image_id": 7, "height": 8, "width": 8,
+                 "annotations": [{"bbox": [1, 1, 4, 4], "bbox_mode": BoxMode.XYXY_ABS, "category_id": 0}]}]
+
+    DatasetCatalog.register("dicts_only_val", lambda: one_image("now"))
+    MetadataCatalog.get("dicts_only_val").thing_classes = ["thing"]
+    stale = tmp_path / "dicts_only_val_coco_format.json"  # an earlier run's conversion of other images
+    stale.write_text(json.dumps({"images": [{"id": 1, "file_name": "then.png", "height": 8, "width": 8}],
+                                 "annotations": [], "categories": [{"id": 1, "name": "thing"}]}))
+    load_tool("train_net").Trainer.build_evaluator(load_config(SHAPES_CONFIG), "dicts_only_val", str(tmp_path))
+    assert [image["file_name"] for image in json.loads(stale.read_text())["images"]] == [str(tmp_path / "now.png")]
 
 
 def test_triton_gn_on_the_cpu_is_named_unless_interpreted(tiny_shapes_root, tmp_path, monkeypatch):

@@ -9,8 +9,10 @@ Detectron2's usual flags apply (--resume, --num-machines, --machine-rank, --dist
 """
 import logging
 import os
+import pickle
 import sys
 import urllib.parse
+import warnings
 
 import torch
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
@@ -19,9 +21,10 @@ from detectron2.modeling import build_model
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from gn_detection.atomic_write import not_writable
 from gn_detection.config import load_config
 from gn_detection.checkpoint import AtomicCheckpointer
-from gn_detection.datasets import check_dataset_files
+from gn_detection.datasets import check_dataset_files, check_num_classes
 from gn_detection.download import DownloadError
 from gn_detection import model_zoo
 from gn_detection.visualize import draw_predictions, plot_loss_curve
@@ -40,7 +43,10 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        return COCOEvaluator(dataset_name, output_dir=output_folder or os.path.join(cfg.OUTPUT_DIR, "inference"))
+        # a dataset without a json_file is converted to COCO format anew: a conversion cached by an earlier run
+        # under the same name may be of other images
+        return COCOEvaluator(dataset_name, output_dir=output_folder or os.path.join(cfg.OUTPUT_DIR, "inference"),
+                             allow_cached_coco=False)
 
 
 def checked_config(args):
@@ -48,7 +54,7 @@ def checked_config(args):
     device, the datasets, the weights and the GPU count before any work starts.
 
     Raises:
-        ValueError, FileNotFoundError, RuntimeError: naming the file, key or value at fault.
+        ValueError, OSError, RuntimeError, pickle.UnpicklingError: naming the file, key or value at fault.
     """
     cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
@@ -60,14 +66,20 @@ def checked_config(args):
     if cfg.MODEL.GN.IMPL == "triton" and not cfg.MODEL.DEVICE.startswith("cuda") and not _triton_interpreted():
         raise ValueError(f"MODEL.GN.IMPL triton runs its kernels on CUDA, but MODEL.DEVICE is {cfg.MODEL.DEVICE} "
                          "(on the CPU only under TRITON_INTERPRET=1, for tests); set MODEL.GN.IMPL auto")
-    check_model_builds(cfg, args.config_file)
-    check_dataset_files(cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN + cfg.DATASETS.TEST)
+    if why := not_writable(cfg.OUTPUT_DIR):
+        raise ValueError(f"OUTPUT_DIR {cfg.OUTPUT_DIR}: cannot write there ({why}); give a writable folder")
+    meta_model = check_model_builds(cfg, args.config_file)
+    datasets = cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN + cfg.DATASETS.TEST
+    check_dataset_files(datasets)
+    check_num_classes(datasets, cfg.MODEL.ROI_HEADS.NUM_CLASSES)
     resuming = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
     if not resuming:
         check_weights(cfg.MODEL.WEIGHTS)
     if args.eval_only and not resuming and not cfg.MODEL.WEIGHTS:
         raise ValueError("--eval-only needs MODEL.WEIGHTS (a checkpoint file, URL or gn-zoo:// name), or --resume "
                          f"with a checkpoint in OUTPUT_DIR {cfg.OUTPUT_DIR}; it would evaluate a random model")
+    if args.eval_only and not cfg.TEST.ALLOW_PARTIAL_WEIGHTS:
+        check_weights_fit(meta_model, cfg, resume=args.resume)
     world_size, reference = args.num_gpus * args.num_machines, cfg.SOLVER.REFERENCE_WORLD_SIZE
     if world_size > 1 and not cfg.MODEL.DEVICE.startswith("cuda"):
         raise ValueError(f"{world_size} processes (--num-gpus {args.num_gpus}, --num-machines {args.num_machines}) "
@@ -89,10 +101,10 @@ def _triton_interpreted() -> bool:
     return INTERPRETED
 
 
-def check_model_builds(cfg, config_file: str) -> None:
+def check_model_builds(cfg, config_file: str) -> torch.nn.Module:
     """Build the model on PyTorch's meta device (no memory, no initialization: a fraction of a second), so that
     settings it cannot be built from (a group count that does not divide a layer's channels, an unregistered
-    component name) are named before any work starts.
+    component name) are named before any work starts. Returns that model: its tensors' names and shapes.
 
     Raises:
         ValueError: with the builder's message.
@@ -102,7 +114,7 @@ def check_model_builds(cfg, config_file: str) -> None:
     meta.MODEL.DEVICE = "meta"
     try:
         with torch.device("meta"):
-            build_model(meta)
+            return build_model(meta)
     except (ValueError, KeyError, AssertionError) as e:
         reason = e.args[0] if e.args else type(e).__name__  # a KeyError's str() is its message quoted
         raise ValueError(f"{config_file} and the overrides give a model that cannot be built: {reason}") from e
@@ -124,6 +136,34 @@ def check_weights(weights: str) -> None:
     if weights and "://" not in weights and not os.path.isfile(local_file):
         raise FileNotFoundError(f"MODEL.WEIGHTS {weights} does not exist; give a checkpoint file, a URL or a "
                                 "gn-zoo:// name (tools/model_zoo.py list)")
+
+
+def check_weights_fit(meta_model: torch.nn.Module, cfg, resume: bool) -> None:
+    """For ``--eval-only``: that the checkpoint evaluation would load (OUTPUT_DIR's last one with ``resume``,
+    else ``MODEL.WEIGHTS``) sets every tensor of the model, loading it as evaluation will into the model built on
+    the meta device (names and shapes are compared; nothing is copied). A model left partly at its random
+    initialization would be evaluated without a word otherwise, and its AP mean nothing.
+
+    Raises:
+        ValueError: naming the checkpoint, the counts, the first tensors it leaves unset and the opt-out key.
+    """
+    checkpointer = AtomicCheckpointer(meta_model, save_dir=cfg.OUTPUT_DIR)
+    checkpointer.logger = logging.getLogger("gn_detection.weights_check")
+    checkpointer.logger.disabled = True  # evaluation logs the real load
+    path = checkpointer.get_checkpoint_file() if resume and checkpointer.has_checkpoint() else cfg.MODEL.WEIGHTS
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")  # the point: no copy
+        checkpointer.load(path, checkpointables=[])
+    counts = checkpointer.last_load_counts
+    if counts.missing:
+        total = counts.loaded + counts.missing
+        raise ValueError(
+            f"--eval-only: {path} sets {counts.loaded} of the model's {total} tensors; {counts.missing} would "
+            f"keep their random initialization (missing from the file or of another shape, e.g. "
+            f"{', '.join(counts.missing_names[:3])}), so the AP would not be the checkpoint's. Give the checkpoint "
+            "trained with this config and these overrides (e.g. the same MODEL.ROI_HEADS.NUM_CLASSES and widths), "
+            "or TEST.ALLOW_PARTIAL_WEIGHTS True to evaluate it anyway"
+        )
 
 
 def setup(cfg, args) -> None:
@@ -168,7 +208,7 @@ if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     try:  # in this process, so that a mistake stops with one line before any worker starts
         config = checked_config(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError, pickle.UnpicklingError) as e:  # the weights are read for --eval-only
         sys.exit(f"error: {e}")
     launch(
         main,
