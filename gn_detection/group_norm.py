@@ -26,6 +26,10 @@ class GroupNormChannelsError(ValueError):
     """A GN setting that cannot split a layer's channels into equal groups."""
 
 
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class GroupNormSpec:
     """How to build a GN layer for any channel count.
@@ -45,14 +49,14 @@ class GroupNormSpec:
     recompute_output: bool = True
 
     def __post_init__(self):
-        if self.num_groups < 1:
-            raise ValueError(f"MODEL.GN.NUM_GROUPS must be >= 1, got {self.num_groups}")
-        if self.channels_per_group < 0:
+        if not _is_integer(self.num_groups) or self.num_groups < 1:
+            raise ValueError(f"MODEL.GN.NUM_GROUPS must be an integer >= 1, got {self.num_groups!r}")
+        if not _is_integer(self.channels_per_group) or self.channels_per_group < 0:
             raise ValueError(
-                f"MODEL.GN.CHANNELS_PER_GROUP must be >= 0 (0 = use NUM_GROUPS), "
-                f"got {self.channels_per_group}"
+                f"MODEL.GN.CHANNELS_PER_GROUP must be an integer >= 0 (0 = use NUM_GROUPS), "
+                f"got {self.channels_per_group!r}"
             )
-        if not self.eps > 0:
+        if not isinstance(self.eps, (int, float)) or not self.eps > 0:
             raise ValueError(f"MODEL.GN.EPS must be > 0, got {self.eps}")
         if self.impl not in IMPLEMENTATIONS:
             raise ValueError(f"MODEL.GN.IMPL must be one of {IMPLEMENTATIONS}, got {self.impl!r}")
