@@ -3,6 +3,10 @@ into a table, JSON and plots."""
 import builtins
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import yaml
@@ -14,12 +18,16 @@ from gn_detection.report import collect, markdown_table, summarize, write_report
 from .conftest import REPO, SHAPES_CONFIG, TINY_OVERRIDES, load_tool, run_tool
 
 PRESETS = ["experiments/quick.yaml", "experiments/cpu_ablations.yaml", "experiments/full.yaml"]
+# The tiny sweeps' config overrides: narrow model, 64-pixel images, no loader workers.
+TINY_SWEEP_OPTS = [*TINY_OVERRIDES[:-4], "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", 64,
+                   "INPUT.MIN_SIZE_TEST", 64, "INPUT.MAX_SIZE_TEST", 64, "DATALOADER.NUM_WORKERS", 0]
 
 
 def test_quick_preset_is_experiment_1_with_two_seeds():
     preset = Preset.load(os.path.join(REPO, "experiments/quick.yaml"))
     cells = preset.cells()
-    assert {(c.variant, c.ims_per_gpu) for c in cells} == {(n, b) for n in ("GN", "BN", "FrozenBN") for b in (1, 2, 4, 8)}
+    expected = {(n, b) for n in ("GN", "BN", "FrozenBN") for b in (1, 2, 4, 8)}
+    assert {(c.variant, c.ims_per_gpu) for c in cells} == expected
     assert len(cells) == 24 and {c.seed for c in cells} == {1, 2}
 
 
@@ -103,8 +111,7 @@ def test_summary_means_and_stds_over_seeds_and_statuses():
 def test_tiny_sweep_runs_collects_and_plots(tmp_path):
     preset = {
         "config": os.path.relpath(SHAPES_CONFIG, REPO),
-        "opts": [*TINY_OVERRIDES[:-4], "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", 64,
-                 "INPUT.MIN_SIZE_TEST", 64, "INPUT.MAX_SIZE_TEST", 64, "DATALOADER.NUM_WORKERS", 0],
+        "opts": TINY_SWEEP_OPTS,
         "dataset": {"root": str(tmp_path / "data"), "image_size": 64, "max_objects": 2, "num_train": 4, "num_val": 2},
         "images_per_run": 2, "lr_per_image": 0.001, "seeds": [1, 2],
         "experiments": {"batch_size": {"norms": ["GN", "BN"], "ims_per_gpu": [1, 2]},
@@ -217,9 +224,90 @@ def fail_writing(monkeypatch, name):
     monkeypatch.setattr(builtins, "open", open_that_fails)
 
 
+def fake_train_net(monkeypatch, tool, returncode: int) -> None:
+    """Make the runner's train_net runs exit at once with ``returncode`` (negative: killed by that signal), having
+    written a checkpoint in their OUTPUT_DIR as a real run would."""
+    class FakeRun:
+        def __init__(self, command, **kwargs):
+            self.pid, self.returncode = -1, returncode
+            open(os.path.join(command[command.index("OUTPUT_DIR") + 1], "model_final.pth"), "w").close()
+
+        def wait(self, timeout=None):
+            return self.returncode
+
+        poll = wait
+
+    monkeypatch.setattr(tool.subprocess, "Popen", FakeRun)
+
+
+@pytest.mark.parametrize("returncode, stopped_by", [
+    (-signal.SIGINT, "signal 2, SIGINT"), (-signal.SIGTERM, "signal 15, SIGTERM"),
+    (-signal.SIGKILL, "signal 9, SIGKILL; the kernel's out-of-memory killer"), (130, "exit code 130, SIGINT")])
+def test_a_cell_whose_run_a_signal_stopped_has_not_ended(tmp_path, monkeypatch, returncode, stopped_by):
+    tool = load_tool("run_experiments")
+    fake_train_net(monkeypatch, tool, returncode)
+    preset = Preset.load(write_preset(tmp_path))
+    cell = preset.cells()[0]
+    record = tool.run_cell(preset, cell, 0, str(tmp_path), {})
+    assert record["status"] == "interrupted" and record["stopped_by"].startswith(stopped_by)
+    assert sorted(os.listdir(tmp_path / cell.name)) == ["stdout.txt"]  # no cell.json, so it runs again; no weights
+
+
+def test_a_cell_whose_run_fails_by_itself_has_ended(tmp_path, monkeypatch):
+    tool = load_tool("run_experiments")
+    fake_train_net(monkeypatch, tool, 1)
+    preset = Preset.load(write_preset(tmp_path))
+    cell = preset.cells()[0]
+    assert tool.run_cell(preset, cell, 0, str(tmp_path), {})["status"] == "failed"
+    assert json.loads((tmp_path / cell.name / "cell.json").read_text())["status"] == "failed"
+
+
+def process_state(pid: int) -> str:
+    """A process's state letter from /proc (R, S, Z for a zombie, ...), or "gone"."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"
+
+
+def ended(pid: int, timeout: float = 5) -> bool:
+    """Whether a process is gone or a zombie within ``timeout`` s (a signalled process may take a moment to die)."""
+    deadline = time.time() + timeout
+    while process_state(pid) not in ("gone", "Z"):
+        if time.time() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def kill_if_running(pid) -> None:
+    """Kill a process a failing test left running (a training run would hold the cores for hours)."""
+    if pid and process_state(pid) not in ("gone", "Z"):
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_stopped_children_end_with_what_they_spawned_and_no_more_start():
+    tool = load_tool("run_experiments")
+    children = tool.Children()
+    child = children.start(["sh", "-c", "sleep 60 & echo $!; wait"], stdout=subprocess.PIPE, text=True)
+    grandchild = int(child.stdout.readline())
+    children.stop()
+    child.stdout.close()
+    try:
+        assert child.returncode == -signal.SIGTERM
+        assert ended(grandchild)  # its group was stopped, not just the process started
+    finally:
+        kill_if_running(grandchild)
+    late = children.start(["sleep", "60"])
+    if late:
+        late.kill()
+    assert late is None  # a cell starting as the sweep stops does not run
+
+
 def test_a_cell_interrupted_while_its_record_is_written_has_not_ended(tmp_path, monkeypatch):
     tool = load_tool("run_experiments")
-    monkeypatch.setattr(tool.subprocess, "run", lambda command, **kw: tool.subprocess.CompletedProcess(command, 0))
+    fake_train_net(monkeypatch, tool, 0)
     monkeypatch.setattr(tool, "final_metrics", lambda path: {"segm/AP": 1.0})
     preset = Preset.load(write_preset(tmp_path))
     cell = preset.cells()[0]
@@ -227,6 +315,63 @@ def test_a_cell_interrupted_while_its_record_is_written_has_not_ended(tmp_path, 
     with pytest.raises(OSError, match="No space left"):
         tool.run_cell(preset, cell, 0, str(tmp_path), {})
     assert sorted(os.listdir(tmp_path / cell.name)) == ["stdout.txt"]  # no cell.json, so the cell runs again
+
+
+def train_net_of(run_dir: str, timeout: float) -> int:
+    """The pid of the train_net process writing to ``run_dir``, once it has started."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    args = f.read().decode().split("\0")
+            except OSError:  # exited while listed
+                continue
+            if "tools/train_net.py" in " ".join(args) and run_dir in args:
+                return int(pid)
+        time.sleep(0.2)
+    pytest.fail(f"no train_net run for {run_dir} after {timeout} s")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the train_net run in /proc")
+@pytest.mark.parametrize("how", ["SIGTERM to the runner", "Ctrl-C"])
+def test_an_interrupted_sweep_stops_its_run_and_records_nothing(tmp_path, how):
+    path = write_preset(tmp_path, opts=TINY_SWEEP_OPTS, images_per_run=100_000)  # far more than the test waits
+    out = tmp_path / "out"
+    run_dir = out / "batch_size" / "GN_ims1_seed1"
+    # Its own process group, as a terminal gives a command: Ctrl-C sends SIGINT to that group.
+    runner = subprocess.Popen([sys.executable, "tools/run_experiments.py", "--preset", path, "--output", str(out)],
+                              cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, process_group=0)
+    train_net = None
+    try:
+        train_net = train_net_of(str(run_dir), timeout=120)
+        if how == "Ctrl-C":
+            os.killpg(runner.pid, signal.SIGINT)
+        else:
+            os.kill(runner.pid, signal.SIGTERM)
+        stdout, stderr = runner.communicate(timeout=60)
+        train_net_state = process_state(train_net)
+    finally:
+        runner.kill()
+        kill_if_running(train_net)
+    assert runner.returncode == 130, stdout + stderr
+    assert "interrupted: 0 of 1 cells have ended" in stderr and "run the same command again to resume" in stderr
+    assert "Traceback" not in stderr
+    assert "batch_size/GN_ims1_seed1: interrupted (signal 15, SIGTERM); not recorded" in stdout
+    assert train_net_state == "gone"  # stopped, and waited for by the runner
+    assert os.listdir(run_dir) == ["stdout.txt"]  # no cell.json: the next sweep runs the cell again
+
+
+@pytest.mark.parametrize("under", [False, True])
+def test_an_output_that_is_a_file_is_refused_when_parsed(tmp_path, capsys, under):
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("")
+    output = str(a_file / "sweep" if under else a_file)
+    with pytest.raises(SystemExit):
+        load_tool("run_experiments").main(["--quick", "--output", output, "--dry-run"])
+    error = capsys.readouterr().err
+    assert f"--output {output}" in error and f"{a_file} is a file" in error
 
 
 def ended_record(out_dir, variant="GN") -> str:

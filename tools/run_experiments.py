@@ -6,7 +6,8 @@
     python tools/run_experiments.py --quick --dry-run             # list the cells and their settings
 
 Runs go to OUTPUT/<experiment>/<cell>/ (OUTPUT defaults to output/experiments/<preset>). A cell that has
-ended (cell.json written) is skipped when the command runs again, so an interrupted sweep resumes.
+ended (cell.json written) is skipped when the command runs again, so an interrupted sweep resumes. Ctrl-C or
+SIGTERM stops the runs in progress (they are not recorded, so they run again) and exits with status 130.
 Results: OUTPUT/results.json, OUTPUT/results.md and OUTPUT/<experiment>.png.
 """
 import argparse
@@ -14,21 +15,93 @@ import json
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Sequence
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Optional, Sequence, Set
 
 import torch
 
-from gn_detection.atomic_write import write_atomically
+from gn_detection.atomic_write import not_writable, write_atomically
 from gn_detection.config import load_config
 from gn_detection.experiments import EXPERIMENTS, Cell, Preset, build_error
 from gn_detection.report import RESULT_FILE, collect, final_metrics, write_report
 from gn_detection.shapes import generate_split
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STOP_GRACE_S = 30  # how long a stopped run may take to exit on SIGTERM before it is killed
+
+
+class Children:
+    """The train_net runs in progress, so that an interrupted sweep stops them instead of leaving them training
+    (a rerun would then start a second run in the same folder). Thread-safe: the cells run in a thread pool."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: Set[subprocess.Popen] = set()
+        self._stopped = False
+
+    def start(self, command: List[str], **popen_args) -> Optional[subprocess.Popen]:
+        """Start ``command``, or return None once :meth:`stop` was called (a cell that was starting as the sweep
+        was interrupted). Each run gets its own process group, so stopping it stops the processes it spawned
+        (``--num-gpus`` > 1) as well."""
+        with self._lock:  # held across Popen, so stop() cannot miss a run that is being started
+            if self._stopped:
+                return None
+            child = subprocess.Popen(command, process_group=0, **popen_args)
+            self._running.add(child)
+            return child
+
+    def wait(self, child: subprocess.Popen) -> int:
+        """``child``'s return code, once it has exited."""
+        try:
+            return child.wait()
+        finally:
+            with self._lock:
+                self._running.discard(child)
+
+    def stop(self) -> None:
+        """Start no more runs; stop the running ones (SIGTERM, then SIGKILL after STOP_GRACE_S) and wait for them."""
+        with self._lock:
+            self._stopped = True
+            running = list(self._running)
+        for child in running:
+            _signal_group(child, signal.SIGTERM)
+        for child in running:
+            try:
+                child.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                _signal_group(child, signal.SIGKILL)
+                child.wait()
+
+
+def _signal_group(child: subprocess.Popen, signum: int) -> None:
+    if child.poll() is not None:  # exited and reaped: its group id may belong to someone else by now
+        return
+    try:
+        os.killpg(child.pid, signum)
+    except ProcessLookupError:  # exited between poll() and killpg()
+        pass
+
+
+def stop_signal(returncode: int) -> Optional[str]:
+    """The signal that stopped a run, described (e.g. "signal 15, SIGTERM"), or None if the run exited by itself.
+    A run stopped so has not ended: it is recorded as nothing, and runs again. 130 and 143 are how shells and
+    launchers report a child that Ctrl-C (SIGINT) or SIGTERM stopped."""
+    if returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        return f"exit code {returncode}, {signal.Signals(returncode - 128).name}"
+    if returncode >= 0:
+        return None
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = "unknown signal"
+    hint = "; the kernel's out-of-memory killer sends it too" if -returncode == signal.SIGKILL else ""
+    return f"signal {-returncode}, {name}{hint}"
 
 
 def cell_config(preset: Preset, cell: Cell):
@@ -62,8 +135,12 @@ def prepare_dataset(preset: Preset) -> Dict[str, str]:
     return {"DETECTRON2_DATASETS": root}
 
 
-def run_cell(preset: Preset, cell: Cell, order: int, out_dir: str, env: Dict[str, str]) -> Dict:
-    """Train and evaluate one cell with tools/train_net.py; write and return its record."""
+def run_cell(preset: Preset, cell: Cell, order: int, out_dir: str, env: Dict[str, str],
+             children: Optional[Children] = None) -> Dict:
+    """Train and evaluate one cell with tools/train_net.py (started through ``children``, so an interrupted sweep
+    can stop it); return its record, written as cell.json unless the run was stopped by a signal (status
+    "interrupted", with the signal under "stopped_by"): such a cell has not ended, and the next sweep runs it."""
+    children = children or Children()
     run_dir = os.path.join(out_dir, cell.name)
     os.makedirs(run_dir, exist_ok=True)
     overrides = [str(x) for x in preset.overrides(cell)]
@@ -78,14 +155,26 @@ def run_cell(preset: Preset, cell: Cell, order: int, out_dir: str, env: Dict[str
                    os.path.join(REPO, preset.config), "--num-gpus", str(preset.num_gpus),
                    *overrides, "OUTPUT_DIR", run_dir, "TEST.VIS_NUM_IMAGES", "0"]
         record["command"] = " ".join(shlex.quote(c) for c in command)
-        with open(os.path.join(run_dir, "stdout.txt"), "w") as log:
-            done = subprocess.run(command, cwd=REPO, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
-        record["metrics"] = final_metrics(os.path.join(run_dir, "metrics.json"))
-        record["status"] = "ok" if done.returncode == 0 and record["metrics"] else _failure(run_dir)
+        returncode = _train(children, command, run_dir, env)
         _remove_weights(run_dir)
+        stopped_by = "sweep stopped before the run started" if returncode is None else stop_signal(returncode)
+        if stopped_by:
+            return {**record, "status": "interrupted", "stopped_by": stopped_by}
+        record["metrics"] = final_metrics(os.path.join(run_dir, "metrics.json"))
+        record["status"] = "ok" if returncode == 0 and record["metrics"] else _failure(run_dir)
     record["seconds"] = round(time.time() - start, 1)
     write_atomically(os.path.join(run_dir, RESULT_FILE), json.dumps(record, indent=1))  # whole, or not ended
     return record
+
+
+def _train(children: Children, command: List[str], run_dir: str, env: Dict[str, str]) -> Optional[int]:
+    """Run ``command`` logging to run_dir/stdout.txt; its return code, or None if ``children`` was stopped."""
+    metrics = os.path.join(run_dir, "metrics.json")
+    if os.path.isfile(metrics):  # an interrupted run's: Detectron2 appends, and it is not this run's result
+        os.remove(metrics)
+    with open(os.path.join(run_dir, "stdout.txt"), "w") as log:
+        child = children.start(command, cwd=REPO, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+        return None if child is None else children.wait(child)
 
 
 def _failure(run_dir: str) -> str:
@@ -102,6 +191,8 @@ def _remove_weights(run_dir: str) -> None:
 
 
 def run_all(preset: Preset, cells: List[Cell], out_dir: str, jobs: int) -> None:
+    """Run the cells that have not ended, ``jobs`` at a time, printing a line as each one ends. On
+    KeyboardInterrupt no more cells start and the running ones are stopped and waited for before it propagates."""
     env = prepare_dataset(preset)
     if jobs > 1:  # share the cores between the parallel runs instead of oversubscribing them
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
@@ -111,18 +202,51 @@ def run_all(preset: Preset, cells: List[Cell], out_dir: str, jobs: int) -> None:
     todo = [c for c in cells if not os.path.isfile(os.path.join(out_dir, c.name, RESULT_FILE))]
     print(f"{len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run ({jobs} at a time)")
     start, finished = time.time(), 0
+    children = Children()
 
     def one(cell: Cell) -> None:
         nonlocal finished
-        record = run_cell(preset, cell, order[(cell.experiment, cell.variant)], out_dir, env)
+        record = run_cell(preset, cell, order[(cell.experiment, cell.variant)], out_dir, env, children)
+        if record["status"] == "interrupted":
+            print(f"{cell.name}: interrupted ({record['stopped_by']}); not recorded, the same command runs it again",
+                  flush=True)
+            return
         finished += 1
         eta = (time.time() - start) / finished * (len(todo) - finished)
         aps = " ".join(f"{k} {v:.1f}" for k, v in record.get("metrics", {}).items())
         print(f"[{finished}/{len(todo)}] {cell.name}: {record['status']} {aps} in {record['seconds']:.0f} s; "
               f"about {eta / 60:.0f} min left", flush=True)
 
-    with ThreadPoolExecutor(jobs) as pool:
+    pool = ThreadPoolExecutor(jobs)
+    try:
         list(pool.map(one, todo))
+    except KeyboardInterrupt:
+        pool.shutdown(wait=False, cancel_futures=True)  # the cells not started yet never start
+        children.stop()
+        raise
+    finally:
+        pool.shutdown()  # the cells in progress finish (at once if their runs were stopped)
+
+
+@contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """Within the block SIGTERM (``kill``, a job scheduler) interrupts like Ctrl-C: KeyboardInterrupt, on which
+    run_all stops the runs. Later SIGINTs and SIGTERMs are ignored, so that stopping them is not cut short (it
+    takes at most STOP_GRACE_S). Only the main thread can set handlers; elsewhere this does nothing."""
+    def interrupt(signum, frame):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
 
 
 def machine() -> str:
@@ -133,6 +257,28 @@ def machine() -> str:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{cpu}, {os.cpu_count()} cores, {gpu}"
+
+
+def interrupted_sweep(preset: Preset, cells: List[Cell], out_dir: str, jobs: int) -> bool:
+    """Run the sweep (:func:`run_all`); True, once said on stderr, if Ctrl-C or SIGTERM stopped it."""
+    try:
+        with signals_interrupt():
+            run_all(preset, cells, out_dir, jobs)
+        return False
+    except KeyboardInterrupt:
+        ended = sum(os.path.isfile(os.path.join(out_dir, c.name, RESULT_FILE)) for c in cells)
+        print(f"interrupted: {ended} of {len(cells)} cells have ended (cell.json written in {out_dir}); run the "
+              "same command again to resume with the others", file=sys.stderr)
+        return True
+
+
+def output_problem(path: str) -> Optional[str]:
+    """Why ``--output`` cannot hold the runs (a file, under a file, an unwritable place), or None."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        return f"--output {path} is a file; give a folder for the runs and the report (it is made if missing)"
+    if why := not_writable(path):
+        return f"--output {path}: cannot write there ({why}); give a folder you can write to"
+    return None
 
 
 def main(argv=None) -> int:
@@ -148,6 +294,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    if args.output and (why := output_problem(args.output)):
+        parser.error(why)
 
     path = os.path.join(REPO, "experiments", "quick.yaml") if args.quick else args.preset
     try:
@@ -163,10 +311,11 @@ def main(argv=None) -> int:
             print(cell.name, " ".join(map(str, preset.overrides(cell))))
         return 0
     start = time.time()
-    if not args.report_only:
-        run_all(preset, cells, out_dir, args.jobs)
+    if not args.report_only and interrupted_sweep(preset, cells, out_dir, args.jobs):
+        return 130  # the shells' status for a command stopped by Ctrl-C
+    command = ["python", "tools/run_experiments.py", *(argv or sys.argv[1:])]
     header = {"preset": os.path.relpath(os.path.abspath(path), REPO),
-              "command": " ".join(shlex.quote(a) for a in ["python", "tools/run_experiments.py", *(argv or sys.argv[1:])]),
+              "command": " ".join(shlex.quote(a) for a in command),
               "machine": machine(), "torch": torch.__version__, "images_per_run": preset.images_per_run,
               "lr_per_image": preset.lr_per_image, "seeds": preset.seeds}
     if not args.report_only:
