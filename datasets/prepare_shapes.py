@@ -40,8 +40,9 @@ def main() -> None:
             spec = ShapesSplitSpec(split, count, args.image_size, args.max_objects, args.seed)
             print(generate_split(args.root, spec, force=args.force))
     except KeyboardInterrupt:
-        sys.exit("interrupted: the split being written has no JSON yet, so it counts as incomplete; "
-                 "run the same command again to generate it")
+        print("interrupted: the split being written has no JSON yet, so it counts as incomplete; "
+              "run the same command again to generate it", file=sys.stderr)
+        sys.exit(130)  # the shells' status for a command stopped by Ctrl-C
 
 
 if __name__ == "__main__":

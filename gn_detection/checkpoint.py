@@ -82,11 +82,13 @@ class AtomicCheckpointer(DetectionCheckpointer):
             raise _unreadable(f, e) from e
 
     def _load_model(self, checkpoint):
-        in_file = set(checkpoint["model"])
         incompatible = super()._load_model(checkpoint)  # converts names where the file needs it
         model_keys = set(self.model.state_dict())
         loaded = len(model_keys) - len(incompatible.missing_keys)
-        self.last_load_counts = LoadCounts(loaded, len(incompatible.missing_keys), len(in_file) - loaded,
+        # the file's tensors that went nowhere: names the model lacks and shapes it does not have (counting them
+        # from the file's size instead would subtract the BatchNorm counters torch fills in for old files)
+        unused = len(incompatible.unexpected_keys) + len(incompatible.incorrect_shapes)
+        self.last_load_counts = LoadCounts(loaded, len(incompatible.missing_keys), unused,
                                            tuple(incompatible.missing_keys))
         self.logger.info("Loaded %d of the model's %d tensors (%s)", loaded, len(model_keys), self.last_load_counts)
         return incompatible

@@ -82,19 +82,20 @@ def check_dataset_files(names: Iterable[str], named_by: str = "DATASETS.TRAIN / 
                            + " Register it first, e.g. with detectron2.data.datasets.register_coco_instances.")
         metadata = MetadataCatalog.get(name)
         hint = metadata.get("missing_hint") or COCO_HINT.format(root=datasets_root())
-        for what, path in (("annotation file", metadata.get("json_file")), ("image directory", metadata.get("image_root"))):
+        files = (("annotation file", metadata.get("json_file")), ("image directory", metadata.get("image_root")))
+        for what, path in files:
             if path and not os.path.exists(path):
                 raise FileNotFoundError(f"Dataset '{name}': its {what} {path} does not exist. {hint}")
 
 
-def check_num_classes(names: Iterable[str], num_classes: int) -> None:
+def check_num_classes(names: Iterable[str], num_classes: int, key: str = "MODEL.ROI_HEADS.NUM_CLASSES") -> None:
     """Raise a ValueError for the first dataset whose registered ``thing_classes`` are not ``num_classes`` many
-    (``MODEL.ROI_HEADS.NUM_CLASSES``): more classes index past the classifier mid-training, fewer leave the model
-    predicting classes the evaluator cannot map back, after training. Datasets that register their classes
-    only when loaded (``register_coco_instances``) are not read for this."""
+    (the config's ``key``): more classes index past the classifier mid-training, fewer leave the model predicting
+    classes the evaluator cannot map back, after training. Datasets that register their classes only when
+    loaded (``register_coco_instances``) are not read for this."""
     for name in names:
         classes = MetadataCatalog.get(name).get("thing_classes")
         if classes is not None and len(classes) != num_classes:
             shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
-            raise ValueError(f"Dataset '{name}' has {len(classes)} classes ({shown}) but MODEL.ROI_HEADS.NUM_CLASSES "
-                             f"is {num_classes}; set MODEL.ROI_HEADS.NUM_CLASSES {len(classes)}")
+            raise ValueError(f"Dataset '{name}' has {len(classes)} classes ({shown}) but {key} is {num_classes}; "
+                             f"set {key} {len(classes)}")

@@ -8,6 +8,7 @@ parameters; they can also apply the ReLU that follows them, and run as fused Tri
 (:mod:`gn_detection.triton_group_norm`).
 """
 import functools
+import numbers
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Iterable, Iterator, Sequence, Union
@@ -27,7 +28,7 @@ class GroupNormChannelsError(ValueError):
 
 
 def _is_integer(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy's integers too
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class GroupNormSpec:
                 f"MODEL.GN.CHANNELS_PER_GROUP must be an integer >= 0 (0 = use NUM_GROUPS), "
                 f"got {self.channels_per_group!r}"
             )
-        if not isinstance(self.eps, (int, float)) or not self.eps > 0:
+        if not isinstance(self.eps, numbers.Real) or not self.eps > 0:
             raise ValueError(f"MODEL.GN.EPS must be > 0, got {self.eps}")
         if self.impl not in IMPLEMENTATIONS:
             raise ValueError(f"MODEL.GN.IMPL must be one of {IMPLEMENTATIONS}, got {self.impl!r}")

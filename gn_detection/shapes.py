@@ -153,6 +153,7 @@ def generate_split(root: str, spec: ShapesSplitSpec, force: bool = False, progre
     if os.path.exists(json_file):  # images are rewritten in place: the split is incomplete until the new JSON
         os.remove(json_file)
     os.makedirs(image_dir, exist_ok=True)  # write_atomically makes the JSON's folder
+    _remove_images_from(image_dir, spec.num_images)
     images, annotations = [], []
     for index in tqdm(range(spec.num_images), desc=f"shapes {spec.split}", disable=not progress):
         pixels, objects = draw_image(spec, index)
@@ -170,7 +171,6 @@ def generate_split(root: str, spec: ShapesSplitSpec, force: bool = False, progre
         "categories": [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(SHAPE_CLASSES)],
     }
     write_atomically(json_file, json.dumps(coco))
-    _remove_images_from(image_dir, spec.num_images)
     return json_file
 
 
@@ -178,5 +178,5 @@ def _remove_images_from(image_dir: str, first_stale: int) -> None:
     """Remove the images an earlier, larger split of this folder left beyond the new one's last."""
     for name in os.listdir(image_dir):
         stem, extension = os.path.splitext(name)
-        if extension == ".png" and stem.isdigit() and int(stem) >= first_stale:
+        if extension == ".png" and stem.isdecimal() and stem.isascii() and int(stem) >= first_stale:
             os.remove(os.path.join(image_dir, name))

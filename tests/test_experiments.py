@@ -242,7 +242,7 @@ def fake_train_net(monkeypatch, tool, returncode: int) -> None:
 
 @pytest.mark.parametrize("returncode, stopped_by", [
     (-signal.SIGINT, "signal 2, SIGINT"), (-signal.SIGTERM, "signal 15, SIGTERM"),
-    (-signal.SIGKILL, "signal 9, SIGKILL; the kernel's out-of-memory killer"), (130, "exit code 130, SIGINT")])
+    (-signal.SIGHUP, "signal 1, SIGHUP"), (130, "exit code 130, SIGINT")])
 def test_a_cell_whose_run_a_signal_stopped_has_not_ended(tmp_path, monkeypatch, returncode, stopped_by):
     tool = load_tool("run_experiments")
     fake_train_net(monkeypatch, tool, returncode)
@@ -253,13 +253,28 @@ def test_a_cell_whose_run_a_signal_stopped_has_not_ended(tmp_path, monkeypatch, 
     assert sorted(os.listdir(tmp_path / cell.name)) == ["stdout.txt"]  # no cell.json, so it runs again; no weights
 
 
-def test_a_cell_whose_run_fails_by_itself_has_ended(tmp_path, monkeypatch):
+@pytest.mark.parametrize("returncode, error", [
+    (1, None), (-signal.SIGSEGV, "killed by signal 11, SIGSEGV"),
+    (-signal.SIGKILL, "killed by signal 9, SIGKILL (the kernel's out-of-memory killer sends it)")])
+def test_a_cell_whose_run_fails_or_crashes_by_itself_has_ended(tmp_path, monkeypatch, returncode, error):
     tool = load_tool("run_experiments")
-    fake_train_net(monkeypatch, tool, 1)
+    fake_train_net(monkeypatch, tool, returncode)
     preset = Preset.load(write_preset(tmp_path))
     cell = preset.cells()[0]
     assert tool.run_cell(preset, cell, 0, str(tmp_path), {})["status"] == "failed"
-    assert json.loads((tmp_path / cell.name / "cell.json").read_text())["status"] == "failed"
+    record = json.loads((tmp_path / cell.name / "cell.json").read_text())
+    assert record["status"] == "failed" and record.get("error") == error
+
+
+def test_a_run_that_ends_after_the_sweep_stopped_it_has_not_ended(tmp_path, monkeypatch):
+    tool = load_tool("run_experiments")
+    fake_train_net(monkeypatch, tool, 1)  # e.g. a launcher that turns SIGTERM into exit code 1
+    children = tool.Children()
+    children.stop()
+    monkeypatch.setattr(children, "start", lambda command, **kw: tool.subprocess.Popen(command, **kw))
+    preset = Preset.load(write_preset(tmp_path))
+    record = tool.run_cell(preset, preset.cells()[0], 0, str(tmp_path), {}, children)
+    assert record["status"] == "interrupted" and record["stopped_by"] == "the sweep stopped it (exit code 1)"
 
 
 def process_state(pid: int) -> str:
@@ -342,7 +357,7 @@ def test_an_interrupted_sweep_stops_its_run_and_records_nothing(tmp_path, how):
     # Its own process group, as a terminal gives a command: Ctrl-C sends SIGINT to that group.
     runner = subprocess.Popen([sys.executable, "tools/run_experiments.py", "--preset", path, "--output", str(out)],
                               cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, process_group=0)
+                              text=True, start_new_session=True)
     train_net = None
     try:
         train_net = train_net_of(str(run_dir), timeout=120)

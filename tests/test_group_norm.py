@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -73,6 +74,10 @@ def test_indivisible_channels_error_names_channels_and_setting(spec, channels, s
 def test_invalid_settings_are_rejected_with_their_key(kwargs, key):
     with pytest.raises(ValueError, match=f"MODEL.GN.{key}"):
         GroupNormSpec(**kwargs)
+
+
+def test_numpy_numbers_are_settings_like_any_other():
+    assert GroupNormSpec(num_groups=np.int64(8), eps=np.float32(1e-3))(16).num_groups == 8
 
 
 def test_resolve_norm_only_replaces_gn():

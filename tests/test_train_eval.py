@@ -185,10 +185,12 @@ def test_settings_detectron2_accepts_pass_the_checks(tiny_shapes_root, tmp_path,
     assert checked_config(out, flags, [o.format(out=out) for o in opts]).OUTPUT_DIR == str(out)
 
 
-def save_tiny_checkpoint(path, opts=()):
-    """A checkpoint of the model checked_config's settings (and ``opts``) build, as training saves one."""
+def save_tiny_checkpoint(path, opts=(), leave_out="no such suffix"):
+    """A checkpoint of the model checked_config's settings (and ``opts``) build, as training saves one, without
+    the tensors whose names end in ``leave_out``."""
     cfg = load_config(SHAPES_CONFIG, [*TINY_DATASETS, *opts])
-    torch.save({"model": build_model(cfg).state_dict(), "iteration": 1}, path)
+    state = {k: v for k, v in build_model(cfg).state_dict().items() if not k.endswith(leave_out)}
+    torch.save({"model": state, "iteration": 1}, path)
 
 
 def test_eval_only_refuses_weights_that_leave_tensors_at_random(tiny_shapes_root, tmp_path):
@@ -213,6 +215,19 @@ def test_eval_only_refuses_weights_that_leave_tensors_at_random(tiny_shapes_root
     (out / "last_checkpoint").write_text("model_0000009.pth")
     with pytest.raises(ValueError, match=f"{out}/model_0000009.pth sets 0 of the model's"):
         checked_config(out, ["--eval-only", "--resume"], ["MODEL.WEIGHTS", str(same)])
+    (out / "last_checkpoint").write_text("model_gone.pth")
+    with pytest.raises(ValueError, match=f"--resume: {out}/last_checkpoint names {out}/model_gone.pth, which does "
+                                         "not exist; restore that checkpoint, or delete"):
+        checked_config(out, ["--resume"], [])
+
+
+def test_eval_only_accepts_weights_without_batchnorm_counters(tiny_shapes_root, tmp_path):
+    weights = tmp_path / "older.pth"  # files saved before torch counted batches lack num_batches_tracked
+    save_tiny_checkpoint(weights, ["MODEL.FPN.NORM", "BN"], leave_out=".num_batches_tracked")
+    assert checked_config(tmp_path / "out", ["--eval-only"], ["MODEL.WEIGHTS", str(weights), "MODEL.FPN.NORM", "BN"])
+    save_tiny_checkpoint(weights, ["MODEL.FPN.NORM", "BN"], leave_out=".running_var")  # these it does use
+    with pytest.raises(ValueError, match="fpn_lateral2.norm.running_var"):
+        checked_config(tmp_path / "out", ["--eval-only"], ["MODEL.WEIGHTS", str(weights), "MODEL.FPN.NORM", "BN"])
 
 
 def test_evaluation_converts_a_dataset_without_json_anew(tmp_path):

@@ -47,12 +47,12 @@ class Children:
 
     def start(self, command: List[str], **popen_args) -> Optional[subprocess.Popen]:
         """Start ``command``, or return None once :meth:`stop` was called (a cell that was starting as the sweep
-        was interrupted). Each run gets its own process group, so stopping it stops the processes it spawned
-        (``--num-gpus`` > 1) as well."""
+        was interrupted). Each run gets its own session and process group, so stopping it stops the processes it
+        spawned (``--num-gpus`` > 1) as well."""
         with self._lock:  # held across Popen, so stop() cannot miss a run that is being started
             if self._stopped:
                 return None
-            child = subprocess.Popen(command, process_group=0, **popen_args)
+            child = subprocess.Popen(command, start_new_session=True, **popen_args)
             self._running.add(child)
             return child
 
@@ -71,12 +71,18 @@ class Children:
             running = list(self._running)
         for child in running:
             _signal_group(child, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S  # one grace period for them all
         for child in running:
             try:
-                child.wait(STOP_GRACE_S)
+                child.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 _signal_group(child, signal.SIGKILL)
                 child.wait()
+
+    @property
+    def stopped(self) -> bool:
+        """Whether :meth:`stop` was called: the runs that end from now on were stopped, not finished."""
+        return self._stopped
 
 
 def _signal_group(child: subprocess.Popen, signum: int) -> None:
@@ -88,20 +94,30 @@ def _signal_group(child: subprocess.Popen, signum: int) -> None:
         pass
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # someone stopped the run; it did not fail
+
+
 def stop_signal(returncode: int) -> Optional[str]:
-    """The signal that stopped a run, described (e.g. "signal 15, SIGTERM"), or None if the run exited by itself.
-    A run stopped so has not ended: it is recorded as nothing, and runs again. 130 and 143 are how shells and
-    launchers report a child that Ctrl-C (SIGINT) or SIGTERM stopped."""
+    """The signal that stopped a run from outside (Ctrl-C, ``kill``, a closed terminal), described (e.g. "signal 15,
+    SIGTERM"), or None if the run ended by itself or crashed (SIGSEGV, SIGABRT, ... are failures to record).
+    130 and 143 are how shells and launchers report a child that SIGINT or SIGTERM stopped."""
     if returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM):
         return f"exit code {returncode}, {signal.Signals(returncode - 128).name}"
+    if -returncode in STOP_SIGNALS:
+        return f"signal {-returncode}, {signal.Signals(-returncode).name}"
+    return None
+
+
+def killed_by(returncode: int) -> Optional[str]:
+    """The signal that ended a run which did not exit by itself, described, or None."""
     if returncode >= 0:
         return None
     try:
         name = signal.Signals(-returncode).name
     except ValueError:
         name = "unknown signal"
-    hint = "; the kernel's out-of-memory killer sends it too" if -returncode == signal.SIGKILL else ""
-    return f"signal {-returncode}, {name}{hint}"
+    hint = " (the kernel's out-of-memory killer sends it)" if -returncode == signal.SIGKILL else ""
+    return f"killed by signal {-returncode}, {name}{hint}"
 
 
 def cell_config(preset: Preset, cell: Cell):
@@ -157,11 +173,15 @@ def run_cell(preset: Preset, cell: Cell, order: int, out_dir: str, env: Dict[str
         record["command"] = " ".join(shlex.quote(c) for c in command)
         returncode = _train(children, command, run_dir, env)
         _remove_weights(run_dir)
-        stopped_by = "sweep stopped before the run started" if returncode is None else stop_signal(returncode)
-        if stopped_by:
+        if returncode is None:
+            return {**record, "status": "interrupted", "stopped_by": "the sweep stopped before the run started"}
+        if children.stopped or stop_signal(returncode):
+            stopped_by = stop_signal(returncode) or f"the sweep stopped it (exit code {returncode})"
             return {**record, "status": "interrupted", "stopped_by": stopped_by}
         record["metrics"] = final_metrics(os.path.join(run_dir, "metrics.json"))
         record["status"] = "ok" if returncode == 0 and record["metrics"] else _failure(run_dir)
+        if killed_by(returncode):
+            record["error"] = killed_by(returncode)
     record["seconds"] = round(time.time() - start, 1)
     write_atomically(os.path.join(run_dir, RESULT_FILE), json.dumps(record, indent=1))  # whole, or not ended
     return record
@@ -220,7 +240,7 @@ def run_all(preset: Preset, cells: List[Cell], out_dir: str, jobs: int) -> None:
     pool = ThreadPoolExecutor(jobs)
     try:
         list(pool.map(one, todo))
-    except KeyboardInterrupt:
+    except BaseException:  # Ctrl-C, or a cell's own error (a full disk): stop the other runs too, then say why
         pool.shutdown(wait=False, cancel_futures=True)  # the cells not started yet never start
         children.stop()
         raise
@@ -230,18 +250,19 @@ def run_all(preset: Preset, cells: List[Cell], out_dir: str, jobs: int) -> None:
 
 @contextmanager
 def signals_interrupt() -> Iterator[None]:
-    """Within the block SIGTERM (``kill``, a job scheduler) interrupts like Ctrl-C: KeyboardInterrupt, on which
-    run_all stops the runs. Later SIGINTs and SIGTERMs are ignored, so that stopping them is not cut short (it
-    takes at most STOP_GRACE_S). Only the main thread can set handlers; elsewhere this does nothing."""
+    """Within the block SIGTERM (``kill``, a job scheduler) and SIGHUP (a closed terminal: the runs, in sessions
+    of their own, would not get it) interrupt like Ctrl-C: KeyboardInterrupt, on which run_all stops the runs.
+    Later such signals are ignored, so that stopping them is not cut short (it takes at most STOP_GRACE_S). Only
+    the main thread can set handlers; elsewhere this does nothing."""
     def interrupt(signum, frame):
-        for s in (signal.SIGINT, signal.SIGTERM):
+        for s in STOP_SIGNALS:
             signal.signal(s, signal.SIG_IGN)
         raise KeyboardInterrupt
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, interrupt) for s in STOP_SIGNALS}
     try:
         yield
     finally:

@@ -13,6 +13,7 @@ import pickle
 import sys
 import urllib.parse
 import warnings
+from typing import Optional
 
 import torch
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
@@ -66,20 +67,19 @@ def checked_config(args):
     if cfg.MODEL.GN.IMPL == "triton" and not cfg.MODEL.DEVICE.startswith("cuda") and not _triton_interpreted():
         raise ValueError(f"MODEL.GN.IMPL triton runs its kernels on CUDA, but MODEL.DEVICE is {cfg.MODEL.DEVICE} "
                          "(on the CPU only under TRITON_INTERPRET=1, for tests); set MODEL.GN.IMPL auto")
-    if why := not_writable(cfg.OUTPUT_DIR):
+    if "://" not in cfg.OUTPUT_DIR and (why := not_writable(cfg.OUTPUT_DIR)):  # a local folder: try it
         raise ValueError(f"OUTPUT_DIR {cfg.OUTPUT_DIR}: cannot write there ({why}); give a writable folder")
     meta_model = check_model_builds(cfg, args.config_file)
     datasets = cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN + cfg.DATASETS.TEST
     check_dataset_files(datasets)
-    check_num_classes(datasets, cfg.MODEL.ROI_HEADS.NUM_CLASSES)
-    resuming = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
-    if not resuming:
+    if count_key := CLASS_COUNT_KEYS.get(cfg.MODEL.META_ARCHITECTURE):
+        check_num_classes(datasets, cfg.MODEL[count_key].NUM_CLASSES, f"MODEL.{count_key}.NUM_CLASSES")
+    resumed = resumed_checkpoint(cfg.OUTPUT_DIR, args.resume)
+    if not resumed:
         check_weights(cfg.MODEL.WEIGHTS)
-    if args.eval_only and not resuming and not cfg.MODEL.WEIGHTS:
+    if args.eval_only and not resumed and not cfg.MODEL.WEIGHTS:
         raise ValueError("--eval-only needs MODEL.WEIGHTS (a checkpoint file, URL or gn-zoo:// name), or --resume "
                          f"with a checkpoint in OUTPUT_DIR {cfg.OUTPUT_DIR}; it would evaluate a random model")
-    if args.eval_only and not cfg.TEST.ALLOW_PARTIAL_WEIGHTS:
-        check_weights_fit(meta_model, cfg, resume=args.resume)
     world_size, reference = args.num_gpus * args.num_machines, cfg.SOLVER.REFERENCE_WORLD_SIZE
     if world_size > 1 and not cfg.MODEL.DEVICE.startswith("cuda"):
         raise ValueError(f"{world_size} processes (--num-gpus {args.num_gpus}, --num-machines {args.num_machines}) "
@@ -92,7 +92,13 @@ def checked_config(args):
             f"{reference}, which Detectron2 needs to rescale the batch, LR and schedule to {world_size} GPU(s); "
             f"give a multiple of {reference}, or SOLVER.REFERENCE_WORLD_SIZE 0 to use them as given"
         )
+    if args.eval_only and not cfg.TEST.ALLOW_PARTIAL_WEIGHTS:  # last: it reads (maybe downloads) the weights
+        check_weights_fit(meta_model, resumed or cfg.MODEL.WEIGHTS)
     return cfg
+
+
+# the config key that sets how many classes a meta-architecture's predictors have, to check against the datasets
+CLASS_COUNT_KEYS = {"GeneralizedRCNN": "ROI_HEADS", "PanopticFPN": "ROI_HEADS", "RetinaNet": "RETINANET"}
 
 
 def _triton_interpreted() -> bool:
@@ -138,29 +144,47 @@ def check_weights(weights: str) -> None:
                                 "gn-zoo:// name (tools/model_zoo.py list)")
 
 
-def check_weights_fit(meta_model: torch.nn.Module, cfg, resume: bool) -> None:
-    """For ``--eval-only``: that the checkpoint evaluation would load (OUTPUT_DIR's last one with ``resume``,
-    else ``MODEL.WEIGHTS``) sets every tensor of the model, loading it as evaluation will into the model built on
-    the meta device (names and shapes are compared; nothing is copied). A model left partly at its random
-    initialization would be evaluated without a word otherwise, and its AP mean nothing.
+def resumed_checkpoint(output_dir: str, resume: bool) -> Optional[str]:
+    """The checkpoint ``--resume`` continues from, the one ``output_dir/last_checkpoint`` names; None without
+    ``resume`` or that file (Detectron2 then starts from MODEL.WEIGHTS).
+
+    Raises:
+        ValueError: if last_checkpoint names a file that is not there.
+    """
+    tag = os.path.join(output_dir, "last_checkpoint")
+    if not (resume and os.path.isfile(tag)):
+        return None
+    with open(tag) as f:
+        path = os.path.join(output_dir, f.read().strip())
+    if not os.path.isfile(path):
+        raise ValueError(f"--resume: {tag} names {path}, which does not exist; restore that checkpoint, or delete "
+                         f"{tag} to start from MODEL.WEIGHTS")
+    return path
+
+
+def check_weights_fit(meta_model: torch.nn.Module, path: str) -> None:
+    """For ``--eval-only``: that the checkpoint at ``path`` sets every tensor of the model that evaluation uses,
+    loading it as evaluation will into the model built on the meta device (names and shapes are compared; nothing
+    is copied). A model left partly at its random initialization would be evaluated without a word otherwise, and
+    its AP mean nothing. BatchNorm's ``num_batches_tracked`` counters, unused at evaluation, may be absent.
 
     Raises:
         ValueError: naming the checkpoint, the counts, the first tensors it leaves unset and the opt-out key.
     """
-    checkpointer = AtomicCheckpointer(meta_model, save_dir=cfg.OUTPUT_DIR)
+    checkpointer = AtomicCheckpointer(meta_model)
     checkpointer.logger = logging.getLogger("gn_detection.weights_check")
     checkpointer.logger.disabled = True  # evaluation logs the real load
-    path = checkpointer.get_checkpoint_file() if resume and checkpointer.has_checkpoint() else cfg.MODEL.WEIGHTS
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")  # the point: no copy
         checkpointer.load(path, checkpointables=[])
     counts = checkpointer.last_load_counts
-    if counts.missing:
+    unset = [name for name in counts.missing_names if not name.endswith(".num_batches_tracked")]
+    if unset:
         total = counts.loaded + counts.missing
         raise ValueError(
-            f"--eval-only: {path} sets {counts.loaded} of the model's {total} tensors; {counts.missing} would "
+            f"--eval-only: {path} sets {counts.loaded} of the model's {total} tensors; {len(unset)} would "
             f"keep their random initialization (missing from the file or of another shape, e.g. "
-            f"{', '.join(counts.missing_names[:3])}), so the AP would not be the checkpoint's. Give the checkpoint "
+            f"{', '.join(unset[:3])}), so the AP would not be the checkpoint's. Give the checkpoint "
             "trained with this config and these overrides (e.g. the same MODEL.ROI_HEADS.NUM_CLASSES and widths), "
             "or TEST.ALLOW_PARTIAL_WEIGHTS True to evaluate it anyway"
         )
