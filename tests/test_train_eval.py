@@ -1,6 +1,7 @@
 """Training and evaluation end to end on the synthetic dataset, through Detectron2's trainer and
 COCOEvaluator, as a user runs them (tools/train_net.py in a fresh process)."""
 import json
+import logging
 import os
 import shutil
 
@@ -242,6 +243,19 @@ def test_evaluation_converts_a_dataset_without_json_anew(tmp_path):
                                  "annotations": [], "categories": [{"id": 1, "name": "thing"}]}))
     load_tool("train_net").Trainer.build_evaluator(load_config(SHAPES_CONFIG), "dicts_only_val", str(tmp_path))
     assert [image["file_name"] for image in json.loads(stale.read_text())["images"]] == [str(tmp_path / "now.png")]
+
+
+def test_pictures_that_cannot_be_written_are_a_warning(tmp_path, monkeypatch, caplog):
+    train_net = load_tool("train_net")
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train_net, "draw_predictions", disk_full)
+    monkeypatch.setattr(logging.getLogger("gn_detection"), "propagate", True)  # as before any setup_logger()
+    cfg = load_config(SHAPES_CONFIG, ["OUTPUT_DIR", str(tmp_path), "TEST.VIS_NUM_IMAGES", 2])
+    train_net.save_pictures(cfg, model=None)  # after training and evaluation: nothing to lose by stopping here
+    assert "No pictures: [Errno 28] No space left on device" in caplog.text
 
 
 def test_triton_gn_on_the_cpu_is_named_unless_interpreted(tiny_shapes_root, tmp_path, monkeypatch):
