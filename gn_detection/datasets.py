@@ -100,13 +100,3 @@ def check_num_classes(names: Iterable[str], num_classes: int, key: str = "MODEL.
             raise ValueError(f"Dataset '{name}' has {len(classes)} classes ({shown}) but {key} is {num_classes}; "
                              f"set {key} {len(classes)}")
 
-
-def check_evaluable(names: Iterable[str]) -> None:
-    """Raise a ValueError for the first test dataset that COCOEvaluator cannot evaluate: one with neither a COCO
-    ``json_file`` nor the ``thing_classes`` it converts the dataset's dicts with (it would fail after training)."""
-    for name in names:
-        metadata = MetadataCatalog.get(name)
-        if not metadata.get("json_file") and metadata.get("thing_classes") is None:
-            raise ValueError(f"Dataset '{name}' (DATASETS.TEST) has neither a json_file nor thing_classes in its "
-                             "metadata, and COCO evaluation needs one of them; set "
-                             f"MetadataCatalog.get('{name}').thing_classes where the dataset is registered")

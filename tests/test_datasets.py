@@ -6,13 +6,13 @@ import sys
 
 import numpy as np
 import pytest
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog
 from detectron2.data.datasets import register_coco_instances
 from PIL import Image
 from pycocotools import mask as mask_util
 
 import gn_detection
-from gn_detection.datasets import check_dataset_files, check_evaluable, check_num_classes, load_checked_coco_json
+from gn_detection.datasets import check_dataset_files, check_num_classes, load_checked_coco_json
 from gn_detection.shapes import SHAPE_CLASSES, ShapesSplitSpec, draw_image, generate_split, split_paths
 
 from .conftest import REPO
@@ -131,15 +131,6 @@ def test_a_class_count_other_than_the_datasets_is_named(tmp_path):
         check_num_classes(["counted_shapes_val"], 80)
     register_coco_instances("classes_known_when_loaded", {}, str(tmp_path / "a.json"), str(tmp_path))
     check_num_classes(["classes_known_when_loaded"], 80)  # not read for this: no thing_classes until loaded
-
-
-def test_a_test_set_coco_evaluation_cannot_read_is_named():
-    DatasetCatalog.register("dicts_without_classes", lambda: [])
-    with pytest.raises(ValueError, match=r"'dicts_without_classes' \(DATASETS.TEST\) has neither a json_file nor "
-                                         r"thing_classes .* MetadataCatalog.get\('dicts_without_classes'\).thing_cl"):
-        check_evaluable(["dicts_without_classes"])
-    MetadataCatalog.get("dicts_without_classes").thing_classes = ["thing"]
-    check_evaluable(["dicts_without_classes", "shapes_val"])  # shapes: a json_file (and its classes)
 
 
 def test_missing_shapes_error_says_how_to_generate(tmp_path):

@@ -266,15 +266,65 @@ def test_a_cell_whose_run_fails_or_crashes_by_itself_has_ended(tmp_path, monkeyp
     assert record["status"] == "failed" and record.get("error") == error
 
 
-def test_a_run_that_ends_after_the_sweep_stopped_it_has_not_ended(tmp_path, monkeypatch):
+@pytest.mark.parametrize("returncode, status", [(1, "interrupted"), (0, "ok")])
+def test_a_run_that_ends_after_the_sweep_stopped_it_has_not_ended_unless_it_finished(tmp_path, monkeypatch,
+                                                                                       returncode, status):
     tool = load_tool("run_experiments")
-    fake_train_net(monkeypatch, tool, 1)  # e.g. a launcher that turns SIGTERM into exit code 1
+    fake_train_net(monkeypatch, tool, returncode)  # 1: e.g. a launcher that turns SIGTERM into exit code 1
+    monkeypatch.setattr(tool, "final_metrics", lambda path: {"segm/AP": 1.0})
     children = tool.Children()
     children.stop()
     monkeypatch.setattr(children, "start", lambda command, **kw: tool.subprocess.Popen(command, **kw))
     preset = Preset.load(write_preset(tmp_path))
-    record = tool.run_cell(preset, preset.cells()[0], 0, str(tmp_path), {}, children)
-    assert record["status"] == "interrupted" and record["stopped_by"] == "the sweep stopped it (exit code 1)"
+    cell = preset.cells()[0]
+    record = tool.run_cell(preset, cell, 0, str(tmp_path), {}, children)
+    assert record["status"] == status and (tmp_path / cell.name / "cell.json").exists() == (status == "ok")
+    if status == "interrupted":
+        assert record["stopped_by"] == "the sweep stopped it (exit code 1)"
+
+
+def test_a_cell_that_raises_stops_the_sweep_at_once(tmp_path, monkeypatch, capsys):
+    tool = load_tool("run_experiments")
+    path = write_preset(tmp_path, seeds=[1, 2, 3, 4])
+    preset = Preset.load(path)
+    cells = preset.cells()
+    saw_the_stop = []
+
+    def run_cell(preset, cell, order, out_dir, env, children):
+        if cell == cells[1]:
+            raise OSError(28, "No space left on device")
+        deadline = time.time() + 10  # a run in progress, until the sweep stops it
+        while not children.stopped and time.time() < deadline:
+            time.sleep(0.01)
+        saw_the_stop.append(children.stopped)
+        return {"status": "interrupted", "stopped_by": "test"}
+
+    monkeypatch.setattr(tool, "run_cell", run_cell)
+    start = time.time()
+    with pytest.raises(OSError, match="No space left"):
+        tool.run_all(preset, cells, str(tmp_path / "out"), 2)
+    assert saw_the_stop and all(saw_the_stop) and time.time() - start < 8  # not after the first cell's 10 s
+    saw_the_stop.clear()
+    assert tool.main(["--preset", path, "--output", str(tmp_path / "out"), "--jobs", "2"]) == 1
+    assert "error: [Errno 28] No space left on device; the cells that ended are kept" in capsys.readouterr().err
+
+
+def test_signals_ignored_from_the_start_stay_ignored():
+    tool = load_tool("run_experiments")
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup starts a command
+    try:
+        with tool.signals_interrupt():
+            try:
+                os.kill(os.getpid(), signal.SIGHUP)  # a closed terminal: nohup's sweep goes on
+                time.sleep(0.1)
+            except KeyboardInterrupt:
+                pytest.fail("SIGHUP stopped a sweep started with it ignored (under nohup)")
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGHUP, before)
 
 
 def process_state(pid: int) -> str:

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Optional, Sequence, Set
 
@@ -100,8 +100,8 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # someone stopped
 def stop_signal(returncode: int) -> Optional[str]:
     """The signal that stopped a run from outside (Ctrl-C, ``kill``, a closed terminal), described (e.g. "signal 15,
     SIGTERM"), or None if the run ended by itself or crashed (SIGSEGV, SIGABRT, ... are failures to record).
-    130 and 143 are how shells and launchers report a child that SIGINT or SIGTERM stopped."""
-    if returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+    128 + the signal (130 for SIGINT, 143 for SIGTERM) is how shells and launchers report a child it stopped."""
+    if returncode in [128 + s for s in STOP_SIGNALS]:
         return f"exit code {returncode}, {signal.Signals(returncode - 128).name}"
     if -returncode in STOP_SIGNALS:
         return f"signal {-returncode}, {signal.Signals(-returncode).name}"
@@ -175,7 +175,7 @@ def run_cell(preset: Preset, cell: Cell, order: int, out_dir: str, env: Dict[str
         _remove_weights(run_dir)
         if returncode is None:
             return {**record, "status": "interrupted", "stopped_by": "the sweep stopped before the run started"}
-        if children.stopped or stop_signal(returncode):
+        if returncode != 0 and (children.stopped or stop_signal(returncode)):  # a run that finished is kept
             stopped_by = stop_signal(returncode) or f"the sweep stopped it (exit code {returncode})"
             return {**record, "status": "interrupted", "stopped_by": stopped_by}
         record["metrics"] = final_metrics(os.path.join(run_dir, "metrics.json"))
@@ -193,7 +193,8 @@ def _train(children: Children, command: List[str], run_dir: str, env: Dict[str, 
     if os.path.isfile(metrics):  # an interrupted run's: Detectron2 appends, and it is not this run's result
         os.remove(metrics)
     with open(os.path.join(run_dir, "stdout.txt"), "w") as log:
-        child = children.start(command, cwd=REPO, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+        child = children.start(command, cwd=REPO, env={**os.environ, **env}, stdin=subprocess.DEVNULL, stdout=log,
+                               stderr=subprocess.STDOUT)
         return None if child is None else children.wait(child)
 
 
@@ -239,7 +240,9 @@ def run_all(preset: Preset, cells: List[Cell], out_dir: str, jobs: int) -> None:
 
     pool = ThreadPoolExecutor(jobs)
     try:
-        list(pool.map(one, todo))
+        cells_done, _ = wait([pool.submit(one, cell) for cell in todo], return_when=FIRST_EXCEPTION)
+        for cell_done in cells_done:
+            cell_done.result()  # a cell's error, as soon as it happens rather than in the cells' order
     except BaseException:  # Ctrl-C, or a cell's own error (a full disk): stop the other runs too, then say why
         pool.shutdown(wait=False, cancel_futures=True)  # the cells not started yet never start
         children.stop()
@@ -262,7 +265,8 @@ def signals_interrupt() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, interrupt) for s in STOP_SIGNALS}
+    # a signal ignored from the start stays ignored: nohup's SIGHUP, SIGINT for a command started with `&`
+    previous = {s: signal.signal(s, interrupt) for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield
     finally:
@@ -332,8 +336,13 @@ def main(argv=None) -> int:
             print(cell.name, " ".join(map(str, preset.overrides(cell))))
         return 0
     start = time.time()
-    if not args.report_only and interrupted_sweep(preset, cells, out_dir, args.jobs):
-        return 130  # the shells' status for a command stopped by Ctrl-C
+    try:
+        if not args.report_only and interrupted_sweep(preset, cells, out_dir, args.jobs):
+            return 130  # the shells' status for a command stopped by Ctrl-C
+    except OSError as e:  # a full disk, a folder that went read-only: the runs in progress were stopped
+        print(f"error: {e}; the cells that ended are kept: fix this and run the same command to resume",
+              file=sys.stderr)
+        return 1
     command = ["python", "tools/run_experiments.py", *(argv or sys.argv[1:])]
     header = {"preset": os.path.relpath(os.path.abspath(path), REPO),
               "command": " ".join(shlex.quote(a) for a in command),
