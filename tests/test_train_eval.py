@@ -147,6 +147,8 @@ def checked_config(out, flags, opts):
                                        "(MODEL.RESNETS.STEM_OUT_CHANNELS=64): MODEL.GN.NUM_GROUPS=7 does not divide"),
     ([], ["MODEL.ROI_HEADS.NAME", "GNROIHeads"], "cannot be built: No object named 'GNROIHeads' found in "
                                                  "'ROI_HEADS' registry"),
+    ([], ["MODEL.ROI_BOX_HEAD.NUM_CONV", "0", "MODEL.ROI_BOX_HEAD.NUM_FC", "0"],
+     "cannot be built: `assert len(conv_dims) + len(fc_dims) > 0` failed in box_head.py, __init__()"),
     ([], ["SOLVER.REFERENCE_WORLD_SIZE", "3"],
      "SOLVER.IMS_PER_BATCH 4 is not a multiple of SOLVER.REFERENCE_WORLD_SIZE 3"),
     ([], ["MODEL.ROI_HEADS.NUM_CLASSES", "80"], "Dataset 'tiny_shapes_train' has 4 classes (circle, square, "

@@ -11,6 +11,7 @@ import logging
 import os
 import pickle
 import sys
+import traceback
 import urllib.parse
 import warnings
 from typing import Optional
@@ -122,8 +123,15 @@ def check_model_builds(cfg, config_file: str) -> torch.nn.Module:
         with torch.device("meta"):
             return build_model(meta)
     except (ValueError, KeyError, AssertionError) as e:
-        reason = e.args[0] if e.args else type(e).__name__  # a KeyError's str() is its message quoted
+        reason = e.args[0] if e.args else _failed_check(e)  # a KeyError's str() is its message quoted
         raise ValueError(f"{config_file} and the overrides give a model that cannot be built: {reason}") from e
+
+
+def _failed_check(error: BaseException) -> str:
+    """A bare ``assert``'s failure told by its source line and place (Detectron2's builders assert without a
+    message, e.g. a box head with neither convs nor fcs)."""
+    frame = traceback.extract_tb(error.__traceback__)[-1]
+    return f"`{frame.line}` failed in {os.path.basename(frame.filename)}, {frame.name}()"
 
 
 def check_weights(weights: str) -> None:
