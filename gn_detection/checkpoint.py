@@ -3,7 +3,7 @@ import os
 import pickle
 import pickletools
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Tuple
 
 import torch
@@ -21,9 +21,12 @@ class LoadCounts:
     tensors of the file that went nowhere (``unused``)."""
 
     loaded: int
-    missing: int
+    missing_names: Tuple[str, ...]
     unused: int
-    missing_names: Tuple[str, ...] = field(default=(), repr=False)
+
+    @property
+    def missing(self) -> int:
+        return len(self.missing_names)
 
     def __str__(self) -> str:
         return f"loaded {self.loaded}, missing {self.missing}, unused {self.unused}"
@@ -88,8 +91,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         # the file's tensors that went nowhere: names the model lacks and shapes it does not have (counting them
         # from the file's size instead would subtract the BatchNorm counters torch fills in for old files)
         unused = len(incompatible.unexpected_keys) + len(incompatible.incorrect_shapes)
-        self.last_load_counts = LoadCounts(loaded, len(incompatible.missing_keys), unused,
-                                           tuple(incompatible.missing_keys))
+        self.last_load_counts = LoadCounts(loaded, tuple(incompatible.missing_keys), unused)
         self.logger.info("Loaded %d of the model's %d tensors (%s)", loaded, len(model_keys), self.last_load_counts)
         return incompatible
 

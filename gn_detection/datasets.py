@@ -99,4 +99,3 @@ def check_num_classes(names: Iterable[str], num_classes: int, key: str = "MODEL.
             shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
             raise ValueError(f"Dataset '{name}' has {len(classes)} classes ({shown}) but {key} is {num_classes}; "
                              f"set {key} {len(classes)}")
-

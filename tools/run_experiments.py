@@ -175,13 +175,14 @@ def run_cell(preset: Preset, cell: Cell, order: int, out_dir: str, env: Dict[str
         _remove_weights(run_dir)
         if returncode is None:
             return {**record, "status": "interrupted", "stopped_by": "the sweep stopped before the run started"}
-        if returncode != 0 and (children.stopped or stop_signal(returncode)):  # a run that finished is kept
-            stopped_by = stop_signal(returncode) or f"the sweep stopped it (exit code {returncode})"
+        signalled = stop_signal(returncode)
+        if returncode != 0 and (children.stopped or signalled):  # a run that finished is kept
+            stopped_by = signalled or f"the sweep stopped it (exit code {returncode})"
             return {**record, "status": "interrupted", "stopped_by": stopped_by}
         record["metrics"] = final_metrics(os.path.join(run_dir, "metrics.json"))
         record["status"] = "ok" if returncode == 0 and record["metrics"] else _failure(run_dir)
-        if killed_by(returncode):
-            record["error"] = killed_by(returncode)
+        if crash := killed_by(returncode):
+            record["error"] = crash
     record["seconds"] = round(time.time() - start, 1)
     write_atomically(os.path.join(run_dir, RESULT_FILE), json.dumps(record, indent=1))  # whole, or not ended
     return record

@@ -75,7 +75,7 @@ def checked_config(args):
     check_dataset_files(datasets)
     if count_key := CLASS_COUNT_KEYS.get(cfg.MODEL.META_ARCHITECTURE):
         check_num_classes(datasets, cfg.MODEL[count_key].NUM_CLASSES, f"MODEL.{count_key}.NUM_CLASSES")
-    resumed = resumed_checkpoint(cfg.OUTPUT_DIR, args.resume)
+    resumed = resumed_checkpoint(meta_model, cfg.OUTPUT_DIR, args.resume)
     if not resumed:
         check_weights(cfg.MODEL.WEIGHTS)
     if args.eval_only and not resumed and not cfg.MODEL.WEIGHTS:
@@ -152,19 +152,20 @@ def check_weights(weights: str) -> None:
                                 "gn-zoo:// name (tools/model_zoo.py list)")
 
 
-def resumed_checkpoint(output_dir: str, resume: bool) -> Optional[str]:
-    """The checkpoint ``--resume`` continues from, the one ``output_dir/last_checkpoint`` names; None without
-    ``resume`` or that file (Detectron2 then starts from MODEL.WEIGHTS).
+def resumed_checkpoint(meta_model: torch.nn.Module, output_dir: str, resume: bool) -> Optional[str]:
+    """The checkpoint ``--resume`` continues from, the one ``output_dir/last_checkpoint`` names (read by the
+    checkpointer training resumes with); None without ``resume`` or that file (Detectron2 then starts from
+    MODEL.WEIGHTS).
 
     Raises:
         ValueError: if last_checkpoint names a file that is not there.
     """
-    tag = os.path.join(output_dir, "last_checkpoint")
-    if not (resume and os.path.isfile(tag)):
+    checkpointer = AtomicCheckpointer(meta_model, save_dir=output_dir)
+    if not (resume and checkpointer.has_checkpoint()):
         return None
-    with open(tag) as f:
-        path = os.path.join(output_dir, f.read().strip())
+    path = checkpointer.get_checkpoint_file()
     if not os.path.isfile(path):
+        tag = os.path.join(output_dir, "last_checkpoint")
         raise ValueError(f"--resume: {tag} names {path}, which does not exist; restore that checkpoint, or delete "
                          f"{tag} to start from MODEL.WEIGHTS")
     return path
