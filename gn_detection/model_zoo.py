@@ -113,6 +113,9 @@ for _model in (
 
 def lookup(name: str) -> ZooModel:
     """The catalog entry called ``name`` (a ``gn-zoo://`` prefix is allowed)."""
+    if not isinstance(name, str):
+        raise TypeError(f"model zoo: a checkpoint name is a string such as {next(iter(CATALOG))!r}, not "
+                        f"{name!r}; `python tools/model_zoo.py list` shows every name.")
     name = name[len(SCHEME):] if name.startswith(SCHEME) else name
     if name not in CATALOG:
         close = difflib.get_close_matches(name, list(CATALOG), n=3, cutoff=0.5)

@@ -458,6 +458,9 @@ def test_unknown_and_results_only_names_are_clear():
         model_zoo.lookup("Detectron2/mask_rcnn_R_50_FPN_3x")
     with pytest.raises(DownloadError, match="results only"):
         model_zoo.fetch("Detectron/scratch_e2e_mask_rcnn_R-50-FPN_3x_gn")
+    for not_a_name in (None, 3):
+        with pytest.raises(TypeError, match=f"a checkpoint name is a string .* not {not_a_name}"):
+            model_zoo.get_config(not_a_name)
 
 
 def test_command_line_list_and_download(server):
