@@ -88,6 +88,21 @@ def check_dataset_files(names: Iterable[str], named_by: str = "DATASETS.TRAIN / 
                 raise FileNotFoundError(f"Dataset '{name}': its {what} {path} does not exist. {hint}")
 
 
+def check_evaluation_classes(names: Iterable[str]) -> None:
+    """Raise a ValueError for the first dataset to evaluate that has no ``json_file`` and no ``thing_classes``:
+    COCOEvaluator converts such a dataset to COCO format and names its categories from ``thing_classes``, which
+    would otherwise fail after training. A dataset's loader may set its classes, so such a dataset is loaded first."""
+    for name in names:
+        metadata = MetadataCatalog.get(name)
+        if metadata.get("json_file") or metadata.get("thing_classes") is not None:
+            continue
+        DatasetCatalog.get(name)  # as COCOEvaluator's conversion does, before it reads the classes
+        if metadata.get("thing_classes") is None:
+            raise ValueError(f"Dataset '{name}' (DATASETS.TEST) has neither a json_file nor thing_classes in its "
+                             "metadata, and COCO evaluation names the categories from thing_classes; set them where "
+                             f"it is registered: MetadataCatalog.get('{name}').thing_classes = [...]")
+
+
 def check_num_classes(names: Iterable[str], num_classes: int, key: str = "MODEL.ROI_HEADS.NUM_CLASSES") -> None:
     """Raise a ValueError for the first dataset whose registered ``thing_classes`` are not ``num_classes`` many
     (the config's ``key``): more classes index past the classifier mid-training, fewer leave the model predicting

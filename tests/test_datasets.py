@@ -6,13 +6,14 @@ import sys
 
 import numpy as np
 import pytest
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from PIL import Image
 from pycocotools import mask as mask_util
 
 import gn_detection
-from gn_detection.datasets import check_dataset_files, check_num_classes, load_checked_coco_json
+from gn_detection.datasets import (check_dataset_files, check_evaluation_classes, check_num_classes,
+                                   load_checked_coco_json)
 from gn_detection.shapes import SHAPE_CLASSES, ShapesSplitSpec, draw_image, generate_split, split_paths
 
 from .conftest import REPO
@@ -131,6 +132,21 @@ def test_a_class_count_other_than_the_datasets_is_named(tmp_path):
         check_num_classes(["counted_shapes_val"], 80)
     register_coco_instances("classes_known_when_loaded", {}, str(tmp_path / "a.json"), str(tmp_path))
     check_num_classes(["classes_known_when_loaded"], 80)  # not read for this: no thing_classes until loaded
+
+
+def test_a_dataset_coco_evaluation_cannot_name_the_classes_of_is_named(tmp_path):
+    def loader_that_names_its_classes():
+        MetadataCatalog.get("classes_set_by_loader").thing_classes = ["thing"]
+        return []
+
+    DatasetCatalog.register("classes_set_by_loader", loader_that_names_its_classes)
+    DatasetCatalog.register("classes_nowhere", list)
+    register_coco_instances("classes_in_json", {}, str(tmp_path / "a.json"), str(tmp_path))  # never loaded here
+    check_evaluation_classes(["classes_in_json", "classes_set_by_loader"])
+    assert MetadataCatalog.get("classes_set_by_loader").thing_classes == ["thing"]
+    with pytest.raises(ValueError, match=r"Dataset 'classes_nowhere' \(DATASETS.TEST\) has neither a json_file nor "
+                                         r"thing_classes .* MetadataCatalog.get\('classes_nowhere'\).thing_classes"):
+        check_evaluation_classes(["classes_nowhere"])
 
 
 def test_missing_shapes_error_says_how_to_generate(tmp_path):

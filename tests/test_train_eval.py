@@ -155,11 +155,15 @@ def checked_config(out, flags, opts):
                                                 "triangle, star) but MODEL.ROI_HEADS.NUM_CLASSES is 80"),
     ([], ["OUTPUT_DIR", "/proc/version/out"], "OUTPUT_DIR /proc/version/out: cannot write there (/proc/version is a "
                                               "file); give a writable folder"),
+    ([], ["DATASETS.TEST", "('dicts_without_classes',)"], "Dataset 'dicts_without_classes' (DATASETS.TEST) has "
+                                                          "neither a json_file nor thing_classes"),
     (["--eval-only"], [], "--eval-only needs MODEL.WEIGHTS"),
     (["--eval-only", "--resume"], [], "--eval-only needs MODEL.WEIGHTS"),  # nothing to resume from
     (["--num-gpus", "2"], [], "several processes need CUDA; on the CPU use --num-gpus 1"),
 ])
 def test_a_mistake_in_the_settings_is_named_before_any_work(tiny_shapes_root, tmp_path, flags, opts, message):
+    if "dicts_without_classes" not in DatasetCatalog:  # evaluated after training, but its classes are unknown
+        DatasetCatalog.register("dicts_without_classes", list)
     with pytest.raises((ValueError, FileNotFoundError)) as error:
         checked_config(tmp_path / "out", flags, opts)
     assert message in str(error.value)
