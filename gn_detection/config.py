@@ -1,5 +1,5 @@
 """Config keys added by gn_detection."""
-from typing import Sequence
+from typing import List, Sequence
 
 import yaml
 from detectron2.config import CfgNode as CN
@@ -61,26 +61,39 @@ def _structure_problem(config_file: str) -> str:
             "content is such a mapping")
 
 
+def _nulls_where_defaults_are_not(cfg: CN, defaults: CN, prefix: str = "") -> List[str]:
+    """The keys a file or override set to None (yacs takes YAML's null for any key) whose default is a value."""
+    nulls = []
+    for key, default in defaults.items():
+        value = cfg[key]
+        if isinstance(default, CN) and isinstance(value, CN):
+            nulls += _nulls_where_defaults_are_not(value, default, f"{prefix}{key}.")
+        elif value is None and default is not None:
+            nulls.append(prefix + key)
+    return nulls
+
+
 def load_config(config_file: str, opts: Sequence = ()) -> CN:
     """Detectron2's defaults plus gn_detection's keys, merged with ``config_file`` and KEY VALUE ``opts``.
 
     Raises:
         FileNotFoundError: if ``config_file`` does not exist.
-        ValueError: naming the file or key at fault, for a file that is not a YAML mapping, an unknown key, an
-            odd-length ``opts``, an invalid ``MODEL.GN`` or ``TEST.VIS_NUM_IMAGES`` value, and settings that would be
-            ignored (CUDA graphs or channels last for a backbone that has neither, a group count for Res5ROIHeads'
-            res5).
+        ValueError: naming the file or key at fault, for a file that is not a YAML mapping, an unknown key, a key
+            set to null where its default is a value, an odd-length ``opts``, an invalid ``MODEL.GN`` or
+            ``TEST.VIS_NUM_IMAGES`` value, and settings that would be ignored (CUDA graphs or channels last for a
+            backbone that has neither, a group count for Res5ROIHeads' res5).
     """
     cfg = get_cfg()
     add_gn_config(cfg)
+    defaults = cfg.clone()
     if not PathManager.isfile(config_file):
         raise FileNotFoundError(f"{config_file or '--config-file'}: no such config file; give one such as "
                                 "configs/mask_rcnn_R50_FPN_gn.yaml")
     try:  # yacs asserts; a user's mistake deserves a ValueError that says what to do
         cfg.merge_from_file(config_file)
-    except AssertionError as e:
-        raise ValueError(f"{config_file}: {e}; a key must be one of Detectron2's defaults or gn_detection's "
-                         "(README.md lists those)") from e
+    except (AssertionError, KeyError) as e:  # a value of the wrong type; a key that does not exist
+        raise ValueError(f"{config_file}: {e.args[0]}; a key must be one of Detectron2's defaults or "
+                         "gn_detection's (README.md lists those)") from e
     except yaml.YAMLError as e:
         raise ValueError(f"{config_file}: not valid YAML: {e}") from e
     except (TypeError, AttributeError) as e:  # yacs met a value where it expects a mapping or a file name
@@ -90,6 +103,9 @@ def load_config(config_file: str, opts: Sequence = ()) -> CN:
     except AssertionError as e:
         raise ValueError(f"overrides: {e}; give KEY VALUE pairs of existing keys, e.g. "
                          "MODEL.GN.NUM_GROUPS 16") from e
+    if nulls := _nulls_where_defaults_are_not(cfg, defaults):
+        raise ValueError(f"{config_file}: {', '.join(nulls)} set to null (None), which Detectron2 cannot use where "
+                         "the default is a value; give a value, or remove the line to keep the default")
     try:
         GroupNormSpec.from_config(cfg)  # checks the MODEL.GN values
     except ValueError as e:

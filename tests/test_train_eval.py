@@ -299,6 +299,23 @@ def test_a_section_left_empty_is_named_as_such(tmp_path):
         load_config(str(config))
 
 
+def test_a_misspelled_key_in_a_config_file_is_named(tmp_path):
+    config = tmp_path / "typo.yaml"  # yacs raises KeyError for a file's unknown key, AssertionError for an override's
+    config.write_text(f"_BASE_: {os.path.abspath(SHAPES_CONFIG)}\nMODEL:\n  RESNETS:\n    DEPHT: 34\n")
+    with pytest.raises(ValueError, match=f"^{config}: Non-existent config key: MODEL.RESNETS.DEPHT; a key must be"):
+        load_config(str(config))
+
+
+def test_a_key_set_to_null_is_named(tmp_path):
+    config = tmp_path / "nulls.yaml"  # yacs takes null for any key; Detectron2 fails on it later, mid-run
+    config.write_text(f"_BASE_: {os.path.abspath(SHAPES_CONFIG)}\nMODEL:\n  WEIGHTS: null\nDATASETS:\n  TEST: ~\n")
+    with pytest.raises(ValueError, match=f"^{config}: MODEL.WEIGHTS, DATASETS.TEST set to null"):
+        load_config(str(config))
+    with pytest.raises(ValueError, match="SOLVER.BASE_LR set to null .* give a value, or remove the line"):
+        load_config(SHAPES_CONFIG, ["SOLVER.BASE_LR", "None"])
+    assert load_config(SHAPES_CONFIG, ["SOLVER.WEIGHT_DECAY_BIAS", "None"]).SOLVER.WEIGHT_DECAY_BIAS is None  # default
+
+
 def test_no_config_file_names_the_flag():
     with pytest.raises(FileNotFoundError, match="^--config-file: no such config file"):
         load_config("")

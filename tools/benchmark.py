@@ -154,7 +154,7 @@ def prepare_variants(args) -> dict:
     for variant in (bench.parse_variant(spec, builtins) for spec in args.variants):
         try:
             configs[variant] = bench.variant_config(variant, args.device, args.opts)
-        except (FileNotFoundError, KeyError, ValueError) as e:  # load_config's errors: missing file, unknown key
+        except (FileNotFoundError, ValueError) as e:  # load_config's errors: missing file, unknown key, bad value
             raise ValueError(f"variant {variant.name} ({variant.config_file}): {e}") from None
     return {variant: (cfg, inputs_for(cfg, args, max(args.images_per_gpu))) for variant, cfg in configs.items()}
 
