@@ -152,6 +152,14 @@ def _draw_panel(ax, experiment: str, rows: List[Dict], key: str) -> None:
         _bar_plot(ax, rows, key)
 
 
+def unfinished_runs(records: List[Dict]) -> List[str]:
+    """Markdown lines listing each run that did not finish, with why (its record's error), if any."""
+    lines = [f"- {r['experiment']}, {LABELS.get(r['variant'], r['variant'])}, {r['ims_per_gpu']} images/GPU, seed "
+             f"{r['seed']}: {r['status']}" + (f": {r['error']}" if r.get("error") else "")
+             for r in records if r["status"] != "ok"]
+    return ["### Runs that did not finish", "", *lines, ""] if lines else []
+
+
 def write_report(out_dir: str, title: str, header: Optional[Dict] = None) -> Dict[str, str]:
     """Collect the runs under ``out_dir`` and write ``results.json``, ``results.md`` and the plots."""
     records = collect(out_dir)
@@ -160,6 +168,7 @@ def write_report(out_dir: str, title: str, header: Optional[Dict] = None) -> Dic
     results = {**header, "summary": rows, "runs": records}
     write_atomically(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1))
     lines = [f"# {title}", ""] + [f"- {k}: {v}" for k, v in header.items()] + ["", markdown_table(rows)]
+    lines += unfinished_runs(records)
     write_atomically(os.path.join(out_dir, "results.md"), "\n".join(lines))
     plots = plot(rows, out_dir, title)
     return {"json": os.path.join(out_dir, "results.json"), "markdown": os.path.join(out_dir, "results.md"),

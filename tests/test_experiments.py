@@ -224,12 +224,17 @@ def fail_writing(monkeypatch, name):
     monkeypatch.setattr(builtins, "open", open_that_fails)
 
 
-def fake_train_net(monkeypatch, tool, returncode: int) -> None:
+def fake_train_net(monkeypatch, tool, returncode: int, log: str = "") -> list:
     """Make the runner's train_net runs exit at once with ``returncode`` (negative: killed by that signal), having
-    written a checkpoint in their OUTPUT_DIR as a real run would."""
+    written ``log`` to their output and a checkpoint in their OUTPUT_DIR as a real run would. Returns the list the
+    runs' commands are appended to."""
+    commands = []
+
     class FakeRun:
         def __init__(self, command, **kwargs):
             self.pid, self.returncode = -1, returncode
+            commands.append(command)
+            kwargs["stdout"].write(log)
             open(os.path.join(command[command.index("OUTPUT_DIR") + 1], "model_final.pth"), "w").close()
 
         def wait(self, timeout=None):
@@ -238,6 +243,7 @@ def fake_train_net(monkeypatch, tool, returncode: int) -> None:
         poll = wait
 
     monkeypatch.setattr(tool.subprocess, "Popen", FakeRun)
+    return commands
 
 
 @pytest.mark.parametrize("returncode, stopped_by", [
@@ -264,6 +270,48 @@ def test_a_cell_whose_run_fails_or_crashes_by_itself_has_ended(tmp_path, monkeyp
     assert tool.run_cell(preset, cell, 0, str(tmp_path), {})["status"] == "failed"
     record = json.loads((tmp_path / cell.name / "cell.json").read_text())
     assert record["status"] == "failed" and record.get("error") == error
+
+
+def test_a_failed_runs_reason_is_recorded_and_reported(tmp_path, monkeypatch):
+    tool = load_tool("run_experiments")
+    why = "error: 2 processes (--num-gpus 2, --num-machines 1) with MODEL.DEVICE cpu: ... use --num-gpus 1"
+    fake_train_net(monkeypatch, tool, 1, log=f"[12/02 10:00:00] starting\n{why}\n")
+    preset = Preset.load(write_preset(tmp_path))
+    assert tool.run_cell(preset, preset.cells()[0], 0, str(tmp_path), {})["error"] == why
+    write_report(str(tmp_path), "sweep")
+    assert f"- batch_size, GN, 1 images/GPU, seed 1: failed: {why}" in (tmp_path / "results.md").read_text()
+
+
+def test_a_relative_output_holds_the_runs_and_a_changed_preset_runs_its_cells_again(tmp_path, monkeypatch, capsys):
+    tool = load_tool("run_experiments")
+    commands = fake_train_net(monkeypatch, tool, 0)
+    monkeypatch.setattr(tool, "final_metrics", lambda path: {"segm/AP": 1.0, "bbox/AP": 2.0})
+    path = write_preset(tmp_path)
+    monkeypatch.chdir(tmp_path)  # the runs start in the repository: a relative --output must not land there
+    assert tool.main(["--preset", path, "--output", "sweep"]) == 0
+    record = json.loads((tmp_path / "sweep" / "batch_size" / "GN_ims1_seed1" / "cell.json").read_text())
+    assert record["status"] == "ok" and not os.path.exists(os.path.join(REPO, "sweep"))
+    assert commands[0][commands[0].index("OUTPUT_DIR") + 1] == str(tmp_path / "sweep" / "batch_size/GN_ims1_seed1")
+    assert tool.main(["--preset", path, "--output", "sweep"]) == 0 and len(commands) == 1  # ended: kept
+    assert "1 already done, 0 to run" in capsys.readouterr().out
+    path = write_preset(tmp_path, lr_per_image=0.01)  # 0.001 before: the record is not of these settings
+    assert tool.main(["--preset", path, "--output", "sweep"]) == 0 and len(commands) == 2
+    assert "1 of them ended with other settings (config, GPUs or overrides) and run again" in capsys.readouterr().out
+    record = json.loads((tmp_path / "sweep" / "batch_size" / "GN_ims1_seed1" / "cell.json").read_text())
+    assert record["overrides"][record["overrides"].index("SOLVER.BASE_LR") + 1] == "0.01"
+
+
+def test_a_relative_datasets_root_reaches_the_runs_as_an_absolute_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DETECTRON2_DATASETS", "data")
+    preset = Preset.load(write_preset(tmp_path, dataset=None))
+    assert load_tool("run_experiments").prepare_dataset(preset) == {"DETECTRON2_DATASETS": str(tmp_path / "data")}
+
+
+def test_a_cell_listed_twice_is_refused(tmp_path):
+    path = write_preset(tmp_path, seeds=[1, 2, 1])
+    with pytest.raises(ValueError, match=r"cell\(s\) batch_size/GN_ims1_seed1 come more than once .* list each once"):
+        load_tool("run_experiments").checked_cells(Preset.load(path), path, ())
 
 
 @pytest.mark.parametrize("returncode, status", [(1, "interrupted"), (0, "ok")])

@@ -6,7 +6,8 @@
     python tools/run_experiments.py --quick --dry-run             # list the cells and their settings
 
 Runs go to OUTPUT/<experiment>/<cell>/ (OUTPUT defaults to output/experiments/<preset>). A cell that has
-ended (cell.json written) is skipped when the command runs again, so an interrupted sweep resumes. Ctrl-C or
+ended (cell.json written) with the settings the preset gives now is skipped when the command runs again, so an
+interrupted sweep resumes. Ctrl-C or
 SIGTERM stops the runs in progress (they are not recorded, so they run again) and exits with status 130.
 Results: OUTPUT/results.json, OUTPUT/results.md and OUTPUT/<experiment>.png.
 """
@@ -22,7 +23,7 @@ import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Optional, Sequence, Set
+from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -33,6 +34,7 @@ from gn_detection.report import RESULT_FILE, collect, final_metrics, write_repor
 from gn_detection.shapes import generate_split
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAILURE_CHARS = 400  # of a failed run's log line kept in its record
 STOP_GRACE_S = 30  # how long a stopped run may take to exit on SIGTERM before it is killed
 
 
@@ -124,6 +126,25 @@ def cell_config(preset: Preset, cell: Cell):
     return load_config(os.path.join(REPO, preset.config), preset.overrides(cell))
 
 
+def cell_settings(preset: Preset, cell: Cell) -> Dict:
+    """What a cell's run is made of (config file, GPUs, overrides as passed to train_net), recorded with it so that
+    a sweep after the preset changed runs the cell again instead of keeping a result of other settings."""
+    return {"config": preset.config, "num_gpus": preset.num_gpus,
+            "overrides": [str(x) for x in preset.overrides(cell)]}
+
+
+def ended_as_set(out_dir: str, preset: Preset, cell: Cell) -> Optional[bool]:
+    """None if ``cell`` has not ended under ``out_dir``; else whether its record holds today's settings (records
+    written before the config and GPU count were recorded are taken to have today's)."""
+    path = os.path.join(out_dir, cell.name, RESULT_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        record = json.load(f)  # collect() read every record before the sweep, so this one is whole
+    now = cell_settings(preset, cell)
+    return all(record.get(key, value) == value for key, value in now.items())
+
+
 def checked_cells(preset: Preset, path: str, only: Sequence[str]) -> List[Cell]:
     """The preset's cells (of the experiments in ``only``, if given), each one's config built (no model, so
     cheap) so that a bad base config or override stops the command before any work, with a ValueError naming
@@ -133,6 +154,10 @@ def checked_cells(preset: Preset, path: str, only: Sequence[str]) -> List[Cell]:
         raise ValueError(f"--only {' '.join(absent)}: {path} has no such experiment; "
                          f"it has {list(preset.experiments)}")
     cells = preset.cells(tuple(only))
+    names = [cell.name for cell in cells]
+    if twice := sorted({name for name in names if names.count(name) > 1}):
+        raise ValueError(f"{path}: cell(s) {', '.join(twice)} come more than once (a seed, norm or setting listed "
+                         "twice), and would share one run folder; list each once")
     for cell in cells:
         try:
             cell_config(preset, cell)
@@ -142,9 +167,11 @@ def checked_cells(preset: Preset, path: str, only: Sequence[str]) -> List[Cell]:
 
 
 def prepare_dataset(preset: Preset) -> Dict[str, str]:
-    """Generate the preset's shapes dataset if it names one; the environment that points runs at it."""
+    """Generate the preset's shapes dataset if it names one; the environment that points runs at the datasets
+    (the runs start in the repository, so a relative $DETECTRON2_DATASETS is made absolute here)."""
     if not preset.dataset:
-        return {}
+        given = os.environ.get("DETECTRON2_DATASETS")
+        return {"DETECTRON2_DATASETS": os.path.abspath(given)} if given else {}
     root = os.path.join(REPO, preset.dataset["root"])
     for spec in preset.shapes_specs():
         generate_split(os.path.join(root, "shapes"), spec)
@@ -159,9 +186,11 @@ def run_cell(preset: Preset, cell: Cell, order: int, out_dir: str, env: Dict[str
     children = children or Children()
     run_dir = os.path.join(out_dir, cell.name)
     os.makedirs(run_dir, exist_ok=True)
-    overrides = [str(x) for x in preset.overrides(cell)]
+    if os.path.isfile(os.path.join(run_dir, RESULT_FILE)):  # of other settings: no longer this cell's result
+        os.remove(os.path.join(run_dir, RESULT_FILE))
+    settings = cell_settings(preset, cell)
     record = {"experiment": cell.experiment, "variant": cell.variant, "ims_per_gpu": cell.ims_per_gpu,
-              "seed": cell.seed, "order": order, "overrides": overrides}
+              "seed": cell.seed, "order": order, **settings}
     error = build_error(cell_config(preset, cell))
     start = time.time()
     if error:
@@ -169,7 +198,7 @@ def run_cell(preset: Preset, cell: Cell, order: int, out_dir: str, env: Dict[str
     else:
         command = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file",
                    os.path.join(REPO, preset.config), "--num-gpus", str(preset.num_gpus),
-                   *overrides, "OUTPUT_DIR", run_dir, "TEST.VIS_NUM_IMAGES", "0"]
+                   *settings["overrides"], "OUTPUT_DIR", run_dir, "TEST.VIS_NUM_IMAGES", "0"]
         record["command"] = " ".join(shlex.quote(c) for c in command)
         returncode = _train(children, command, run_dir, env)
         _remove_weights(run_dir)
@@ -180,9 +209,12 @@ def run_cell(preset: Preset, cell: Cell, order: int, out_dir: str, env: Dict[str
             stopped_by = signalled or f"the sweep stopped it (exit code {returncode})"
             return {**record, "status": "interrupted", "stopped_by": stopped_by}
         record["metrics"] = final_metrics(os.path.join(run_dir, "metrics.json"))
-        record["status"] = "ok" if returncode == 0 and record["metrics"] else _failure(run_dir)
-        if crash := killed_by(returncode):
-            record["error"] = crash
+        if returncode == 0 and record["metrics"]:
+            record["status"] = "ok"
+        else:
+            record["status"], why = _failure(run_dir)
+            if error := killed_by(returncode) or why:
+                record["error"] = error
     record["seconds"] = round(time.time() - start, 1)
     write_atomically(os.path.join(run_dir, RESULT_FILE), json.dumps(record, indent=1))  # whole, or not ended
     return record
@@ -199,11 +231,15 @@ def _train(children: Children, command: List[str], run_dir: str, env: Dict[str, 
         return None if child is None else children.wait(child)
 
 
-def _failure(run_dir: str) -> str:
-    with open(os.path.join(run_dir, "stdout.txt")) as f:
-        log = f.read()
+def _failure(run_dir: str) -> Tuple[str, Optional[str]]:
+    """A run's status ("diverged" or "failed") from its log, and the log's line that says why: train_net's
+    ``error:`` line, else the last line (a traceback's exception), or None for an empty log."""
+    with open(os.path.join(run_dir, "stdout.txt"), errors="replace") as f:
+        lines = [line.strip() for line in f if line.strip()]
     diverged = ("Loss became infinite or NaN", "Training has diverged")  # Detectron2's two NaN checks
-    return "diverged" if any(message in log for message in diverged) else "failed"
+    status = "diverged" if any(message in line for line in lines for message in diverged) else "failed"
+    why = next((line for line in reversed(lines) if line.startswith("error: ")), lines[-1] if lines else None)
+    return status, why and why[:FAILURE_CHARS]
 
 
 def _remove_weights(run_dir: str) -> None:
@@ -221,8 +257,12 @@ def run_all(preset: Preset, cells: List[Cell], out_dir: str, jobs: int) -> None:
     order = {}  # position of each variant in the preset, to keep the report in preset order
     for cell in cells:
         order.setdefault((cell.experiment, cell.variant), len(order))
-    todo = [c for c in cells if not os.path.isfile(os.path.join(out_dir, c.name, RESULT_FILE))]
-    print(f"{len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run ({jobs} at a time)")
+    ended = [ended_as_set(out_dir, preset, c) for c in cells]
+    todo = [c for c, as_set in zip(cells, ended) if not as_set]
+    changed = ended.count(False)
+    print(f"{len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run ({jobs} at a time)"
+          + (f"; {changed} of them ended with other settings (config, GPUs or overrides) and run again"
+             if changed else ""))
     start, finished = time.time(), 0
     children = Children()
 
@@ -327,7 +367,9 @@ def main(argv=None) -> int:
     try:
         preset = Preset.load(path)
         cells = checked_cells(preset, path, args.only)
-        out_dir = args.output or os.path.join(REPO, "output", "experiments", preset.name)
+        # absolute: the runs start in the repository, not where this command was given
+        out_dir = os.path.abspath(args.output) if args.output else os.path.join(REPO, "output", "experiments",
+                                                                                 preset.name)
         collect(out_dir)  # an unreadable record of an earlier sweep: said now, not after this one's hours
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
