@@ -46,14 +46,14 @@ class AtomicCheckpointer(DetectionCheckpointer):
         if not self.save_dir or not self.save_to_disk:
             return
         partial = os.path.join(self.save_dir, f"{name}{PARTIAL}.pth")
+        final = os.path.join(self.save_dir, f"{name}.pth")
         try:
             super().save(f"{name}{PARTIAL}", **kwargs)  # tag_last_checkpoint below ignores this name
+            replace_durably(partial, final)
         except BaseException:
             if os.path.exists(partial):
                 os.remove(partial)
             raise
-        final = os.path.join(self.save_dir, f"{name}.pth")
-        replace_durably(partial, final)
         self.logger.info("Checkpoint complete: %s", final)
         self.tag_last_checkpoint(f"{name}.pth")
 
@@ -81,7 +81,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
                 f"{f}: refused to load, it holds Python objects besides tensors and unpickling them could run "
                 "code. If you trust the file, re-save its tensors (torch.save(state_dict)) and load that."
             ) from e
-        except (RuntimeError, EOFError) as e:  # torch's errors for a truncated or foreign zip archive
+        # torch's errors for a truncated or foreign zip archive, and (KeyError) for bytes that are no pickle
+        except (RuntimeError, EOFError, KeyError) as e:
             raise _unreadable(f, e) from e
 
     def _load_model(self, checkpoint):
@@ -98,7 +99,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
 
 def _unreadable(path: str, error: BaseException) -> ValueError:
     """The error for a checkpoint file that cannot be read: it names the file and says what to do."""
-    if isinstance(error, pickle.UnpicklingError):  # torch's text suggests weights_only=False: no use here
+    if isinstance(error, (pickle.UnpicklingError, KeyError)):  # torch's text suggests weights_only=False: no use
         reason = "not a complete pickle"
     else:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]

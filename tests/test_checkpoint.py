@@ -3,6 +3,7 @@ import os
 import pytest
 import torch
 
+from gn_detection import checkpoint
 from gn_detection.checkpoint import AtomicCheckpointer
 
 
@@ -42,3 +43,18 @@ def test_completed_save_replaces_and_loads(tmp_path):
     assert checkpointer.resume_or_load("", resume=True)["iteration"] == 9
     torch.testing.assert_close(model.weight, expected)
     assert not any(name.endswith(".partial") or ".partial." in name for name in os.listdir(tmp_path))
+
+
+def test_a_save_whose_rename_fails_leaves_no_partial_file(tmp_path, monkeypatch):
+    checkpointer = AtomicCheckpointer(torch.nn.Linear(4, 3), str(tmp_path))
+    checkpointer.save("model_final", iteration=10)
+    good = (tmp_path / "model_final.pth").read_bytes()
+
+    def full_disk(source, target):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "replace_durably", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        checkpointer.save("model_final", iteration=20)
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_final.pth"]
+    assert (tmp_path / "model_final.pth").read_bytes() == good

@@ -188,6 +188,7 @@ class RunsCode:
 @pytest.mark.parametrize("name, content", [
     ("truncated.pth", lambda path: path.write_bytes(torch_bytes()[:200])),
     ("text.pth", lambda path: path.write_text("not a checkpoint")),
+    ("hello.pth", lambda path: path.write_text("hello\n")),  # torch's weights-only unpickler: KeyError(101)
     ("empty.pth", lambda path: path.write_bytes(b"")),
     ("truncated.pkl", lambda path: path.write_bytes(pickle.dumps({"blobs": {"conv1_w": [1.0] * 100}})[:50])),
 ])

@@ -230,6 +230,27 @@ def test_eval_only_refuses_weights_that_leave_tensors_at_random(tiny_shapes_root
         checked_config(out, ["--resume"], [])
 
 
+def test_resume_refuses_a_checkpoint_of_another_model(tiny_shapes_root, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    save_tiny_checkpoint(out / "model_0000009.pth", ["MODEL.ROI_BOX_HEAD.FC_DIM", 128])  # the settings changed since
+    (out / "last_checkpoint").write_text("model_0000009.pth")
+    with pytest.raises(ValueError, match=f"^--resume: {out}/model_0000009.pth sets .* e.g. roi_heads.box_head.fc1"
+                                         ".* so training would not continue that run .* give a new OUTPUT_DIR"):
+        checked_config(out, ["--resume"], [])
+    save_tiny_checkpoint(out / "model_0000009.pth")
+    assert checked_config(out, ["--resume"], [])
+
+
+@pytest.mark.parametrize("flags", [[], ["--eval-only", "TEST.ALLOW_PARTIAL_WEIGHTS", "True"]])
+def test_weights_that_cannot_be_read_are_named_before_training(tiny_shapes_root, tmp_path, flags):
+    weights = tmp_path / "model.pth"
+    weights.write_text("hello\n")  # e.g. an HTML error page saved under the checkpoint's name
+    with pytest.raises(ValueError, match=f"^{weights}: not a readable checkpoint"):
+        checked_config(tmp_path / "out", flags[:1], [*flags[1:], "MODEL.WEIGHTS", str(weights)])
+    assert not (tmp_path / "out").exists()
+
+
 def test_eval_only_accepts_weights_without_batchnorm_counters(tiny_shapes_root, tmp_path):
     weights = tmp_path / "older.pth"  # files saved before torch counted batches lack num_batches_tracked
     save_tiny_checkpoint(weights, ["MODEL.FPN.NORM", "BN"], leave_out=".num_batches_tracked")

@@ -25,7 +25,7 @@ from detectron2.utils.logger import setup_logger
 
 from gn_detection.atomic_write import not_writable
 from gn_detection.config import load_config
-from gn_detection.checkpoint import AtomicCheckpointer
+from gn_detection.checkpoint import AtomicCheckpointer, LoadCounts
 from gn_detection.datasets import check_dataset_files, check_evaluation_classes, check_num_classes
 from gn_detection.download import DownloadError
 from gn_detection import model_zoo
@@ -94,8 +94,8 @@ def checked_config(args):
             f"{reference}, which Detectron2 needs to rescale the batch, LR and schedule to {world_size} GPU(s); "
             f"give a multiple of {reference}, or SOLVER.REFERENCE_WORLD_SIZE 0 to use them as given"
         )
-    if args.eval_only and not cfg.TEST.ALLOW_PARTIAL_WEIGHTS:  # last: it reads (maybe downloads) the weights
-        check_weights_fit(meta_model, resumed or cfg.MODEL.WEIGHTS)
+    check_weights_read(meta_model, resumed or cfg.MODEL.WEIGHTS, args.eval_only, bool(resumed),
+                       cfg.TEST.ALLOW_PARTIAL_WEIGHTS)  # last: it reads (for --eval-only maybe downloads) them
     return cfg
 
 
@@ -172,31 +172,64 @@ def resumed_checkpoint(meta_model: torch.nn.Module, output_dir: str, resume: boo
     return path
 
 
-def check_weights_fit(meta_model: torch.nn.Module, path: str) -> None:
-    """For ``--eval-only``: that the checkpoint at ``path`` sets every tensor of the model that evaluation uses,
-    loading it as evaluation will into the model built on the meta device (names and shapes are compared; nothing
-    is copied). A model left partly at its random initialization would be evaluated without a word otherwise, and
-    its AP mean nothing. BatchNorm's ``num_batches_tracked`` counters, unused at evaluation, may be absent.
+def check_weights_read(meta_model: torch.nn.Module, weights: str, eval_only: bool, resumed: bool,
+                       allow_partial: bool) -> None:
+    """That the weights the run starts from can be read (a truncated or foreign file otherwise fails after setup),
+    and, for ``--eval-only`` (unless ``allow_partial``) and a training ``--resume``, that they set every tensor of
+    the model: see :func:`check_weights_fit`. For training from MODEL.WEIGHTS (ImageNet weights set the backbone
+    alone) only a local file is read here; a URL or gn-zoo:// name downloads when training loads it."""
+    if eval_only and not allow_partial:
+        check_weights_fit(meta_model, weights, "--eval-only")
+    elif resumed and not eval_only:
+        check_weights_fit(meta_model, weights, "--resume")
+    elif weights and (eval_only or "://" not in weights):
+        load_into_meta_model(meta_model, weights)
+
+
+def load_into_meta_model(meta_model: torch.nn.Module, path: str) -> LoadCounts:
+    """Load the checkpoint at ``path`` as training and evaluation will, into the model built on the meta device
+    (names and shapes are compared; nothing is copied); what the load placed.
 
     Raises:
-        ValueError: naming the checkpoint, the counts, the first tensors it leaves unset and the opt-out key.
+        ValueError, pickle.UnpicklingError: for a file that cannot be read or holds Python objects.
     """
     checkpointer = AtomicCheckpointer(meta_model)
     checkpointer.logger = logging.getLogger("gn_detection.weights_check")
-    checkpointer.logger.disabled = True  # evaluation logs the real load
+    checkpointer.logger.disabled = True  # the run logs the real load
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")  # the point: no copy
         checkpointer.load(path, checkpointables=[])
-    counts = checkpointer.last_load_counts
+    return checkpointer.last_load_counts
+
+
+# why a checkpoint must set every tensor, and what to do instead, for the flags that need it
+FIT_ADVICE = {
+    "--eval-only": ("so the AP would not be the checkpoint's. Give the checkpoint trained with this config and these "
+                    "overrides (e.g. the same MODEL.ROI_HEADS.NUM_CLASSES and widths), or TEST.ALLOW_PARTIAL_WEIGHTS "
+                    "True to evaluate it anyway"),
+    "--resume": ("so training would not continue that run (the config or overrides changed since, e.g. a depth, "
+                 "width or NUM_CLASSES). Resume with the settings it was trained with, or give a new OUTPUT_DIR to "
+                 "start anew"),
+}
+
+
+def check_weights_fit(meta_model: torch.nn.Module, path: str, flag: str) -> None:
+    """For ``--eval-only`` and ``--resume`` (``flag``): that the checkpoint at ``path`` sets every tensor of the
+    model (:func:`load_into_meta_model`). A model left partly at its random initialization would be evaluated or
+    trained on without a word otherwise (or, resumed, fail in the optimizer). BatchNorm's ``num_batches_tracked``
+    counters, unused at evaluation, may be absent.
+
+    Raises:
+        ValueError: naming the flag, the checkpoint, the counts, the first tensors it leaves unset and what to do.
+    """
+    counts = load_into_meta_model(meta_model, path)
     unset = [name for name in counts.missing_names if not name.endswith(".num_batches_tracked")]
     if unset:
         total = counts.loaded + counts.missing
         raise ValueError(
-            f"--eval-only: {path} sets {counts.loaded} of the model's {total} tensors; {len(unset)} would "
+            f"{flag}: {path} sets {counts.loaded} of the model's {total} tensors; {len(unset)} would "
             f"keep their random initialization (missing from the file or of another shape, e.g. "
-            f"{', '.join(unset[:3])}), so the AP would not be the checkpoint's. Give the checkpoint "
-            "trained with this config and these overrides (e.g. the same MODEL.ROI_HEADS.NUM_CLASSES and widths), "
-            "or TEST.ALLOW_PARTIAL_WEIGHTS True to evaluate it anyway"
+            f"{', '.join(unset[:3])}), {FIT_ADVICE[flag]}"
         )
 
 
