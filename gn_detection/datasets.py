@@ -88,16 +88,22 @@ def check_dataset_files(names: Iterable[str], named_by: str = "DATASETS.TRAIN / 
                 raise FileNotFoundError(f"Dataset '{name}': its {what} {path} does not exist. {hint}")
 
 
-def check_evaluation_classes(names: Iterable[str]) -> None:
-    """Raise a ValueError for the first dataset to evaluate that has no ``json_file`` and no ``thing_classes``:
-    COCOEvaluator converts such a dataset to COCO format and names its categories from ``thing_classes``, which
-    would otherwise fail after training. A dataset's loader may set its classes, so such a dataset is loaded first."""
+def check_evaluation_datasets(names: Iterable[str]) -> None:
+    """Load each dataset to evaluate on, as evaluation will after training, and raise a ValueError naming the first
+    that cannot be loaded (malformed JSON, missing images), is empty, or has neither a ``json_file`` nor
+    ``thing_classes``: COCOEvaluator converts such a dataset to COCO format and names its categories from
+    ``thing_classes`` (read after loading, as a dataset's loader may set them)."""
     for name in names:
+        try:
+            dicts = DatasetCatalog.get(name)
+        except Exception as e:  # noqa: BLE001 (a user's loader or files: any error, told with the dataset's name)
+            raise ValueError(f"Dataset '{name}' (DATASETS.TEST) cannot be loaded, so evaluation would fail after "
+                             f"training: {type(e).__name__}: {e}") from e
+        if not dicts:
+            raise ValueError(f"Dataset '{name}' (DATASETS.TEST) has no images; give a dataset with images to "
+                             "evaluate on, or DATASETS.TEST () to evaluate none")
         metadata = MetadataCatalog.get(name)
-        if metadata.get("json_file") or metadata.get("thing_classes") is not None:
-            continue
-        DatasetCatalog.get(name)  # as COCOEvaluator's conversion does, before it reads the classes
-        if metadata.get("thing_classes") is None:
+        if not metadata.get("json_file") and metadata.get("thing_classes") is None:
             raise ValueError(f"Dataset '{name}' (DATASETS.TEST) has neither a json_file nor thing_classes in its "
                              "metadata, and COCO evaluation names the categories from thing_classes; set them where "
                              f"it is registered: MetadataCatalog.get('{name}').thing_classes = [...]")

@@ -12,7 +12,7 @@ from PIL import Image
 from pycocotools import mask as mask_util
 
 import gn_detection
-from gn_detection.datasets import (check_dataset_files, check_evaluation_classes, check_num_classes,
+from gn_detection.datasets import (check_dataset_files, check_evaluation_datasets, check_num_classes,
                                    load_checked_coco_json)
 from gn_detection.shapes import SHAPE_CLASSES, ShapesSplitSpec, draw_image, generate_split, split_paths
 
@@ -134,19 +134,29 @@ def test_a_class_count_other_than_the_datasets_is_named(tmp_path):
     check_num_classes(["classes_known_when_loaded"], 80)  # not read for this: no thing_classes until loaded
 
 
-def test_a_dataset_coco_evaluation_cannot_name_the_classes_of_is_named(tmp_path):
+ONE_IMAGE = [{"file_name": "a.png", "image_id": 1, "height": 8, "width": 8, "annotations": []}]
+
+
+def test_a_dataset_evaluation_would_fail_on_is_named_before_training(tmp_path):
     def loader_that_names_its_classes():
         MetadataCatalog.get("classes_set_by_loader").thing_classes = ["thing"]
-        return []
+        return ONE_IMAGE
 
     DatasetCatalog.register("classes_set_by_loader", loader_that_names_its_classes)
-    DatasetCatalog.register("classes_nowhere", list)
-    register_coco_instances("classes_in_json", {}, str(tmp_path / "a.json"), str(tmp_path))  # never loaded here
-    check_evaluation_classes(["classes_in_json", "classes_set_by_loader"])
+    check_evaluation_datasets(["classes_set_by_loader"])
     assert MetadataCatalog.get("classes_set_by_loader").thing_classes == ["thing"]
+    DatasetCatalog.register("classes_nowhere", lambda: ONE_IMAGE)
     with pytest.raises(ValueError, match=r"Dataset 'classes_nowhere' \(DATASETS.TEST\) has neither a json_file nor "
                                          r"thing_classes .* MetadataCatalog.get\('classes_nowhere'\).thing_classes"):
-        check_evaluation_classes(["classes_nowhere"])
+        check_evaluation_datasets(["classes_nowhere"])
+    DatasetCatalog.register("no_images", list)
+    with pytest.raises(ValueError, match=r"Dataset 'no_images' \(DATASETS.TEST\) has no images; .* DATASETS.TEST \(\)"):
+        check_evaluation_datasets(["no_images"])
+    (tmp_path / "cut.json").write_text('{"images": [')
+    register_coco_instances("cut_json", {}, str(tmp_path / "cut.json"), str(tmp_path))
+    with pytest.raises(ValueError, match=r"Dataset 'cut_json' \(DATASETS.TEST\) cannot be loaded, so evaluation would "
+                                         r"fail after training: JSONDecodeError: Expecting value"):
+        check_evaluation_datasets(["cut_json"])
 
 
 def test_missing_shapes_error_says_how_to_generate(tmp_path):

@@ -163,7 +163,7 @@ def checked_config(out, flags, opts):
 ])
 def test_a_mistake_in_the_settings_is_named_before_any_work(tiny_shapes_root, tmp_path, flags, opts, message):
     if "dicts_without_classes" not in DatasetCatalog:  # evaluated after training, but its classes are unknown
-        DatasetCatalog.register("dicts_without_classes", list)
+        DatasetCatalog.register("dicts_without_classes", lambda: [{"file_name": "a.png", "image_id": 1}])
     with pytest.raises((ValueError, FileNotFoundError)) as error:
         checked_config(tmp_path / "out", flags, opts)
     assert message in str(error.value)

@@ -26,7 +26,7 @@ from detectron2.utils.logger import setup_logger
 from gn_detection.atomic_write import not_writable
 from gn_detection.config import load_config
 from gn_detection.checkpoint import AtomicCheckpointer, LoadCounts
-from gn_detection.datasets import check_dataset_files, check_evaluation_classes, check_num_classes
+from gn_detection.datasets import check_dataset_files, check_evaluation_datasets, check_num_classes
 from gn_detection.download import DownloadError
 from gn_detection import model_zoo
 from gn_detection.visualize import draw_predictions, plot_loss_curve
@@ -73,7 +73,7 @@ def checked_config(args):
     meta_model = check_model_builds(cfg, args.config_file)
     datasets = cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN + cfg.DATASETS.TEST
     check_dataset_files(datasets)
-    check_evaluation_classes(cfg.DATASETS.TEST)  # before check_num_classes: loading may set a dataset's classes
+    check_evaluation_datasets(cfg.DATASETS.TEST)  # before check_num_classes: loading may set a dataset's classes
     if count_key := CLASS_COUNT_KEYS.get(cfg.MODEL.META_ARCHITECTURE):
         check_num_classes(datasets, cfg.MODEL[count_key].NUM_CLASSES, f"MODEL.{count_key}.NUM_CLASSES")
     resumed = resumed_checkpoint(meta_model, cfg.OUTPUT_DIR, args.resume)
