@@ -63,7 +63,7 @@ def test_training_writes_checkpoint_logs_tensorboard_and_pictures(trained):
     pictures = os.listdir(output_dir / "predictions")
     assert len(pictures) == 2 and all(p.endswith(".png") for p in pictures)
     log = (output_dir / "log.txt").read_text()
-    assert "Loss curve:" in log and "Predictions on 2 images" in log
+    assert "Loss curve:" in log and "Predictions: 2 images" in log
 
 
 def test_evaluation_reports_box_and_mask_ap_from_coco_evaluator(trained):
@@ -283,8 +283,22 @@ def test_pictures_that_cannot_be_written_are_a_warning(tmp_path, monkeypatch, ca
     monkeypatch.setattr(train_net, "draw_predictions", disk_full)
     monkeypatch.setattr(logging.getLogger("gn_detection"), "propagate", True)  # as before any setup_logger()
     cfg = load_config(SHAPES_CONFIG, ["OUTPUT_DIR", str(tmp_path), "TEST.VIS_NUM_IMAGES", 2])
-    train_net.save_pictures(cfg, model=None)  # after training and evaluation: nothing to lose by stopping here
-    assert "No pictures: [Errno 28] No space left on device" in caplog.text
+    train_net.save_pictures(cfg, model=None, trained=False)  # after evaluation: nothing to lose by stopping here
+    assert "No predictions: [Errno 28] No space left on device" in caplog.text
+
+
+def test_a_loss_curve_that_cannot_be_drawn_leaves_the_predictions(tmp_path, monkeypatch, caplog):
+    train_net = load_tool("train_net")
+    monkeypatch.setattr(train_net, "draw_predictions", lambda model, cfg, dataset, out_dir, n, thresh: ["a.png"] * n)
+    monkeypatch.setattr(logging.getLogger("gn_detection"), "propagate", True)
+    (tmp_path / "metrics.json").write_text("")  # e.g. left by a run that stopped before its first losses
+    cfg = load_config(SHAPES_CONFIG, ["OUTPUT_DIR", str(tmp_path), "TEST.VIS_NUM_IMAGES", 2])
+    with caplog.at_level(logging.INFO, logger="gn_detection"):
+        train_net.save_pictures(cfg, model=None, trained=False)  # --eval-only: no loss curve to draw
+        assert "loss curve" not in caplog.text.lower()
+        train_net.save_pictures(cfg, model=None, trained=True)
+    assert "No loss curve: " in caplog.text
+    assert f"Predictions: 2 images (ground truth | prediction) in {tmp_path / 'predictions'}" in caplog.text
 
 
 def test_triton_gn_on_the_cpu_is_named_unless_interpreted(tiny_shapes_root, tmp_path, monkeypatch):

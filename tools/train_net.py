@@ -239,22 +239,30 @@ def setup(cfg, args) -> None:
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="gn_detection")
 
 
-def save_pictures(cfg, model) -> None:
+def save_pictures(cfg, model, trained: bool) -> None:
     """Loss curve (after training) and predictions on the first test images, in OUTPUT_DIR. A picture that cannot
-    be drawn or written is a warning: the checkpoint and the metrics, which matter, are already written."""
-    logger = logging.getLogger("gn_detection")
+    be drawn or written is a warning, and the other is still drawn: the checkpoint and the metrics, which matter,
+    are already written."""
     metrics = os.path.join(cfg.OUTPUT_DIR, "metrics.json")
+    if trained:
+        _draw("Loss curve", lambda: plot_loss_curve(metrics, os.path.join(cfg.OUTPUT_DIR, "loss_curve.png")))
+    if cfg.TEST.VIS_NUM_IMAGES and cfg.DATASETS.TEST:
+        _draw("Predictions", lambda: _draw_predictions(cfg, model))
+
+
+def _draw_predictions(cfg, model) -> str:
+    out_dir = os.path.join(cfg.OUTPUT_DIR, "predictions")
+    paths = draw_predictions(model, cfg, cfg.DATASETS.TEST[0], out_dir, cfg.TEST.VIS_NUM_IMAGES,
+                             cfg.TEST.VIS_SCORE_THRESH)
+    return f"{len(paths)} images (ground truth | prediction) in {out_dir}"
+
+
+def _draw(what: str, draw) -> None:
+    logger = logging.getLogger("gn_detection")
     try:
-        if os.path.exists(metrics):
-            logger.info("Loss curve: %s", plot_loss_curve(metrics, os.path.join(cfg.OUTPUT_DIR, "loss_curve.png")))
-        if cfg.TEST.VIS_NUM_IMAGES and cfg.DATASETS.TEST:
-            out_dir = os.path.join(cfg.OUTPUT_DIR, "predictions")
-            paths = draw_predictions(
-                model, cfg, cfg.DATASETS.TEST[0], out_dir, cfg.TEST.VIS_NUM_IMAGES, cfg.TEST.VIS_SCORE_THRESH
-            )
-            logger.info("Predictions on %d images (ground truth | prediction): %s", len(paths), out_dir)
+        logger.info("%s: %s", what, draw())
     except Exception as e:  # noqa: BLE001 (a full disk, a read-only folder, out of memory: the pictures are extra)
-        logger.warning("No pictures: %s", e)
+        logger.warning("No %s: %s", what.lower(), e)
 
 
 def main(args, cfg):
@@ -271,7 +279,7 @@ def main(args, cfg):
         results = trainer.train()
         model = trainer.model
     if comm.is_main_process():
-        save_pictures(cfg, getattr(model, "module", model))  # unwrap DistributedDataParallel
+        save_pictures(cfg, getattr(model, "module", model), trained=not args.eval_only)  # unwrap DDP
     return results
 
 
