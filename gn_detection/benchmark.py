@@ -109,15 +109,18 @@ def parse_variant(spec: str, builtins: Dict[str, Variant]) -> Variant:
         key, eq, value = item.partition("=")
         if not eq or not key:
             raise ValueError(f"Variant {spec!r}: overrides must be KEY=VALUE separated by commas, got {item!r}")
+        if key == "MODEL.DEVICE":
+            raise ValueError(f"Variant {spec!r}: every variant runs on --device; give that instead of MODEL.DEVICE")
         opts += [key, value]
     base = builtins[name]
     return Variant(spec, base.config_file, tuple(base.opts) + tuple(opts))
 
 
 def variant_config(variant: Variant, device: str, opts: Sequence = ()) -> CfgNode:
-    """The variant's config with random weights on ``device``; ``opts`` (from the command line) apply last.
+    """The variant's config with random weights on ``device``; the variant's own overrides apply next, then
+    ``opts`` (from the command line).
 
-    SOLVER.BASE_LR is 0 unless ``opts`` set it: the SGD step still runs in full (momentum, weight decay, the
+    SOLVER.BASE_LR is 0 unless the overrides set it: the SGD step still runs in full (momentum, weight decay, the
     update), but random weights stay as they are, so every timed iteration does the same work and a model
     without normalization (frozen BN at its identity statistics) cannot blow up to Inf mid-measurement.
     Inference keeps the config's ROI_HEADS.SCORE_THRESH_TEST (Detectron2's 0.05, as in issue 5's table, also
@@ -127,7 +130,7 @@ def variant_config(variant: Variant, device: str, opts: Sequence = ()) -> CfgNod
     TEST.DETECTIONS_PER_IMAGE instead, at the price of a class-wise NMS over all proposals x classes (about
     21 of 70 ms per image on an H200)."""
     fixed = ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device, "SOLVER.BASE_LR", 0.0]
-    return load_config(variant.config_file, [*variant.opts, *fixed, *opts])
+    return load_config(variant.config_file, [*fixed, *variant.opts, *opts])
 
 
 def synthetic_batch(count: int, height: int, width: int, boxes: int, num_classes: int,
@@ -162,14 +165,26 @@ def dataset_batch(cfg: CfgNode, dataset: str, count: int) -> List[dict]:
     check_dataset_files([dataset], named_by="--dataset")
     dicts = DatasetCatalog.get(dataset)
     if len(dicts) < count:
-        raise ValueError(f"Dataset {dataset!r} has {len(dicts)} images; the benchmark needs {count}")
+        raise ValueError(f"Dataset {dataset!r} has {len(dicts)} images; the largest --images-per-gpu is {count}")
     mapper = DatasetMapper(cfg, is_train=True)
-    return [mapper(d) for d in dicts[:count]]
+    try:
+        return [mapper(d) for d in dicts[:count]]
+    except ValueError as e:
+        if "mask_format" not in str(e):
+            raise
+        raise ValueError(f"INPUT.MASK_FORMAT {cfg.INPUT.MASK_FORMAT}: dataset {dataset!r} holds masks of another "
+                         f"format ({e}); add INPUT.MASK_FORMAT bitmask (for RLE masks) or polygon to the command, "
+                         "for every variant") from e
 
 
 def error_text(e: Exception) -> str:
-    """An exception in one line, for a table cell."""
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
+    """An exception in one line (its message's first), for the JSON; tables show it :func:`brief`."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
+
+
+def brief(text: str, limit: int = 160) -> str:
+    """``text`` cut to ``limit`` characters for a table cell, marked with "…" where cut (the JSON has it whole)."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def synchronize(device: str) -> None:
@@ -343,7 +358,7 @@ def host_work_table(rows: List[dict]) -> str:
              "|---|---|---|" + "---|" * (len(COUNTED_PARTS) + 1)]
     for row in rows:
         if row.get("error"):
-            cells = [row["error"]] + ["–"] * len(COUNTED_PARTS)
+            cells = [brief(row["error"])] + ["–"] * len(COUNTED_PARTS)
         else:
             cells = [f"{row['ops'][p]} ({row['waits'][p]})" for p in COUNTED_PARTS]
             cells.append(f"{sum(row['ops'].values())} ({sum(row['waits'].values())})")
@@ -538,7 +553,7 @@ def markdown_table(rows: List[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        note = f" ({r['error']})" if r["error"] else (f" ({r['nonfinite_losses']} non-finite losses)"
+        note = f" ({brief(r['error'])})" if r["error"] else (f" ({r['nonfinite_losses']} non-finite losses)"
                                                       if r["nonfinite_losses"] else "")
         lines.append(
             f"| {r['variant']}{note} | {r['precision']} | {r['images_per_iter']} | "

@@ -1,9 +1,13 @@
-"""Config keys added by gn_detection."""
+"""Config keys added by gn_detection, and loading and checking a config."""
+import os
+import traceback
 from typing import List, Sequence
 
+import torch
 import yaml
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
+from detectron2.modeling import build_model
 from detectron2.utils.file_io import PathManager
 
 from .group_norm import GroupNormSpec
@@ -127,3 +131,29 @@ def load_config(config_file: str, opts: Sequence = ()) -> CN:
         raise ValueError(f"{config_file}: MODEL.BACKBONE.CHANNELS_LAST needs MODEL.BACKBONE.NAME to be one of "
                          f"{our_backbones}, got {cfg.MODEL.BACKBONE.NAME!r}; set MODEL.BACKBONE.CHANNELS_LAST False")
     return cfg
+
+
+def check_model_builds(cfg: CN, config_file: str) -> torch.nn.Module:
+    """Build the model on PyTorch's meta device (no memory, no initialization: a fraction of a second), so that
+    settings it cannot be built from (a group count that does not divide a layer's channels, an unregistered
+    component name) are named before any work starts. Returns that model: its tensors' names and shapes.
+
+    Raises:
+        ValueError: with the builder's message.
+    """
+    meta = cfg.clone()
+    meta.defrost()
+    meta.MODEL.DEVICE = "meta"
+    try:
+        with torch.device("meta"):
+            return build_model(meta)
+    except (ValueError, KeyError, AssertionError) as e:
+        reason = e.args[0] if e.args else _failed_check(e)  # a KeyError's str() is its message quoted
+        raise ValueError(f"{config_file} and the overrides give a model that cannot be built: {reason}") from e
+
+
+def _failed_check(error: BaseException) -> str:
+    """A bare ``assert``'s failure told by its source line and place (Detectron2's builders assert without a
+    message, e.g. a box head with neither convs nor fcs)."""
+    frame = traceback.extract_tb(error.__traceback__)[-1]
+    return f"`{frame.line}` failed in {os.path.basename(frame.filename)}, {frame.name}()"

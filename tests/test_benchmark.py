@@ -1,6 +1,7 @@
 """tools/benchmark.py and gn_detection.benchmark on the CPU: tiny inputs, one timed iteration."""
 import argparse
 import json
+import logging
 import math
 import re
 
@@ -231,6 +232,9 @@ def test_replot_redraws_a_run_or_names_the_file_it_cannot_draw(report, message, 
         (["--variants", "resnet"], "Unknown variant 'resnet'"),
         (["--variants", "ours:MODEL.NOT_A_KEY=1"], "MODEL.NOT_A_KEY"),
         (["--variants", "ours:MODEL.GN.IMPL"], "KEY=VALUE"),
+        (["--variants", "ours:MODEL.DEVICE=cuda"], "every variant runs on --device; give that instead"),
+        (["--variants", "detectron2_gn", "ours:MODEL.GN.NUM_GROUPS=7"],  # built on the meta device, not measured
+         "mask_rcnn_R50_FPN_gn.yaml): its config and the overrides give a model that cannot be built: Cannot build"),
         (["--config-file", "missing.yaml"], "missing.yaml"),
         (["--num-gpus", "2"], "one device per process"),
         (["--iters", "0"], "--iters"),
@@ -391,8 +395,12 @@ def test_training_measurement_on_a_registered_dataset_under_cpu_autocast(tiny_sh
     monkeypatch.setattr(bench, "peak_memory_table", lambda step, device: 1 / 0)
     bench.measure_training(cfg, batch, "fp32", warmup=0, iters=1, profile_path=str(tmp_path / "p.txt"))
     assert (tmp_path / "p.txt").read_text().startswith("per step (3 steps, under the profiler)")
-    with pytest.raises(ValueError, match="has 48 images; the benchmark needs 100"):
+    with pytest.raises(ValueError, match="has 48 images; the largest --images-per-gpu is 100"):
         bench.dataset_batch(cfg, "tiny_shapes_train", 100)
+    polygons = bench.variant_config(variant, "cpu", ["INPUT.MASK_FORMAT", "polygon"])  # as Detectron2's configs
+    with pytest.raises(ValueError, match="INPUT.MASK_FORMAT polygon: dataset 'tiny_shapes_train' holds masks of "
+                                         "another format .* add INPUT.MASK_FORMAT bitmask"):
+        bench.dataset_batch(polygons, "tiny_shapes_train", 2)
 
 
 @pytest.mark.parametrize("threshold, detections", [(0.0, 5), (1.0, 0)])
@@ -533,6 +541,7 @@ def test_peak_memory_on_cuda_sees_allocated_and_reserved_memory():
 
 def test_variant_overrides_reach_the_config():
     builtins = bench.builtin_variants(SHAPES_CONFIG)
+    assert bench.variant_config(bench.parse_variant("ours:SOLVER.BASE_LR=0.02", builtins), "cpu").SOLVER.BASE_LR == 0.02
     variant = bench.parse_variant("ours:MODEL.GN.IMPL=torch,MODEL.GN.AUTOCAST_HALF=False", builtins)
     cfg = bench.variant_config(variant, "cpu", ["MODEL.GN.NUM_GROUPS", 16])
     assert (cfg.MODEL.GN.IMPL, cfg.MODEL.GN.AUTOCAST_HALF, cfg.MODEL.GN.NUM_GROUPS) == ("torch", False, 16)
@@ -628,3 +637,38 @@ def test_host_work_goes_to_the_model_part_whose_forward_runs():
     assert counter.ops["backbone"] > 0 and counter.ops["roi_heads"] > 0 and counter.ops["proposal_generator"] == 0
     assert counter.waits == {"other": 1}  # the nonzero, after the parts' forwards
     assert not model.backbone._forward_hooks and not model.backbone._forward_pre_hooks  # hooks removed
+
+
+def test_an_error_is_whole_in_the_json_and_cut_visibly_in_the_table():
+    text = bench.error_text(ValueError("MODEL.GN.NUM_GROUPS=7 does not divide " + "x" * 200 + " 64 channels\nmore"))
+    assert text.endswith("64 channels") and text.startswith("ValueError: MODEL.GN.NUM_GROUPS=7")
+    assert bench.brief(text) == text[:159] + "…" and bench.brief("short") == "short"
+
+
+def test_a_rerun_keeps_the_earlier_results_until_it_ends_and_ctrl_c_says_where_its_cells_are(tmp_path, monkeypatch,
+                                                                                           capsys, caplog):
+    tool = load_tool("benchmark")
+    out, picture = tmp_path / "bench.json", tmp_path / "bench.png"
+    out.write_text('{"rows": ["an earlier run"]}')
+    picture.write_bytes(b"an earlier run's picture")
+    monkeypatch.setattr(tool, "prepare_variants", lambda args: {})
+
+    def interrupted(args, variants, logger, save):
+        save({"rows": ["cell 1"]})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tool, "run_models", interrupted)
+    assert tool.main(["--device", "cpu", "--output", str(out)]) == 130
+    incomplete = tmp_path / "bench.incomplete.json"
+    assert f"interrupted; what it measured is in {incomplete}, and {out} is as it was" in capsys.readouterr().err
+    assert json.loads(out.read_text())["rows"] == ["an earlier run"]
+    assert json.loads(incomplete.read_text())["rows"] == ["cell 1"]
+
+    def every_cell_failed(args, variants, logger, save):
+        return {"rows": [], "table": "(no cells)"}  # nothing to draw: the earlier picture would be all there is
+
+    monkeypatch.setattr(tool, "run_models", every_cell_failed)
+    monkeypatch.setattr(logging.getLogger("gn_detection.benchmark"), "propagate", True)
+    assert tool.main(["--device", "cpu", "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["rows"] == [] and not incomplete.exists()
+    assert not picture.exists() and f"(removed the earlier run's {picture})" in caplog.text

@@ -4,7 +4,8 @@
     python tools/benchmark.py                                    # all variants, 1/2/4/8 images, fp32 + AMP fp16
     python tools/benchmark.py --images-per-gpu 2 8 --precision fp32 amp_fp16 amp_bf16 --output bench.json
     python tools/benchmark.py --variants ours "ours:MODEL.GN.FUSE_RELU=False" detectron2_gn   # one lever
-    python tools/benchmark.py --dataset shapes_train --config-file configs/shapes/mask_rcnn_R18_FPN_gn_scratch.yaml
+    python tools/benchmark.py --dataset shapes_train --config-file configs/shapes/mask_rcnn_R18_FPN_gn_scratch.yaml \
+        --variants ours ours_stock_gn                            # like for like: both on the shapes config
     python tools/benchmark.py --task op --op-shape 8 256 200 304 --op-dtype fp16 --compile
     python tools/benchmark.py --images-per-gpu 2 --precision fp32 --profile output/profiles    # where the time goes
     python tools/benchmark.py --images-per-gpu 8 --precision amp_fp16 --repeats 3    # median and range of 3 passes
@@ -16,7 +17,9 @@ detections it returned: the config's SCORE_THRESH_TEST holds; MODEL.ROI_HEADS.SC
 TEST.DETECTIONS_PER_IMAGE) and peak memory, random weights, on synthetic COCO-sized inputs (--input-size,
 --boxes) or the first images of a registered dataset. Writes JSON (--output) with a picture of it beside it
 (.png) and prints a Markdown table whose ratios are to detectron2_gn. --config-file replaces the config of
-`ours` (and `ours_stock_gn`); trailing KEY VALUE pairs apply to every variant.
+`ours` (and `ours_stock_gn`); trailing KEY VALUE pairs apply to every variant. Each variant reads a dataset with
+its own config's input sizes and INPUT.MASK_FORMAT (Detectron2's configs: polygons; RLE masks need
+INPUT.MASK_FORMAT bitmask).
 
 Host task: for the same grid, the aten ops one training step dispatches and how many of them make the host
 wait for a CUDA device, by model part (backbone, proposal generator, ROI heads, the rest): the host's work in
@@ -28,6 +31,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import sys
 import time
 from typing import Optional
@@ -39,6 +43,7 @@ from detectron2.utils.logger import setup_logger
 import gn_detection  # noqa: F401  (registers our components)
 from gn_detection import benchmark as bench
 from gn_detection.atomic_write import not_writable, write_atomically
+from gn_detection.config import check_model_builds
 from gn_detection.model_zoo import CONFIG_DIR
 from gn_detection.visualize import plot_benchmark
 
@@ -147,16 +152,27 @@ def inputs_for(cfg, args, count):
 
 
 def prepare_variants(args) -> dict:
-    """Each variant's config and inputs, built before any measurement so a bad name, file, key or dataset
-    fails at once."""
+    """Each variant's config and inputs, built before any measurement (and its model on the meta device, in a
+    fraction of a second) so that a bad name, file, key, model setting or dataset fails at once, naming the
+    variant."""
     builtins = bench.builtin_variants(args.config_file or DEFAULT_OURS)
-    configs = {}
-    for variant in (bench.parse_variant(spec, builtins) for spec in args.variants):
-        try:
-            configs[variant] = bench.variant_config(variant, args.device, args.opts)
-        except (FileNotFoundError, ValueError) as e:  # load_config's errors: missing file, unknown key, bad value
-            raise ValueError(f"variant {variant.name} ({variant.config_file}): {e}") from None
-    return {variant: (cfg, inputs_for(cfg, args, max(args.images_per_gpu))) for variant, cfg in configs.items()}
+    variants = [bench.parse_variant(spec, builtins) for spec in args.variants]
+    configs = {variant: _checked(variant, lambda v=variant: _buildable_config(v, args)) for variant in variants}
+    return {variant: (cfg, _checked(variant, lambda c=cfg: inputs_for(c, args, max(args.images_per_gpu))))
+            for variant, cfg in configs.items()}
+
+
+def _buildable_config(variant, args):
+    cfg = bench.variant_config(variant, args.device, args.opts)
+    check_model_builds(cfg, "its config")  # the error names the variant and its file
+    return cfg
+
+
+def _checked(variant, make):
+    try:
+        return make()
+    except (FileNotFoundError, ValueError) as e:  # a missing file, an unknown key, a bad value, an unbuildable model
+        raise ValueError(f"variant {variant.name} ({variant.config_file}): {e}") from None
 
 
 def variants_record(variants) -> list:
@@ -298,13 +314,19 @@ def run_op(args, logger) -> dict:
     lines = ["| implementation | ms (fwd+bwd) | GB/s at 8 passes |", "|---|---|---|"]
     for name, r in results.items():
         lines.append(f"| {name} | {r['ms']:.3f} | {r['gb_per_s_at_8_passes']:.0f} |" if "ms" in r
-                     else f"| {name} | {r['error']} | – |")
+                     else f"| {name} | {bench.brief(r['error'])} | – |")
     return {"shape": args.op_shape, "groups": args.op_groups, "dtype": args.op_dtype, "results": results,
             "table": "\n".join(lines)}
 
 
 def write_json(path: str, report: dict) -> None:
     write_atomically(path, json.dumps(report, indent=2))
+
+
+def incomplete_path(json_path: str) -> str:
+    """Where a run in progress keeps what it has measured, so that ``--output`` keeps an earlier run's results
+    until this one ends: beside it, as .incomplete.json."""
+    return os.path.splitext(json_path)[0] + ".incomplete.json"
 
 
 def picture_path(json_path: str) -> str:
@@ -347,7 +369,7 @@ def main(argv=None) -> int:
     logger = setup_logger(name="gn_detection.benchmark", abbrev_name="bench")
     logger.setLevel(logging.INFO)
     use_device(args.device)
-    header = {"task": args.task, "machine": bench.machine_description(args.device), "command": " ".join(sys.argv),
+    header = {"task": args.task, "machine": bench.machine_description(args.device), "command": shlex.join(sys.argv),
               "settings": vars(args)}
     if args.task == "op":
         result = run_op(args, logger)
@@ -361,8 +383,16 @@ def main(argv=None) -> int:
             print(f"benchmark: error: {e}", file=sys.stderr)
             return 2
         run = run_host if args.task == "host" else run_models
-        result = run(args, variants, logger, lambda report: write_json(args.output, {**header, **report}))
+        incomplete = incomplete_path(args.output)
+        try:
+            result = run(args, variants, logger, lambda report: write_json(incomplete, {**header, **report}))
+        except KeyboardInterrupt:
+            kept = f"what it measured is in {incomplete}" if os.path.isfile(incomplete) else "nothing was measured"
+            print(f"benchmark: interrupted; {kept}, and {args.output} is as it was", file=sys.stderr)
+            return 130  # the shells' status for a command stopped by Ctrl-C
     write_json(args.output, {**header, **result})
+    if args.task != "op" and os.path.isfile(incomplete):
+        os.remove(incomplete)  # the results are in --output now
     print(result["table"])
     if "summary_table" in result:
         print(f"\nOver {args.repeats} passes:\n{result['summary_table']}")
@@ -371,7 +401,11 @@ def main(argv=None) -> int:
         try:
             logger.info("Picture: %s", plot_benchmark({**header, **result}, picture_path(args.output)))
         except Exception as e:  # noqa: BLE001 (the picture is extra: the JSON and the table have the results)
-            logger.warning("No picture: %s", e)
+            stale = os.path.isfile(picture_path(args.output))
+            if stale:  # an earlier run's, beside results it no longer shows
+                os.remove(picture_path(args.output))
+            logger.warning("No picture: %s%s", e, f" (removed the earlier run's {picture_path(args.output)})"
+                           if stale else "")
     failed = [r for r in result.get("rows", []) if r["error"]] + [
         name for name, r in result.get("results", {}).items() if "error" in r]
     if failed:

@@ -2,7 +2,8 @@
 # The GPU measurements of docs/speed.md in one go, most wanted first, each step time-boxed so that one which
 # hangs leaves the others their time; the limits add up to 540 s, so the set fits one 600 s device call
 # (a task is lent 15 minutes of device time, the machine's start included). Results land in OUTDIR as they
-# are measured (the benchmark writes JSON after each cell).
+# are measured (the benchmark writes NAME.incomplete.json after each cell, NAME.json when a step ends; a step
+# its time box stops leaves the first).
 #   1. the model table: ours, Detectron2's GN, ours batched (BatchedRPN: NMS, anchor labels and sampling for
 #      all images at once; BatchedROIHeads: proposal labels and sampling likewise), frozen BN; 8 and 2 images;
 #      AMP fp16 and fp32; training and inference

@@ -11,7 +11,6 @@ import logging
 import os
 import pickle
 import sys
-import traceback
 import urllib.parse
 import warnings
 from typing import Optional
@@ -19,12 +18,11 @@ from typing import Optional
 import torch
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator
-from detectron2.modeling import build_model
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from gn_detection.atomic_write import not_writable
-from gn_detection.config import load_config
+from gn_detection.config import check_model_builds, load_config
 from gn_detection.checkpoint import AtomicCheckpointer, LoadCounts
 from gn_detection.datasets import check_dataset_files, check_evaluation_datasets, check_num_classes
 from gn_detection.download import DownloadError
@@ -107,32 +105,6 @@ def _triton_interpreted() -> bool:
     from gn_detection.triton_group_norm import INTERPRETED  # imports Triton: only when a config asks for it
 
     return INTERPRETED
-
-
-def check_model_builds(cfg, config_file: str) -> torch.nn.Module:
-    """Build the model on PyTorch's meta device (no memory, no initialization: a fraction of a second), so that
-    settings it cannot be built from (a group count that does not divide a layer's channels, an unregistered
-    component name) are named before any work starts. Returns that model: its tensors' names and shapes.
-
-    Raises:
-        ValueError: with the builder's message.
-    """
-    meta = cfg.clone()
-    meta.defrost()
-    meta.MODEL.DEVICE = "meta"
-    try:
-        with torch.device("meta"):
-            return build_model(meta)
-    except (ValueError, KeyError, AssertionError) as e:
-        reason = e.args[0] if e.args else _failed_check(e)  # a KeyError's str() is its message quoted
-        raise ValueError(f"{config_file} and the overrides give a model that cannot be built: {reason}") from e
-
-
-def _failed_check(error: BaseException) -> str:
-    """A bare ``assert``'s failure told by its source line and place (Detectron2's builders assert without a
-    message, e.g. a box head with neither convs nor fcs)."""
-    frame = traceback.extract_tb(error.__traceback__)[-1]
-    return f"`{frame.line}` failed in {os.path.basename(frame.filename)}, {frame.name}()"
 
 
 def check_weights(weights: str) -> None:
