@@ -157,6 +157,16 @@ def checked_config(out, flags, opts):
                                               "file); give a writable folder"),
     ([], ["DATASETS.TEST", "('dicts_without_classes',)"], "Dataset 'dicts_without_classes' (DATASETS.TEST) has "
                                                           "neither a json_file nor thing_classes"),
+    ([], ["SOLVER.CHECKPOINT_PERIOD", "0"], "SOLVER.CHECKPOINT_PERIOD is 0; it must be >= 1"),
+    ([], ["SOLVER.MAX_ITER", "0"], "SOLVER.MAX_ITER is 0; it must be >= 1"),
+    ([], ["SOLVER.BASE_LR", "-1.0"], "SOLVER.BASE_LR is -1.0; it must be >= 0"),
+    ([], ["INPUT.MIN_SIZE_TRAIN", "()"], "INPUT.MIN_SIZE_TRAIN is (); it must be at least one size"),
+    (["--eval-only"], ["DATALOADER.NUM_WORKERS", "-1"], "DATALOADER.NUM_WORKERS is -1; it must be >= 0"),
+    ([], ["MODEL.DEVICE", "gpu"], "MODEL.DEVICE 'gpu' is not a device; give cpu, cuda or cuda:N"),
+    ([], ["OUTPUT_DIR", ""], "OUTPUT_DIR is empty; give a folder"),
+    (["--num-gpus", "0"], [], "--num-gpus 0, --num-machines 1, --machine-rank 0: give at least one GPU"),
+    (["--machine-rank", "1"], [], "a rank from 0 to --num-machines - 1"),
+    (["--eval-only"], ["DATASETS.TEST", "()"], "--eval-only with DATASETS.TEST () has nothing to evaluate"),
     (["--eval-only"], [], "--eval-only needs MODEL.WEIGHTS"),
     (["--eval-only", "--resume"], [], "--eval-only needs MODEL.WEIGHTS"),  # nothing to resume from
     (["--num-gpus", "2"], [], "several processes need CUDA; on the CPU use --num-gpus 1"),

@@ -58,6 +58,8 @@ def checked_config(args):
     """
     cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
+    if problem := run_problem(cfg, args):
+        raise ValueError(problem)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(
             f"MODEL.DEVICE is '{cfg.MODEL.DEVICE}' but no CUDA GPU is visible; add `MODEL.DEVICE cpu` to the "
@@ -95,6 +97,32 @@ def checked_config(args):
     check_weights_read(meta_model, resumed or cfg.MODEL.WEIGHTS, args.eval_only, bool(resumed),
                        cfg.TEST.ALLOW_PARTIAL_WEIGHTS)  # last: it reads (for --eval-only maybe downloads) them
     return cfg
+
+
+def run_problem(cfg, args) -> Optional[str]:
+    """What makes the run impossible in the flags or in values Detectron2 fails on only once it is under way
+    (a zero period divides by zero after the first iteration), naming the flag or key; None if nothing."""
+    if args.num_gpus < 1 or args.num_machines < 1 or not 0 <= args.machine_rank < args.num_machines:
+        return (f"--num-gpus {args.num_gpus}, --num-machines {args.num_machines}, --machine-rank {args.machine_rank}: "
+                "give at least one GPU per machine, one machine, and a rank from 0 to --num-machines - 1")
+    try:
+        torch.device(cfg.MODEL.DEVICE)
+    except RuntimeError:
+        return f"MODEL.DEVICE {cfg.MODEL.DEVICE!r} is not a device; give cpu, cuda or cuda:N"
+    if not cfg.OUTPUT_DIR:
+        return "OUTPUT_DIR is empty; give a folder for the checkpoints, logs and results"
+    if args.eval_only and not cfg.DATASETS.TEST:
+        return "--eval-only with DATASETS.TEST () has nothing to evaluate; give a dataset to evaluate on"
+    needs = [("DATALOADER.NUM_WORKERS", lambda v: v >= 0, ">= 0")]
+    if not args.eval_only:
+        needs += [("SOLVER.MAX_ITER", lambda v: v >= 1, ">= 1"), ("SOLVER.IMS_PER_BATCH", lambda v: v >= 1, ">= 1"),
+                  ("SOLVER.CHECKPOINT_PERIOD", lambda v: v >= 1, ">= 1"), ("SOLVER.BASE_LR", lambda v: v >= 0, ">= 0"),
+                  ("INPUT.MIN_SIZE_TRAIN", len, "at least one size, e.g. (800,)")]
+    for key, ok, must in needs:
+        section, name = key.split(".")
+        if not ok(value := cfg[section][name]):
+            return f"{key} is {value!r}; it must be {must}"
+    return None
 
 
 # the config key that sets how many classes a meta-architecture's predictors have, to check against the datasets
