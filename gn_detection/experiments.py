@@ -18,8 +18,8 @@ from typing import Dict, List, Set, Tuple
 
 import yaml
 from detectron2.config import CfgNode
-from detectron2.modeling import build_model
 
+from .config import check_model_builds
 from .group_norm import GroupNormChannelsError
 from .shapes import ShapesSplitSpec
 
@@ -113,7 +113,7 @@ class Preset:
             if only and experiment not in only:
                 continue
             for variant, ims, opts in _variants(experiment, spec):
-                if not isinstance(ims, int) or ims < 1:
+                if not _is_int(ims) or ims < 1:
                     raise ValueError(f"experiments.{experiment}: ims_per_gpu must be integers >= 1, got {ims!r}")
                 cells += [Cell(experiment, variant, ims, seed, opts) for seed in self.seeds]
         return cells
@@ -176,9 +176,14 @@ def _check_preset_keys(path: str, data, known: Set[str]) -> None:
     bad = set(data["experiments"]) - set(EXPERIMENTS)
     if bad:
         raise ValueError(f"{path}: unknown experiment(s) {sorted(bad)}; choose from {list(EXPERIMENTS)}")
+    if not data["experiments"]:
+        raise ValueError(f"{path}: experiments: none given; give at least one of {list(EXPERIMENTS)}")
     seeds = data["seeds"]
-    if not (isinstance(seeds, list) and seeds and all(isinstance(seed, int) for seed in seeds)):
+    if not (isinstance(seeds, list) and seeds and all(_is_int(seed) for seed in seeds)):
         raise ValueError(f"{path}: seeds: expected a list of integers, got {seeds!r}")
+    for key, (ok, expected) in SCALAR_KEYS.items():
+        if key in data and not ok(data[key]):
+            raise ValueError(f"{path}: {key}: expected {expected}, got {data[key]!r}")
     for experiment, spec in data["experiments"].items():
         where = f"{path}: experiments.{experiment}"
         _check_keys(where, spec, *EXPERIMENT_KEYS[experiment])
@@ -189,6 +194,21 @@ def _check_preset_keys(path: str, data, known: Set[str]) -> None:
         _check_keys(f"{path}: dataset", data["dataset"], DATASET_KEYS, SHAPES_SETTINGS)
         if not isinstance(data["dataset"]["root"], str):
             raise ValueError(f"{path}: dataset.root: expected a folder, got {data['dataset']['root']!r}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # YAML's true is no count
+
+
+# The preset's single-valued keys: a check of the value, and what it should be.
+SCALAR_KEYS = {
+    "config": (lambda v: isinstance(v, str) and v, "a config file, relative to the repository"),
+    "images_per_run": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "lr_per_image": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0"),
+    "warmup_images": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "num_gpus": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "opts": (lambda v: isinstance(v, list), "a list of config KEY, VALUE items"),
+}
 
 
 def _check_keys(where: str, data, required: Set[str], optional: Set[str]) -> None:
@@ -212,12 +232,16 @@ def _norm(name: str) -> Tuple[str, str, str, str]:
 
 
 def build_error(cfg: CfgNode) -> str:
-    """Why the model of ``cfg`` cannot be built (e.g. G does not divide a layer's width), or ''.
-    The model is built on the CPU, so the check needs no GPU."""
-    cfg = cfg.clone()
-    cfg.MODEL.DEVICE = "cpu"
+    """Why the model of ``cfg`` cannot be built because a GN setting does not divide a layer's width (a result
+    of the group ablation, recorded as "not buildable"), or ''. Built on the meta device: no GPU, no memory.
+
+    Raises:
+        ValueError: for any other reason it cannot be built (an unregistered component, say): a preset's mistake.
+    """
     try:
-        build_model(cfg)
-    except GroupNormChannelsError as e:
-        return str(e)
+        check_model_builds(cfg, "the preset's config")
+    except ValueError as e:
+        if isinstance(e.__cause__, GroupNormChannelsError):
+            return str(e.__cause__)
+        raise
     return ""

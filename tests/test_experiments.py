@@ -166,6 +166,17 @@ def write_preset(tmp_path, **changes) -> str:
     ({"experiments": ["batch_size"]}, r"experiments: expected a mapping of experiment names"),
     ({"seeds": 1}, r"seeds: expected a list of integers, got 1"),
     ({"experiments": {"scratch": {"norms": "GN", "ims_per_gpu": 1}}}, r"experiments.scratch.norms: expected a list"),
+    ({"experiments": {"batch_size": {"norms": ["GN"], "ims_per_gpu": [True]}}},
+     r"experiments.batch_size: ims_per_gpu must be integers >= 1, got True"),
+    ({"experiments": {}}, r"experiments: none given"),
+    ({"images_per_run": "abc"}, r"images_per_run: expected an integer >= 1, got 'abc'"),
+    ({"images_per_run": 0}, r"images_per_run: expected an integer >= 1, got 0"),
+    ({"num_gpus": 0}, r"num_gpus: expected an integer >= 1, got 0"),
+    ({"warmup_images": -16}, r"warmup_images: expected an integer >= 0, got -16"),
+    ({"lr_per_image": "0.01"}, r"lr_per_image: expected a number > 0, got '0.01'"),
+    ({"config": 5}, r"config: expected a config file, relative to the repository, got 5"),
+    ({"opts": None}, r"opts: expected a list of config KEY, VALUE items, got None"),
+    ({"opts": "SOLVER.MAX_ITER 2"}, r"opts: expected a list of config KEY, VALUE items, got 'SOLVER.MAX_ITER 2'"),
 ])
 def test_bad_experiment_and_dataset_settings_name_the_file_and_key(tmp_path, change, message):
     with pytest.raises(ValueError, match=r"preset.yaml: " + message):
@@ -176,6 +187,7 @@ def test_bad_experiment_and_dataset_settings_name_the_file_and_key(tmp_path, cha
 @pytest.mark.parametrize("change, message", [
     ({"opts": ["MODEL.GN.NUM_GROUP", 16]}, "Non-existent key: MODEL.GN.NUM_GROUP"),
     ({"config": "configs/nowhere.yaml"}, "configs/nowhere.yaml"),
+    ({"opts": ["MODEL.ROI_HEADS.NAME", "NopeHeads"]}, "No object named 'NopeHeads' found in 'ROI_HEADS' registry"),
 ])
 def test_a_bad_override_or_config_stops_the_command_before_any_work(tmp_path, capsys, change, message, dry_run):
     path = write_preset(tmp_path, **change)

@@ -146,9 +146,9 @@ def ended_as_set(out_dir: str, preset: Preset, cell: Cell) -> Optional[bool]:
 
 
 def checked_cells(preset: Preset, path: str, only: Sequence[str]) -> List[Cell]:
-    """The preset's cells (of the experiments in ``only``, if given), each one's config built (no model, so
-    cheap) so that a bad base config or override stops the command before any work, with a ValueError naming
-    ``path`` and the cell."""
+    """The preset's cells (of the experiments in ``only``, if given), each one's config and each variant's model
+    (on the meta device, so cheap) built so that a bad base config, override or component stops the command
+    before any work, with a ValueError naming ``path`` and the cell."""
     absent = [e for e in only if e not in preset.experiments]
     if absent:
         raise ValueError(f"--only {' '.join(absent)}: {path} has no such experiment; "
@@ -158,10 +158,14 @@ def checked_cells(preset: Preset, path: str, only: Sequence[str]) -> List[Cell]:
     if twice := sorted({name for name in names if names.count(name) > 1}):
         raise ValueError(f"{path}: cell(s) {', '.join(twice)} come more than once (a seed, norm or setting listed "
                          "twice), and would share one run folder; list each once")
+    built = set()  # a variant's model is the same at every batch size and seed: built once
     for cell in cells:
         try:
-            cell_config(preset, cell)
-        except (OSError, ValueError) as e:  # load_config's errors
+            cfg = cell_config(preset, cell)
+            if (cell.experiment, cell.variant) not in built:
+                build_error(cfg)  # a G that does not divide is a result; any other build error a mistake
+                built.add((cell.experiment, cell.variant))
+        except (OSError, ValueError) as e:  # load_config's and the model builder's errors
             raise ValueError(f"{path}: cell {cell.name}: {e}; fix the preset's config or opts") from e
     return cells
 
