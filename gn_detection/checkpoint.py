@@ -12,6 +12,7 @@ from torch import nn
 
 # a PARTIAL file is never loaded or tagged as the last one
 from .atomic_write import PARTIAL, replace_durably, write_atomically
+from .download import cache_dir
 
 
 @dataclass(frozen=True)
@@ -103,8 +104,11 @@ def _unreadable(path: str, error: BaseException) -> ValueError:
         reason = "not a complete pickle"
     else:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    cached = os.path.abspath(path).startswith(os.path.join(os.path.abspath(cache_dir()), ""))
+    what_to_do = ("it is a cached download: `python tools/model_zoo.py download --again NAME` fetches a gn-zoo:// "
+                  "name anew, or delete the file and run again" if cached else "download or save it again")
     return ValueError(f"{path}: not a readable checkpoint ({reason}); the file is truncated or of another kind: "
-                      "download or save it again")
+                      f"{what_to_do}")
 
 
 def _is_whole_pickle(path: str) -> bool:

@@ -127,9 +127,13 @@ def mirrored(url: str) -> str:
 
 
 def cache_path(url: str) -> str:
-    """Where ``url`` is cached: its path under the cache directory (mirrors share the cache)."""
-    path = urllib.parse.urlparse(url).path.lstrip("/")  # kept quoted: no ':' in local file names
-    return os.path.join(cache_dir(), *path.split("/"))
+    """Where ``url`` is cached: its path under the cache directory (the public host's files, which mirrors
+    serve too, at the top; any other host's in a folder of its own, so two hosts' same paths never meet)."""
+    parsed = urllib.parse.urlparse(url)
+    parts = parsed.path.lstrip("/").split("/")  # kept quoted: no ':' in local file names
+    if not url.startswith(PUBLIC_HOST + "/"):
+        parts.insert(0, parsed.netloc.replace(":", "_"))
+    return os.path.join(cache_dir(), *parts)
 
 
 def download(url: str, checksums: Checksums = Checksums(), retry: Optional[RetryPolicy] = None,

@@ -27,7 +27,7 @@ from torch import nn
 
 from .checkpoint import load_weights
 from .config import load_config
-from .download import PUBLIC_HOST, Checksums, DownloadError, download
+from .download import PUBLIC_HOST, Checksums, DownloadError, cache_path, download
 
 SCHEME = "gn-zoo://"
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -57,7 +57,8 @@ class ZooModel:
     @property
     def checksums(self) -> Checksums:
         """Digests the file must match: Detectron2 model-zoo names end in the first hex digits of the MD5."""
-        match = re.search(r"_([0-9a-f]{6,})\.pkl$", self.url) if self.file_format == DETECTRON2_FORMAT else None
+        # exactly 6: a run's own names (model_0089999.pkl, model_final_20240101.pkl) hold longer digit runs
+        match = re.search(r"_([0-9a-f]{6})\.pkl$", self.url) if self.file_format == DETECTRON2_FORMAT else None
         return Checksums(md5_prefix=match[1] if match else "", sha256=self.sha256)
 
 
@@ -135,9 +136,12 @@ def downloadable(name: str) -> ZooModel:
     return model
 
 
-def fetch(name: str, progress: bool = True) -> str:
-    """The local path of a catalog checkpoint, downloaded and verified on first use."""
+def fetch(name: str, progress: bool = True, again: bool = False) -> str:
+    """The local path of a catalog checkpoint, downloaded and verified on first use; with ``again``, a cached copy
+    (damaged since, say) is deleted and downloaded anew."""
     model = downloadable(name)
+    if again and os.path.isfile(cache_path(model.url)):
+        os.remove(cache_path(model.url))
     return download(model.url, model.checksums, progress=progress)
 
 

@@ -18,7 +18,7 @@ from gn_detection.checkpoint import AtomicCheckpointer, load_weights
 from gn_detection.download import (PART, VALIDATOR, Checksums, DownloadError, IntegrityError, cache_path, download,
                                    mirrored)
 
-from .conftest import CONFIGS, TINY_OVERRIDES, make_cfg, run_tool
+from .conftest import CONFIGS, TINY_OVERRIDES, load_tool, make_cfg, run_tool
 from .fabricate import caffe2_name, detectron_blobs
 from .http_server import (DIE_ONCE, FORBIDDEN, IGNORE_RANGE, NO_LENGTH, OK, SLOW, TRUNCATE, UNAVAILABLE_ONCE,
                           WRONG_RANGE, FileServer, validator)
@@ -493,3 +493,43 @@ def test_command_line_list_and_download(server):
     not_served = run_tool(["tools/model_zoo.py", "download", "Detectron/e2e_mask_rcnn_R-101-FPN_2x_gn"], env)
     assert not_served.returncode == 1 and "does not exist (HTTP 404)" in not_served.stderr
     assert "Traceback" not in unknown.stderr + not_served.stderr
+
+
+def test_a_damaged_cached_checkpoint_says_how_to_fetch_it_again_and_download_again_does(server, capsys):
+    e2e = model_zoo.lookup("Detectron/e2e_mask_rcnn_R-101-FPN_3x_gn")
+    good = pickle.dumps({"blobs": {"conv1_w": [1.0] * 100}})
+    serve(server, e2e.url, good)
+    local = model_zoo.fetch(e2e.name, progress=False)
+    with open(local, "wb") as f:
+        f.write(good[:50])  # damaged in the cache after it was verified
+    with pytest.raises(ValueError, match="it is a cached download: `python tools/model_zoo.py download --again NAME`"):
+        load_weights(torch.nn.Linear(2, 2), local)
+    assert model_zoo.fetch(e2e.name, progress=False) == local and open(local, "rb").read() == good[:50]  # as cached
+    assert load_tool("model_zoo").main(["download", "--again", e2e.name]) == 0
+    assert capsys.readouterr().out.strip() == local and open(local, "rb").read() == good
+
+
+def test_ctrl_c_during_a_download_is_one_line_and_exit_status_130(monkeypatch, capsys):
+    def interrupted(name, again=False):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model_zoo, "fetch", interrupted)
+    assert load_tool("model_zoo").main(["download", "Detectron/e2e_mask_rcnn_R-101-FPN_3x_gn"]) == 130
+    assert capsys.readouterr().err == ("interrupted; the part downloaded so far stays in the cache and the same "
+                                       "command resumes it\n")
+
+
+def test_only_detectron2_names_with_six_hex_digits_are_read_as_an_md5_prefix():
+    def prefix(file_name):
+        url = f"{model_zoo.DETECTRON2}/Misc/run/1/{file_name}"
+        return model_zoo.ZooModel("x", "c.yaml", model_zoo.DETECTRON2_FORMAT, url).checksums.md5_prefix
+
+    assert prefix("model_final_dc5d9e.pkl") == "dc5d9e"
+    assert prefix("model_final_20240101.pkl") == prefix("model_0089999.pkl") == ""  # a run's own names
+
+
+def test_two_hosts_files_of_the_same_path_are_cached_apart(monkeypatch, tmp_path):
+    monkeypatch.setenv("GN_DETECTION_CACHE", str(tmp_path))
+    first, second = cache_path("http://127.0.0.1:18765/exp/a.pkl"), cache_path("http://localhost:18766/exp/a.pkl")
+    assert first != second and first == str(tmp_path / "127.0.0.1_18765" / "exp" / "a.pkl")
+    assert cache_path(URL) == str(tmp_path / "detectron2" / "Misc" / "test" / "1" / "model_final_000000.pkl")

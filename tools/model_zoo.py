@@ -3,10 +3,11 @@
 
     python tools/model_zoo.py list [--remote]     # every checkpoint: format, published AP, size, config
     python tools/model_zoo.py download NAME ...   # download + verify into the cache, print the local path
+    python tools/model_zoo.py download --again NAME   # delete a cached copy (damaged, say) and download it anew
 
 The cache is $GN_DETECTION_CACHE (default $XDG_CACHE_HOME/gn_detection, else ~/.cache/gn_detection);
 $GN_DETECTION_MIRROR replaces https://dl.fbaipublicfiles.com. Exit status 1 with a one-line reason when a name
-or download fails.
+or download fails; Ctrl-C exits with 130, keeping what was downloaded for the next try to resume.
 """
 import argparse
 import http.client
@@ -72,16 +73,21 @@ def main(argv=None) -> int:
     listing.add_argument("--remote", action="store_true", help="ask the server for the size of files not cached")
     fetching = commands.add_parser("download", help="download and verify checkpoints, print their local paths")
     fetching.add_argument("names", nargs="+", metavar="NAME")
+    fetching.add_argument("--again", action="store_true", help="delete cached copies first and download them anew")
     args = parser.parse_args(argv)
     try:
         if args.command == "list":
             list_models(args.remote)
         else:
             for name in args.names:
-                print(model_zoo.fetch(name))
+                print(model_zoo.fetch(name, again=args.again))
     except (KeyError, ValueError, DownloadError) as e:
         print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted; the part downloaded so far stays in the cache and the same command resumes it",
+              file=sys.stderr)
+        return 130  # the shells' status for a command stopped by Ctrl-C
     return 0
 
 
