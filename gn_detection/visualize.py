@@ -50,10 +50,10 @@ def draw_predictions(
     return paths
 
 
-def plot_loss_curve(metrics_file: str, out_png: str) -> str:
-    """Plot every ``*loss*`` series in Detectron2's ``metrics.json`` (its latest run, see
+def plot_loss_curve(metrics_file: str, out_png: str, start: int = 0) -> str:
+    """Plot every ``*loss*`` series in Detectron2's ``metrics.json`` (its latest run, read from byte ``start``, see
     :func:`~gn_detection.metrics_log.read_metrics`) against the iteration."""
-    rows = [r for r in read_metrics(metrics_file) if "total_loss" in r]
+    rows = [r for r in read_metrics(metrics_file, start) if "total_loss" in r]
     if not rows:
         raise ValueError(f"{metrics_file} holds no training losses to plot")
     fig, ax = plt.subplots(figsize=(8, 5))

@@ -2,7 +2,7 @@
 import json
 import logging
 
-from gn_detection.metrics_log import read_metrics
+from gn_detection.metrics_log import fresh_run_start, read_metrics
 from gn_detection.report import final_metrics
 from gn_detection.visualize import plot_loss_curve
 
@@ -43,7 +43,7 @@ def test_a_line_cut_short_is_skipped_with_a_warning_naming_it(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         records = read_metrics(path)
     assert [r.get("total_loss") for r in records] == [3.0, 1.5, None]
-    assert f"{path}, line 2: not a JSON record" in caplog.text
+    assert f"{path}, line 2 from byte 0: not a JSON record" in caplog.text
     assert final_metrics(path) == {"segm/AP": 59.0, "bbox/AP": 60.0}
     out = plot_loss_curve(path, str(tmp_path / "loss_curve.png"))
     assert (tmp_path / "loss_curve.png").stat().st_size > 1000 and out.endswith("loss_curve.png")
@@ -62,3 +62,15 @@ def test_a_fresh_run_after_a_final_evaluation_is_its_own(tmp_path):
                        losses(19, 2.5), evaluation(19, 30.0))
     assert [(r["iteration"], r.get("total_loss")) for r in read_metrics(path)] == [(19, 2.5), (19, None)]
     assert final_metrics(path) == {"segm/AP": 29.0, "bbox/AP": 30.0}
+
+
+def test_a_fresh_run_after_a_shorter_one_is_read_from_where_it_began(tmp_path):
+    # an earlier run of 2 iterations logged at 1; this fresh one logs first at 19, which looks like going on
+    path = write_lines(tmp_path / "metrics.json", losses(1, 5.0))
+    start = fresh_run_start(path, start_iter=0)
+    assert start == len(losses(1, 5.0)) + 1 and fresh_run_start(path, start_iter=50) == 0  # resumed: continues
+    with open(path, "a") as f:
+        f.write(losses(19, 3.0) + "\n" + losses(39, 2.0) + "\n")
+    assert [r["iteration"] for r in read_metrics(path)] == [1, 19, 39]  # the file alone cannot tell
+    assert [r["iteration"] for r in read_metrics(path, start)] == [19, 39]
+    assert fresh_run_start(str(tmp_path / "none.json"), start_iter=0) == 0

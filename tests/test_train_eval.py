@@ -293,7 +293,7 @@ def test_pictures_that_cannot_be_written_are_a_warning(tmp_path, monkeypatch, ca
     monkeypatch.setattr(train_net, "draw_predictions", disk_full)
     monkeypatch.setattr(logging.getLogger("gn_detection"), "propagate", True)  # as before any setup_logger()
     cfg = load_config(SHAPES_CONFIG, ["OUTPUT_DIR", str(tmp_path), "TEST.VIS_NUM_IMAGES", 2])
-    train_net.save_pictures(cfg, model=None, trained=False)  # after evaluation: nothing to lose by stopping here
+    train_net.save_pictures(cfg, model=None, metrics_start=None)  # after evaluation: nothing to lose by stopping
     assert "No predictions: [Errno 28] No space left on device" in caplog.text
 
 
@@ -304,9 +304,9 @@ def test_a_loss_curve_that_cannot_be_drawn_leaves_the_predictions(tmp_path, monk
     (tmp_path / "metrics.json").write_text("")  # e.g. left by a run that stopped before its first losses
     cfg = load_config(SHAPES_CONFIG, ["OUTPUT_DIR", str(tmp_path), "TEST.VIS_NUM_IMAGES", 2])
     with caplog.at_level(logging.INFO, logger="gn_detection"):
-        train_net.save_pictures(cfg, model=None, trained=False)  # --eval-only: no loss curve to draw
+        train_net.save_pictures(cfg, model=None, metrics_start=None)  # --eval-only: no loss curve to draw
         assert "loss curve" not in caplog.text.lower()
-        train_net.save_pictures(cfg, model=None, trained=True)
+        train_net.save_pictures(cfg, model=None, metrics_start=0)
     assert "No loss curve: " in caplog.text
     assert f"Predictions: 2 images (ground truth | prediction) in {tmp_path / 'predictions'}" in caplog.text
 

@@ -26,6 +26,7 @@ from gn_detection.config import check_model_builds, load_config
 from gn_detection.checkpoint import AtomicCheckpointer, LoadCounts
 from gn_detection.datasets import check_dataset_files, check_evaluation_datasets, check_num_classes
 from gn_detection.download import DownloadError
+from gn_detection.metrics_log import fresh_run_start
 from gn_detection import model_zoo
 from gn_detection.visualize import draw_predictions, plot_loss_curve
 
@@ -239,13 +240,13 @@ def setup(cfg, args) -> None:
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="gn_detection")
 
 
-def save_pictures(cfg, model, trained: bool) -> None:
-    """Loss curve (after training) and predictions on the first test images, in OUTPUT_DIR. A picture that cannot
-    be drawn or written is a warning, and the other is still drawn: the checkpoint and the metrics, which matter,
-    are already written."""
-    metrics = os.path.join(cfg.OUTPUT_DIR, "metrics.json")
-    if trained:
-        _draw("Loss curve", lambda: plot_loss_curve(metrics, os.path.join(cfg.OUTPUT_DIR, "loss_curve.png")))
+def save_pictures(cfg, model, metrics_start: Optional[int]) -> None:
+    """Loss curve (after training: ``metrics_start`` is where its run's records begin in metrics.json, None for
+    --eval-only) and predictions on the first test images, in OUTPUT_DIR. A picture that cannot be drawn or written
+    is a warning, and the other is still drawn: the checkpoint and the metrics, which matter, are already written."""
+    if metrics_start is not None:
+        _draw("Loss curve", lambda: plot_loss_curve(os.path.join(cfg.OUTPUT_DIR, "metrics.json"),
+                                                    os.path.join(cfg.OUTPUT_DIR, "loss_curve.png"), metrics_start))
     if cfg.TEST.VIS_NUM_IMAGES and cfg.DATASETS.TEST:
         _draw("Predictions", lambda: _draw_predictions(cfg, model))
 
@@ -268,6 +269,7 @@ def _draw(what: str, draw) -> None:
 def main(args, cfg):
     """Train (or with --eval-only, evaluate) in one process of the job, on the config checked before launch."""
     setup(cfg, args)
+    metrics_start = None
     if args.eval_only:
         model = Trainer.build_model(cfg)
         # ours, as training's: .pth read with weights_only, and the load's counts logged
@@ -276,10 +278,11 @@ def main(args, cfg):
     else:
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=args.resume)
+        metrics_start = fresh_run_start(os.path.join(cfg.OUTPUT_DIR, "metrics.json"), trainer.start_iter)
         results = trainer.train()
         model = trainer.model
     if comm.is_main_process():
-        save_pictures(cfg, getattr(model, "module", model), trained=not args.eval_only)  # unwrap DDP
+        save_pictures(cfg, getattr(model, "module", model), metrics_start)  # unwrap DDP
     return results
 
 
