@@ -240,6 +240,24 @@ def test_eval_only_refuses_weights_that_leave_tensors_at_random(tiny_shapes_root
         checked_config(out, ["--resume"], [])
 
 
+@pytest.mark.parametrize("tag", ["", b"\xff\xfe\x00", "folder"])
+def test_a_last_checkpoint_that_names_no_checkpoint_is_named(tiny_shapes_root, tmp_path, tag):
+    out = tmp_path / "out"
+    out.mkdir()
+    if tag == "folder":
+        (out / "last_checkpoint").mkdir()
+    else:
+        (out / "last_checkpoint").write_bytes(tag.encode() if isinstance(tag, str) else tag)
+    with pytest.raises(ValueError, match=f"^--resume: {out}/last_checkpoint names no checkpoint \\(empty, a folder or "
+                                         f"not text\\); restore that checkpoint, or delete {out}/last_checkpoint"):
+        checked_config(out, ["--resume"], [])
+
+
+def test_weights_that_are_a_folder_are_named(tiny_shapes_root, tmp_path):
+    with pytest.raises(ValueError, match=f"MODEL.WEIGHTS {tmp_path} is a folder; give a checkpoint file in it"):
+        checked_config(tmp_path / "out", [], ["MODEL.WEIGHTS", str(tmp_path)])
+
+
 def test_resume_refuses_a_checkpoint_of_another_model(tiny_shapes_root, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -149,6 +149,9 @@ def check_weights(weights: str) -> None:
         except (KeyError, DownloadError) as e:
             raise ValueError(f"MODEL.WEIGHTS {weights}: {e.args[0]}") from e
     local_file = urllib.parse.urlparse(weights)._replace(query="").geturl()  # Detectron2 drops a ?query
+    if weights and "://" not in weights and os.path.isdir(local_file):
+        raise ValueError(f"MODEL.WEIGHTS {weights} is a folder; give a checkpoint file in it, e.g. "
+                         f"{os.path.join(weights, 'model_final.pth')}")
     if weights and "://" not in weights and not os.path.isfile(local_file):
         raise FileNotFoundError(f"MODEL.WEIGHTS {weights} does not exist; give a checkpoint file, a URL or a "
                                 "gn-zoo:// name (tools/model_zoo.py list)")
@@ -165,11 +168,17 @@ def resumed_checkpoint(meta_model: torch.nn.Module, output_dir: str, resume: boo
     checkpointer = AtomicCheckpointer(meta_model, save_dir=output_dir)
     if not (resume and checkpointer.has_checkpoint()):
         return None
-    path = checkpointer.get_checkpoint_file()
+    try:
+        path = checkpointer.get_checkpoint_file()  # "" for a tag it cannot open (a folder)
+    except UnicodeDecodeError:  # not text
+        path = ""
     if not os.path.isfile(path):
         tag = os.path.join(output_dir, "last_checkpoint")
-        raise ValueError(f"--resume: {tag} names {path}, which does not exist; restore that checkpoint, or delete "
-                         f"{tag} to start from MODEL.WEIGHTS")
+        names_one = path and os.path.normpath(path) != os.path.normpath(output_dir)  # an empty tag names the folder
+        named = (f"names {path}, which does not exist" if names_one
+                 else "names no checkpoint (empty, a folder or not text)")
+        raise ValueError(f"--resume: {tag} {named}; restore that checkpoint, or delete {tag} to start from "
+                         "MODEL.WEIGHTS")
     return path
 
 
