@@ -3,6 +3,7 @@ COCOEvaluator, as a user runs them (tools/train_net.py in a fresh process)."""
 import json
 import logging
 import os
+import re
 import shutil
 
 import pytest
@@ -106,6 +107,30 @@ def test_resume_continues_from_the_last_checkpoint(trained, tiny_shapes_root, tm
     rows = read_output_metrics(resumed)
     assert [r["iteration"] for r in rows if "total_loss" in r] == [19, 39, ITERS + 9]
     assert "bbox/AP" in rows[-1] and rows[-1]["iteration"] == ITERS + 10  # Detectron2 logs it after the last step
+
+
+def test_a_training_image_that_is_gone_stops_the_run_with_one_line(tiny_shapes_root, tmp_path):
+    shutil.copytree(tiny_shapes_root / "shapes", tmp_path / "data" / "shapes")
+    os.remove(tmp_path / "data" / "shapes" / "train" / "000003.png")
+    result = train_net(tmp_path / "data", tmp_path / "out", max_iter=1)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert last.startswith("error: DATASETS.TRAIN ('shapes_train',) cannot be trained on: ") and "000003.png" in last
+
+
+@pytest.mark.parametrize("dicts, reason", [
+    ([], "Dataset 'train_dicts_0' is empty!"),
+    ([{"file_name": "a.png", "image_id": 1, "height": 8, "width": 8, "annotations": []}],
+     "No valid data found in train_dicts_1."),  # Detectron2 leaves images without annotations out of training
+])
+def test_training_data_without_images_is_named_as_such(dicts, reason):
+    name = f"train_dicts_{len(dicts)}"
+    DatasetCatalog.register(name, lambda: dicts)
+    train_net = load_tool("train_net")
+    cfg = load_config(SHAPES_CONFIG, ["DATASETS.TRAIN", f"('{name}',)", "DATALOADER.NUM_WORKERS", 0])
+    with pytest.raises(train_net.TrainingDataError, match=rf"^DATASETS.TRAIN \('{name}',\) cannot be trained on: "
+                                                          + re.escape(reason)):
+        train_net.Trainer.build_train_loader(cfg)
 
 
 def test_missing_coco_stops_at_once_naming_the_path(tmp_path):

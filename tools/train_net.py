@@ -31,8 +31,22 @@ from gn_detection import model_zoo
 from gn_detection.visualize import draw_predictions, plot_loss_curve
 
 
+class TrainingDataError(ValueError):
+    """DATASETS.TRAIN could not be loaded; the message says which datasets and why."""
+
+
 class Trainer(DefaultTrainer):
     """Detectron2's trainer with COCO (box and mask AP) evaluation."""
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        # the training datasets load here, before the first iteration (loading them before launch as well would
+        # cost COCO's 20-odd seconds twice): what fails is said as the user's data, not as a crash
+        try:
+            return super().build_train_loader(cfg)
+        except (ValueError, OSError, AssertionError) as e:  # a broken file, a missing image, no (annotated) images
+            reason = e.args[0] if e.args else type(e).__name__
+            raise TrainingDataError(f"DATASETS.TRAIN {cfg.DATASETS.TRAIN} cannot be trained on: {reason}") from e
 
     def build_hooks(self):
         # Swap in the atomic checkpointer before the checkpoint hooks capture it.
@@ -301,11 +315,14 @@ if __name__ == "__main__":
         config = checked_config(args)
     except (ValueError, OSError, RuntimeError, pickle.UnpicklingError) as e:  # the weights are read for --eval-only
         sys.exit(f"error: {e}")
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args, config),  # each worker takes the checked config, rather than loading and checking it again
-    )
+    try:
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args, config),  # each worker takes the checked config, rather than loading and checking it again
+        )
+    except TrainingDataError as e:  # raised here by the one process of a one-GPU run, before its first iteration
+        sys.exit(f"error: {e}")
