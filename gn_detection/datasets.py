@@ -78,8 +78,8 @@ def check_dataset_files(names: Iterable[str], named_by: str = "DATASETS.TRAIN / 
         if name not in DatasetCatalog:
             close = difflib.get_close_matches(name, DatasetCatalog.list(), n=3)
             raise ValueError(f"Dataset '{name}' ({named_by}) is not registered"
-                           + (f"; did you mean {', '.join(close)}?" if close else "")
-                           + " Register it first, e.g. with detectron2.data.datasets.register_coco_instances.")
+                             + (f"; did you mean {', '.join(close)}?" if close else ".")
+                             + " Register it first, e.g. with detectron2.data.datasets.register_coco_instances.")
         metadata = MetadataCatalog.get(name)
         hint = metadata.get("missing_hint") or COCO_HINT.format(root=datasets_root())
         files = (("annotation file", metadata.get("json_file")), ("image directory", metadata.get("image_root")))

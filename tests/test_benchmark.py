@@ -121,6 +121,11 @@ def test_repeated_passes_rotate_the_variants_and_give_each_ratio_its_median_and_
         (["--skip", "train", "inference"], "leaves nothing to measure"),
         (["--task", "host", "--repeats", "2"], "--repeats 2: only the model task repeats its grid"),
         (["--variants", "ours", "frozen_bn", "ours"], "--variants names ours more than once"),
+        (["--images-per-gpu", "1", "2", "1"], "--images-per-gpu names 1 more than once"),
+        (["--precision", "fp32", "fp32"], "--precision names fp32 more than once"),
+        (["MODEL.GN.NUM_GROUPS"], "the trailing overrides ['MODEL.GN.NUM_GROUPS'] are not KEY VALUE pairs"),
+        (["--config-file", "c.yaml", "--variants", "frozen_bn"], "--config-file c.yaml is the config of ours and "
+                                                                  "ours_stock_gn, and --variants has neither"),
         (["--output", ""], "--output '': give a file name"),
         (["--output", "{tmp}"], "give a file name for the JSON results"),
         (["--output", "{tmp}/run.png"], "the JSON cannot be a .png; give e.g. {tmp}/run.json"),

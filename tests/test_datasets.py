@@ -222,3 +222,6 @@ def test_prepare_shapes_names_a_root_it_cannot_write_in(tmp_path, monkeypatch, c
 def test_an_unregistered_dataset_is_named_with_close_matches():
     with pytest.raises(ValueError, match="Dataset 'shapes_trian' .* is not registered; did you mean shapes_train"):
         check_dataset_files(["shapes_trian"])
+    with pytest.raises(ValueError, match=r"Dataset 'qqzzxx' \(DATASETS.TRAIN / DATASETS.TEST\) is not registered. "
+                                         r"Register it first"):
+        check_dataset_files(["qqzzxx"])

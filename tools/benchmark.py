@@ -120,9 +120,16 @@ def request_problem(args: argparse.Namespace) -> Optional[str]:
         return f"--repeats {args.repeats}: only the model task repeats its grid (op and host counts are one pass)"
     if args.task == "model" and set(args.skip) == {"train", "inference"}:
         return "--skip train inference leaves nothing to measure; skip one of them"
-    repeated = sorted({spec for spec in args.variants if args.variants.count(spec) > 1})
-    if repeated:
-        return f"--variants names {', '.join(repeated)} more than once; each variant is measured once per pass"
+    for flag, values in (("--variants", args.variants), ("--images-per-gpu", args.images_per_gpu),
+                         ("--precision", args.precision)):
+        if repeated := sorted({str(v) for v in values if values.count(v) > 1}):
+            return f"{flag} names {', '.join(repeated)} more than once; each is measured once per pass"
+    if len(args.opts) % 2:
+        return f"the trailing overrides {args.opts} are not KEY VALUE pairs (odd length)"
+    ours = {"ours", "ours_stock_gn"}
+    if args.config_file and args.task != "op" and not any(spec.partition(":")[0] in ours for spec in args.variants):
+        return (f"--config-file {args.config_file} is the config of ours and ours_stock_gn, and --variants has "
+                "neither; add one, or leave --config-file out")
     if args.profile and (why := not_writable(args.profile)):
         return f"--profile {args.profile}: cannot write there ({why}); give a writable folder"
     if not args.replot:
