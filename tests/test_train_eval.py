@@ -118,6 +118,16 @@ def test_a_training_image_that_is_gone_stops_the_run_with_one_line(tiny_shapes_r
     assert last.startswith("error: DATASETS.TRAIN ('shapes_train',) cannot be trained on: ") and "000003.png" in last
 
 
+def test_weights_that_cannot_be_downloaded_stop_the_run_with_one_line(tiny_shapes_root, tmp_path, monkeypatch):
+    for key, value in (("MIRROR", "http://127.0.0.1:9"), ("ALLOW_HTTP", "1"), ("RETRIES", "1"),
+                       ("CACHE", str(tmp_path / "cache"))):  # port 9 (discard): nothing listens there
+        monkeypatch.setenv(f"GN_DETECTION_{key}", value)
+    result = train_net(tiny_shapes_root, tmp_path / "out", "MODEL.WEIGHTS", "gn-zoo://ImageNetPretrained/R-50-GN")
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert last.startswith("error: MODEL.WEIGHTS gn-zoo://ImageNetPretrained/R-50-GN: ") and "refused" in last
+
+
 @pytest.mark.parametrize("dicts, reason", [
     ([], "Dataset 'train_dicts_0' is empty!"),
     ([{"file_name": "a.png", "image_id": 1, "height": 8, "width": 8, "annotations": []}],
@@ -128,7 +138,7 @@ def test_training_data_without_images_is_named_as_such(dicts, reason):
     DatasetCatalog.register(name, lambda: dicts)
     train_net = load_tool("train_net")
     cfg = load_config(SHAPES_CONFIG, ["DATASETS.TRAIN", f"('{name}',)", "DATALOADER.NUM_WORKERS", 0])
-    with pytest.raises(train_net.TrainingDataError, match=rf"^DATASETS.TRAIN \('{name}',\) cannot be trained on: "
+    with pytest.raises(train_net.UnusableInput, match=rf"^DATASETS.TRAIN \('{name}',\) cannot be trained on: "
                                                           + re.escape(reason)):
         train_net.Trainer.build_train_loader(cfg)
 

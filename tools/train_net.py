@@ -31,8 +31,9 @@ from gn_detection import model_zoo
 from gn_detection.visualize import draw_predictions, plot_loss_curve
 
 
-class TrainingDataError(ValueError):
-    """DATASETS.TRAIN could not be loaded; the message says which datasets and why."""
+class UnusableInput(ValueError):
+    """What a training run loads once started (DATASETS.TRAIN, and MODEL.WEIGHTS given as a URL or gn-zoo:// name)
+    could not be used; the message says which and why."""
 
 
 class Trainer(DefaultTrainer):
@@ -46,7 +47,7 @@ class Trainer(DefaultTrainer):
             return super().build_train_loader(cfg)
         except (ValueError, OSError, AssertionError) as e:  # a broken file, a missing image, no (annotated) images
             reason = e.args[0] if e.args else type(e).__name__
-            raise TrainingDataError(f"DATASETS.TRAIN {cfg.DATASETS.TRAIN} cannot be trained on: {reason}") from e
+            raise UnusableInput(f"DATASETS.TRAIN {cfg.DATASETS.TRAIN} cannot be trained on: {reason}") from e
 
     def build_hooks(self):
         # Swap in the atomic checkpointer before the checkpoint hooks capture it.
@@ -300,7 +301,13 @@ def main(args, cfg):
         results = Trainer.test(cfg, model)
     else:
         trainer = Trainer(cfg)
-        trainer.resume_or_load(resume=args.resume)
+        resumes = args.resume and trainer.checkpointer.has_checkpoint()  # that checkpoint was read before launch
+        try:
+            trainer.resume_or_load(resume=args.resume)
+        except (ValueError, pickle.UnpicklingError, DownloadError) as e:  # a URL's or gn-zoo name's download or file
+            if resumes:
+                raise
+            raise UnusableInput(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}: {e}") from e
         metrics_start = fresh_run_start(os.path.join(cfg.OUTPUT_DIR, "metrics.json"), trainer.start_iter)
         results = trainer.train()
         model = trainer.model
@@ -324,5 +331,5 @@ if __name__ == "__main__":
             dist_url=args.dist_url,
             args=(args, config),  # each worker takes the checked config, rather than loading and checking it again
         )
-    except TrainingDataError as e:  # raised here by the one process of a one-GPU run, before its first iteration
+    except UnusableInput as e:  # raised here by the one process of a one-GPU run, before its first iteration
         sys.exit(f"error: {e}")
