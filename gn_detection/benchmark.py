@@ -568,7 +568,8 @@ def markdown_table(rows: List[dict]) -> str:
 def summarize_repeats(rows: List[dict]) -> List[dict]:
     """One row per (variant, precision, images per iteration) over the passes of ``rows`` (:func:`with_ratios`
     rows): medians of the speeds, of the ratios (each taken within its pass) and their ranges, the largest peak
-    memory; passes whose cell failed count in ``failed_passes``, not in the statistics."""
+    memory. Passes whose cell failed count in ``failed_passes``; what such a cell did measure (training, when only
+    its inference failed) still counts."""
     groups: Dict[Tuple[str, str, int], List[dict]] = defaultdict(list)
     for row in rows:
         groups[(row["variant"], row["precision"], row["images_per_iter"])].append(row)
@@ -579,16 +580,16 @@ def summarize_repeats(rows: List[dict]) -> List[dict]:
 
     summary = []
     for (variant, precision, images), group in groups.items():
-        measured = [r for r in group if not r["error"]]
-        memory = [r["peak_memory_gb"] for r in measured if r["peak_memory_gb"] is not None]
-        summary.append({
-            "variant": variant, "precision": precision, "images_per_iter": images, "passes": len(measured),
-            "failed_passes": len(group) - len(measured),
-            "train_images_per_s": spread(measured, "train_images_per_s")[0],
-            "train_speedup": spread(measured, "train_speedup"),
+        failed = sum(1 for r in group if r["error"])
+        memory = [r["peak_memory_gb"] for r in group if r["peak_memory_gb"] is not None]
+        summary.append({  # a failed measurement left its values None, which spread() leaves out
+            "variant": variant, "precision": precision, "images_per_iter": images, "passes": len(group) - failed,
+            "failed_passes": failed,
+            "train_images_per_s": spread(group, "train_images_per_s")[0],
+            "train_speedup": spread(group, "train_speedup"),
             "peak_memory_gb": max(memory) if memory else None,
-            "inference_s_per_image": spread(measured, "inference_s_per_image")[0],
-            "inference_speedup": spread(measured, "inference_speedup"),
+            "inference_s_per_image": spread(group, "inference_s_per_image")[0],
+            "inference_speedup": spread(group, "inference_speedup"),
         })
     return summary
 

@@ -160,6 +160,17 @@ def test_summary_over_passes_leaves_failed_cells_out_of_the_statistics():
     assert "| ours | fp32 | 2 | 2 (1 failed) | 2.50 | 1.75 (1.50–2.00) | 1.50 | – | – |" in table
 
 
+def test_summary_over_passes_keeps_the_training_of_a_pass_whose_inference_failed():
+    cells = [bench.Cell("ours", "fp32", 2, train_images_per_s=3.0, inference_s_per_image=0.1, repeat=0),
+             bench.Cell("detectron2_gn", "fp32", 2, train_images_per_s=2.0, inference_s_per_image=0.2, repeat=0),
+             bench.Cell("ours", "fp32", 2, train_images_per_s=4.0, error="inference: RuntimeError: ...", repeat=1),
+             bench.Cell("detectron2_gn", "fp32", 2, train_images_per_s=2.0, inference_s_per_image=0.2, repeat=1)]
+    ours, _ = bench.summarize_repeats(bench.with_ratios(cells))
+    assert (ours["passes"], ours["failed_passes"]) == (1, 1)
+    assert ours["train_speedup"] == (1.75, 1.5, 2.0) and ours["train_images_per_s"] == 3.5
+    assert ours["inference_speedup"] == (2.0, 2.0, 2.0)
+
+
 def model_row(variant, precision, images, speed, memory, inference, speedup=None, error=None):
     return {"variant": variant, "precision": precision, "images_per_iter": images, "train_images_per_s": speed,
             "peak_memory_gb": memory, "inference_s_per_image": inference, "train_speedup": speedup, "error": error}
