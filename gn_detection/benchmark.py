@@ -159,16 +159,23 @@ def synthetic_batch(count: int, height: int, width: int, boxes: int, num_classes
     return batch
 
 
-def dataset_batch(cfg: CfgNode, dataset: str, count: int) -> List[dict]:
-    """The first ``count`` images of a registered dataset through Detectron2's training mapper. Raises ValueError
-    for a name no one registered and FileNotFoundError, naming the path, for files it lacks."""
+def dataset_records(dataset: str, count: int) -> List[dict]:
+    """The first ``count`` records of a registered dataset, loaded once for all variants (COCO's annotations take
+    some 20 s). Raises ValueError for a name no one registered or too few images, and FileNotFoundError, naming the
+    path, for files it lacks."""
     check_dataset_files([dataset], named_by="--dataset")
     dicts = DatasetCatalog.get(dataset)
     if len(dicts) < count:
         raise ValueError(f"Dataset {dataset!r} has {len(dicts)} images; the largest --images-per-gpu is {count}")
-    mapper = DatasetMapper(cfg, is_train=True)
+    return dicts[:count]
+
+
+def dataset_batch(cfg: CfgNode, records: List[dict], dataset: str) -> List[dict]:
+    """``records`` of ``dataset`` (:func:`dataset_records`) through Detectron2's training mapper as ``cfg`` sets it
+    (input sizes, mask format); a mask format the records do not hold is a ValueError naming the key."""
+    mapper = DatasetMapper(cfg, is_train=True)  # it copies each record before changing it
     try:
-        return [mapper(d) for d in dicts[:count]]
+        return [mapper(record) for record in records]
     except ValueError as e:
         if "mask_format" not in str(e):
             raise

@@ -9,6 +9,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
+from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, PolygonMasks
 from detectron2.utils.events import EventStorage
@@ -397,7 +398,7 @@ def test_training_measurement_on_a_registered_dataset_under_cpu_autocast(tiny_sh
     variant = bench.Variant("ours", SHAPES_CONFIG, tuple(TINY_OVERRIDES))
     cfg = bench.variant_config(variant, "cpu")
     assert cfg.SOLVER.BASE_LR == 0.0 and cfg.MODEL.WEIGHTS == ""
-    batch = bench.dataset_batch(cfg, "tiny_shapes_train", 2)
+    batch = bench.dataset_batch(cfg, bench.dataset_records("tiny_shapes_train", 2), "tiny_shapes_train")
     assert len(batch) == 2 and batch[0]["image"].shape[1:] == (128, 128)
     cell = bench.measure_training(cfg, batch, "amp_bf16", warmup=0, iters=1)
     assert cell.images_per_iter == 2 and cell.train_images_per_s > 0 and cell.nonfinite_losses == 0
@@ -412,11 +413,11 @@ def test_training_measurement_on_a_registered_dataset_under_cpu_autocast(tiny_sh
     bench.measure_training(cfg, batch, "fp32", warmup=0, iters=1, profile_path=str(tmp_path / "p.txt"))
     assert (tmp_path / "p.txt").read_text().startswith("per step (3 steps, under the profiler)")
     with pytest.raises(ValueError, match="has 48 images; the largest --images-per-gpu is 100"):
-        bench.dataset_batch(cfg, "tiny_shapes_train", 100)
+        bench.dataset_records("tiny_shapes_train", 100)
     polygons = bench.variant_config(variant, "cpu", ["INPUT.MASK_FORMAT", "polygon"])  # as Detectron2's configs
     with pytest.raises(ValueError, match="INPUT.MASK_FORMAT polygon: dataset 'tiny_shapes_train' holds masks of "
                                          "another format .* add INPUT.MASK_FORMAT bitmask"):
-        bench.dataset_batch(polygons, "tiny_shapes_train", 2)
+        bench.dataset_batch(polygons, bench.dataset_records("tiny_shapes_train", 2), "tiny_shapes_train")
 
 
 @pytest.mark.parametrize("threshold, detections", [(0.0, 5), (1.0, 0)])
@@ -688,3 +689,14 @@ def test_a_rerun_keeps_the_earlier_results_until_it_ends_and_ctrl_c_says_where_i
     assert tool.main(["--device", "cpu", "--output", str(out)]) == 0
     assert json.loads(out.read_text())["rows"] == [] and not incomplete.exists()
     assert not picture.exists() and f"(removed the earlier run's {picture})" in caplog.text
+
+
+def test_a_dataset_is_loaded_once_for_every_variant(tiny_shapes_root, tmp_path):
+    loads = []
+    DatasetCatalog.register("counted_shapes_train", lambda: loads.append(1) or DatasetCatalog.get("tiny_shapes_train"))
+    tool = load_tool("benchmark")
+    args = tool.parse_args(["--device", "cpu", "--dataset", "counted_shapes_train", "--config-file", SHAPES_CONFIG,
+                            "--variants", "ours", "ours_stock_gn", "--images-per-gpu", "1", "2",
+                            "--output", str(tmp_path / "b.json"), *map(str, TINY_OVERRIDES)])
+    prepared = tool.prepare_variants(args)
+    assert len(loads) == 1 and [len(batch) for _, batch in prepared.values()] == [2, 2]

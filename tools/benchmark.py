@@ -150,9 +150,10 @@ def output_problem(path: str, draws_picture: bool) -> Optional[str]:
     return None
 
 
-def inputs_for(cfg, args, count):
+def inputs_for(cfg, args, count, records=None):
+    """``count`` inputs for ``cfg``: ``records`` of ``--dataset`` mapped, or synthetic ones."""
     if args.dataset:
-        return bench.dataset_batch(cfg, args.dataset, count)
+        return bench.dataset_batch(cfg, records, args.dataset)
     height, width = args.input_size
     return bench.synthetic_batch(count, height, width, args.boxes, cfg.MODEL.ROI_HEADS.NUM_CLASSES,
                                  cfg.INPUT.MASK_FORMAT)
@@ -165,7 +166,9 @@ def prepare_variants(args) -> dict:
     builtins = bench.builtin_variants(args.config_file or DEFAULT_OURS)
     variants = [bench.parse_variant(spec, builtins) for spec in args.variants]
     configs = {variant: _checked(variant, lambda v=variant: _buildable_config(v, args)) for variant in variants}
-    return {variant: (cfg, _checked(variant, lambda c=cfg: inputs_for(c, args, max(args.images_per_gpu))))
+    count = max(args.images_per_gpu)
+    records = bench.dataset_records(args.dataset, count) if args.dataset else None
+    return {variant: (cfg, _checked(variant, lambda c=cfg: inputs_for(c, args, count, records)))
             for variant, cfg in configs.items()}
 
 
