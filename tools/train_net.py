@@ -17,7 +17,6 @@ from typing import Optional
 
 import torch
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
-from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
@@ -26,6 +25,7 @@ from gn_detection.config import check_model_builds, load_config
 from gn_detection.checkpoint import AtomicCheckpointer, LoadCounts
 from gn_detection.datasets import check_dataset_files, check_evaluation_datasets, check_num_classes
 from gn_detection.download import DownloadError
+from gn_detection.evaluator import AtomicCOCOEvaluator
 from gn_detection.metrics_log import fresh_run_start
 from gn_detection import model_zoo
 from gn_detection.visualize import draw_predictions, plot_loss_curve
@@ -37,7 +37,7 @@ class UnusableInput(ValueError):
 
 
 class Trainer(DefaultTrainer):
-    """Detectron2's trainer with COCO (box and mask AP) evaluation."""
+    """Detectron2's trainer with COCO (box and mask AP) evaluation, checkpoints and result files written whole."""
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -61,8 +61,8 @@ class Trainer(DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         # a dataset without a json_file is converted to COCO format anew: a conversion cached by an earlier run
         # under the same name may be of other images
-        return COCOEvaluator(dataset_name, output_dir=output_folder or os.path.join(cfg.OUTPUT_DIR, "inference"),
-                             allow_cached_coco=False)
+        return AtomicCOCOEvaluator(dataset_name, allow_cached_coco=False,
+                                   output_dir=output_folder or os.path.join(cfg.OUTPUT_DIR, "inference"))
 
 
 def checked_config(args):
