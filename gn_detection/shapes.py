@@ -9,6 +9,7 @@ JSON exists is complete.
 import json
 import math
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -144,21 +145,23 @@ def _existing_spec(json_file: str) -> Optional[Dict]:
 
 
 def generate_split(root: str, spec: ShapesSplitSpec, force: bool = False, progress: bool = True) -> str:
-    """Write ``spec.split`` under ``root`` (PNG images and a COCO instances JSON) unless a complete
-    split with the same spec is already there. Returns the JSON path. An old split's JSON is removed before
-    its first image is overwritten, so an interrupted regeneration leaves an incomplete split, not a mixed one."""
+    """Write ``spec.split`` under ``root`` (PNG images and a COCO instances JSON) unless a complete split with the
+    same spec (its JSON and every image it names) is already there. Returns the JSON path. The images are drawn
+    into a staging folder beside the split's and swapped in once all are written, so a regeneration that fails or is
+    interrupted while drawing leaves the split that was there as it was; only the swap itself (two renames and the
+    JSON) can leave the split incomplete, never mixed: its JSON is removed first."""
     json_file, image_dir = split_paths(root, spec.split)
-    if not force and _existing_spec(json_file) == asdict(spec):
+    if not force and _is_complete(json_file, image_dir, spec):
         return json_file
-    if os.path.exists(json_file):  # images are rewritten in place: the split is incomplete until the new JSON
-        os.remove(json_file)
-    os.makedirs(image_dir, exist_ok=True)  # write_atomically makes the JSON's folder
-    _remove_images_from(image_dir, spec.num_images)
+    staging, old = image_dir + ".partial", image_dir + ".old"
+    for leftover in (staging, old):  # of a run that stopped before its swap ended
+        shutil.rmtree(leftover, ignore_errors=True)
+    os.makedirs(staging)
     images, annotations = [], []
     for index in tqdm(range(spec.num_images), desc=f"shapes {spec.split}", disable=not progress):
         pixels, objects = draw_image(spec, index)
-        file_name = f"{index:06d}.png"
-        Image.fromarray(pixels).save(os.path.join(image_dir, file_name))
+        file_name = _image_name(index)
+        Image.fromarray(pixels).save(os.path.join(staging, file_name))
         image_id = index + 1
         images.append({"id": image_id, "file_name": file_name, "height": spec.image_size,
                        "width": spec.image_size})
@@ -170,13 +173,21 @@ def generate_split(root: str, spec: ShapesSplitSpec, force: bool = False, progre
         "annotations": annotations,
         "categories": [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(SHAPE_CLASSES)],
     }
+    if os.path.exists(json_file):
+        os.remove(json_file)  # from here the split is incomplete until the new JSON is written
+    if os.path.exists(image_dir):
+        os.rename(image_dir, old)
+    os.rename(staging, image_dir)
     write_atomically(json_file, json.dumps(coco))
+    shutil.rmtree(old, ignore_errors=True)
     return json_file
 
 
-def _remove_images_from(image_dir: str, first_stale: int) -> None:
-    """Remove the images an earlier, larger split of this folder left beyond the new one's last."""
-    for name in os.listdir(image_dir):
-        stem, extension = os.path.splitext(name)
-        if extension == ".png" and stem.isdecimal() and stem.isascii() and int(stem) >= first_stale:
-            os.remove(os.path.join(image_dir, name))
+def _image_name(index: int) -> str:
+    return f"{index:06d}.png"
+
+
+def _is_complete(json_file: str, image_dir: str, spec: ShapesSplitSpec) -> bool:
+    """Whether the split there was generated with ``spec`` and still has every image."""
+    return _existing_spec(json_file) == asdict(spec) and all(
+        os.path.isfile(os.path.join(image_dir, _image_name(index))) for index in range(spec.num_images))

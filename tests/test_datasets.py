@@ -165,26 +165,40 @@ def test_missing_shapes_error_says_how_to_generate(tmp_path):
         check_dataset_files(["absent_shapes_train"])
 
 
-def test_an_interrupted_regeneration_leaves_a_split_seen_as_incomplete(tmp_path, monkeypatch):
+def test_a_regeneration_that_fails_while_drawing_leaves_the_split_that_was_there(tmp_path, monkeypatch):
     import gn_detection.shapes as shapes
 
-    json_file = generate_split(str(tmp_path), ShapesSplitSpec("val", 4, image_size=64), progress=False)
-    bigger = ShapesSplitSpec("val", 4, image_size=96)
+    small = ShapesSplitSpec("val", 4, image_size=64)
+    json_file = generate_split(str(tmp_path), small, progress=False)
+    before = open(json_file).read()
     draw = shapes.draw_image
 
     def interrupted_at_image_2(spec, index):
         if index == 2:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt  # or a full disk, or out of memory for a huge --image-size
         return draw(spec, index)
 
     monkeypatch.setattr(shapes, "draw_image", interrupted_at_image_2)
+    bigger = ShapesSplitSpec("val", 4, image_size=96)
     with pytest.raises(KeyboardInterrupt):
         generate_split(str(tmp_path), bigger, progress=False)
-    assert not os.path.exists(json_file)  # not a 64-pixel JSON over 96-pixel images 0 and 1
-    monkeypatch.setattr(shapes, "draw_image", draw)
-    generate_split(str(tmp_path), bigger, progress=False)  # so the next run regenerates it
     image_dir = split_paths(str(tmp_path), "val")[1]
+    assert open(json_file).read() == before  # the 64-pixel split, whole
+    assert {Image.open(os.path.join(image_dir, f"{i:06d}.png")).size for i in range(4)} == {(64, 64)}
+    monkeypatch.setattr(shapes, "draw_image", draw)
+    generate_split(str(tmp_path), bigger, progress=False)
     assert {Image.open(os.path.join(image_dir, f"{i:06d}.png")).size for i in range(4)} == {(96, 96)}
+    assert sorted(os.listdir(tmp_path)) == ["annotations", "val"]  # no staging folder left
+
+
+def test_a_split_missing_an_image_is_not_complete(tmp_path):
+    spec = ShapesSplitSpec("val", 3, image_size=64)
+    json_file = generate_split(str(tmp_path), spec, progress=False)
+    image_dir = split_paths(str(tmp_path), "val")[1]
+    os.remove(os.path.join(image_dir, "000001.png"))
+    generate_split(str(tmp_path), spec, progress=False)
+    assert sorted(os.listdir(image_dir)) == ["000000.png", "000001.png", "000002.png"]
+    load_checked_coco_json(json_file, image_dir, "regenerated")
 
 
 @pytest.mark.parametrize("setting", [{"num_images": 0}, {"image_size": 8}, {"max_objects": 0}, {"seed": -1},
@@ -225,3 +239,30 @@ def test_an_unregistered_dataset_is_named_with_close_matches():
     with pytest.raises(ValueError, match=r"Dataset 'qqzzxx' \(DATASETS.TRAIN / DATASETS.TEST\) is not registered. "
                                          r"Register it first"):
         check_dataset_files(["qqzzxx"])
+
+
+def test_prepare_shapes_expands_a_tilde_in_the_datasets_root_as_the_registration_does(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DETECTRON2_DATASETS", "~/d2")
+    monkeypatch.chdir(tmp_path)
+    script = os.path.join(REPO, "datasets", "prepare_shapes.py")
+    monkeypatch.setattr(sys, "argv", [script, "--num-train", "1", "--num-val", "1", "--image-size", "32"])
+    runpy.run_path(script, run_name="__main__")
+    assert (tmp_path / "home" / "d2" / "shapes" / "annotations" / "instances_val.json").is_file()
+    assert not (tmp_path / "~").exists()
+
+
+def test_prepare_shapes_names_a_path_it_cannot_write_and_keeps_the_split(tmp_path, monkeypatch):
+    script = os.path.join(REPO, "datasets", "prepare_shapes.py")
+    root = tmp_path / "shapes"
+    monkeypatch.setattr(sys, "argv", [script, "--root", str(root), "--num-train", "1", "--num-val", "1",
+                                      "--image-size", "32"])
+    runpy.run_path(script, run_name="__main__")
+    (root / "val.partial").write_text("")  # a file where the staging folder goes: os.makedirs cannot make it
+    monkeypatch.setattr(sys, "argv", [script, "--root", str(root), "--num-train", "1", "--num-val", "1",
+                                      "--image-size", "48"])
+    monkeypatch.setattr(shutil, "rmtree", lambda path, ignore_errors=False: None)  # so that it stays in the way
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(script, run_name="__main__")
+    assert str(stop.value.code).startswith("error: [Errno 17] File exists: ") and "left as it was" in stop.value.code
+    assert len(json.load(open(root / "annotations" / "instances_val.json"))["images"]) == 1
