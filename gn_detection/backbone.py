@@ -90,7 +90,7 @@ def make_resnet(
     gn: GroupNormSpec = GroupNormSpec(),
     in_channels: int = 3,
     stem_out_channels: int = 64,
-    res2_out_channels: int = 256,
+    res2_out_channels: Optional[int] = None,
     num_groups: int = 1,
     width_per_group: int = 64,
     stride_in_1x1: bool = False,
@@ -100,17 +100,33 @@ def make_resnet(
     channels_last: bool = False,
 ) -> ResNet:
     """A ResNet (BasicBlock for depth 18/34, BottleneckBlock for 50+) with GN layers from ``gn`` wherever
-    ``norm`` is ``"GN"``. Widths double per stage from ``res2_out_channels``, as in Detectron2. With
-    ``channels_last``, a :class:`ChannelsLastResNet`."""
+    ``norm`` is ``"GN"``. Widths double per stage from ``res2_out_channels`` (default 64 for BasicBlocks, 256 for
+    BottleneckBlocks), as in Detectron2. With ``channels_last``, a :class:`ChannelsLastResNet`.
+
+    Raises:
+        ValueError, TypeError: naming the argument (and the config key that sets it) and what it takes.
+    """
     if depth not in BLOCKS_PER_STAGE:
-        raise ValueError(f"MODEL.RESNETS.DEPTH must be one of {sorted(BLOCKS_PER_STAGE)}, got {depth}")
+        raise ValueError(f"depth (MODEL.RESNETS.DEPTH) must be one of {sorted(BLOCKS_PER_STAGE)}, got {depth!r}")
     if res5_dilation not in (1, 2):
-        raise ValueError(f"MODEL.RESNETS.RES5_DILATION must be 1 or 2, got {res5_dilation}")
+        raise ValueError(f"res5_dilation (MODEL.RESNETS.RES5_DILATION) must be 1 or 2, got {res5_dilation!r}")
     basic = depth < 50
+    res2_out_channels = (64 if basic else 256) if res2_out_channels is None else res2_out_channels
+    sizes = (("in_channels", in_channels, "the input's channels"),
+             ("stem_out_channels", stem_out_channels, "MODEL.RESNETS.STEM_OUT_CHANNELS"),
+             ("res2_out_channels", res2_out_channels, "MODEL.RESNETS.RES2_OUT_CHANNELS"),
+             ("num_groups", num_groups, "MODEL.RESNETS.NUM_GROUPS"),
+             ("width_per_group", width_per_group, "MODEL.RESNETS.WIDTH_PER_GROUP"))
+    for name, size, key in sizes:
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"{name} ({key}) must be an integer >= 1, got {size!r}")
+    if isinstance(out_features, str):
+        raise TypeError(f"out_features must be a list of stage names, e.g. [{out_features!r}], not a string")
     if basic and (res2_out_channels != 64 or num_groups != 1 or res5_dilation != 1):
         raise ValueError(
-            f"ResNet-{depth} uses BasicBlocks: set MODEL.RESNETS.RES2_OUT_CHANNELS 64 (got "
-            f"{res2_out_channels}), NUM_GROUPS 1 (got {num_groups}), RES5_DILATION 1 (got {res5_dilation})"
+            f"ResNet-{depth} uses BasicBlocks: set res2_out_channels (MODEL.RESNETS.RES2_OUT_CHANNELS) 64 (got "
+            f"{res2_out_channels}), num_groups (NUM_GROUPS) 1 (got {num_groups}), res5_dilation (RES5_DILATION) 1 "
+            f"(got {res5_dilation})"
         )
     norm = resolve_norm(norm, gn)
     fold = norm is gn and gn.fuse_relu
@@ -218,13 +234,14 @@ def build_gn_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
 def build_gn_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
     """ResNet-FPN from ``cfg.MODEL.RESNETS`` and ``cfg.MODEL.FPN``, with GN from ``cfg.MODEL.GN``; trained as
     CUDA graphs with ``cfg.MODEL.CUDA_GRAPHS.BACKBONE``."""
+    gn = GroupNormSpec.from_config(cfg)  # first: it names a config without gn_detection's keys
     graphs = cfg.MODEL.CUDA_GRAPHS
     return make_resnet_fpn(
         build_gn_resnet_backbone(cfg, input_shape),
         in_features=cfg.MODEL.FPN.IN_FEATURES,
         out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
         norm=cfg.MODEL.FPN.NORM,
-        gn=GroupNormSpec.from_config(cfg),
+        gn=gn,
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
         cuda_graph_shapes=graphs.MAX_SHAPES if graphs.BACKBONE else None,
     )

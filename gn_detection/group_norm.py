@@ -64,7 +64,16 @@ class GroupNormSpec:
 
     @classmethod
     def from_config(cls, cfg) -> "GroupNormSpec":
-        """The spec described by ``cfg.MODEL.GN`` (see :func:`gn_detection.add_gn_config`)."""
+        """The spec described by ``cfg.MODEL.GN`` (see :func:`gn_detection.add_gn_config`).
+
+        Raises:
+            KeyError: for a config without gn_detection's keys (Detectron2's own ``get_cfg()``), saying how to add
+                them.
+        """
+        if "GN" not in cfg.MODEL:
+            raise KeyError("this config lacks gn_detection's keys (MODEL.GN, MODEL.CUDA_GRAPHS, ...), which its "
+                           "components read: make it with gn_detection.config.load_config(file), or call "
+                           "gn_detection.add_gn_config(cfg) on Detectron2's get_cfg() before merging a file into it")
         gn = cfg.MODEL.GN
         return cls(
             num_groups=gn.NUM_GROUPS,

@@ -287,3 +287,32 @@ def test_a_group_setting_that_res5_roi_heads_would_ignore_is_refused():
     for groups in (["MODEL.GN.NUM_GROUPS", 16], ["MODEL.GN.CHANNELS_PER_GROUP", 16]):
         with pytest.raises(ValueError, match="Res5ROIHeads builds res5 with its own GN of 32 groups"):
             load_config(c4, [*gn_c4, *groups])
+
+
+@pytest.mark.parametrize("key, name", [("MODEL.BACKBONE.NAME", "build_gn_resnet_fpn_backbone"),
+                                       ("MODEL.BACKBONE.NAME", "build_gn_resnet_backbone"),
+                                       ("MODEL.ROI_BOX_HEAD.NAME", "GNConvFCHead"),
+                                       ("MODEL.ROI_MASK_HEAD.NAME", "GNMaskRCNNConvUpsampleHead")])
+def test_a_config_without_our_keys_says_how_to_add_them(key, name):
+    cfg = get_cfg()  # Detectron2's own, without add_gn_config
+    cfg.merge_from_file(model_zoo.get_config_file("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"))
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", key, name])
+    with pytest.raises(KeyError, match="lacks gn_detection's keys .* call gn_detection.add_gn_config"):
+        with torch.device("meta"):
+            build_model(cfg)
+
+
+def test_make_resnet_from_python_defaults_its_widths_to_the_depth_and_names_bad_arguments():
+    from gn_detection.backbone import make_resnet
+
+    assert make_resnet(18).res2[0].conv1.in_channels == 64 and make_resnet(50).res5[0].conv3.out_channels == 2048
+    for kwargs, message in (({"res2_out_channels": 0}, r"res2_out_channels \(MODEL.RESNETS.RES2_OUT_CHANNELS\) must "
+                                                      r"be an integer >= 1, got 0"),
+                            ({"in_channels": -3}, r"in_channels \(the input's channels\) must be an integer >= 1"),
+                            ({"res2_out_channels": 256}, r"ResNet-18 uses BasicBlocks: set res2_out_channels")):
+        with pytest.raises(ValueError, match=message):
+            make_resnet(18, **kwargs)
+    with pytest.raises(ValueError, match=r"depth \(MODEL.RESNETS.DEPTH\) must be one of .*, got '50'"):
+        make_resnet("50")
+    with pytest.raises(TypeError, match=r"out_features must be a list of stage names, e.g. \['res5'\]"):
+        make_resnet(50, out_features="res5")
