@@ -54,7 +54,16 @@ def load_checked_coco_json(json_file: str, image_root: str, dataset_name: str) -
 
 
 def register_shapes(root: str, prefix: str = "shapes") -> None:
-    """Register ``{prefix}_train`` and ``{prefix}_val`` from ``root`` (made by datasets/prepare_shapes.py)."""
+    """Register ``{prefix}_train`` and ``{prefix}_val`` from ``root`` (made by datasets/prepare_shapes.py).
+
+    Raises:
+        ValueError: if either name is registered already (``import gn_detection`` registers ``shapes_*``).
+    """
+    taken = [f"{prefix}_{split}" for split in ("train", "val") if f"{prefix}_{split}" in DatasetCatalog]
+    if taken:
+        raise ValueError(f"Dataset(s) {', '.join(taken)} are registered already (import gn_detection registers "
+                         "shapes_train and shapes_val under $DETECTRON2_DATASETS/shapes); give another prefix, e.g. "
+                         f"register_shapes({root!r}, prefix='my_shapes')")
     for split in ("train", "val"):
         name = f"{prefix}_{split}"
         json_file, image_root = split_paths(root, split)

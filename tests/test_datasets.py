@@ -266,3 +266,9 @@ def test_prepare_shapes_names_a_path_it_cannot_write_and_keeps_the_split(tmp_pat
         runpy.run_path(script, run_name="__main__")
     assert str(stop.value.code).startswith("error: [Errno 17] File exists: ") and "left as it was" in stop.value.code
     assert len(json.load(open(root / "annotations" / "instances_val.json"))["images"]) == 1
+
+
+def test_registering_shapes_under_a_taken_name_says_to_give_another_prefix(tmp_path):
+    with pytest.raises(ValueError, match=r"shapes_train, shapes_val are registered already .* give another prefix"):
+        gn_detection.register_shapes(str(tmp_path))
+    assert MetadataCatalog.get("shapes_val").image_root != os.path.join(str(tmp_path), "val")  # untouched
