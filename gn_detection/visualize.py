@@ -24,8 +24,14 @@ def draw_predictions(
     model: torch.nn.Module, cfg, dataset_name: str, out_dir: str, num_images: int, score_thresh: float
 ) -> List[str]:
     """Run ``model`` on the first ``num_images`` images of ``dataset_name`` and save, for each, a PNG
-    with the ground truth (left) beside the predictions scoring at least ``score_thresh`` (right).
-    Returns the written paths."""
+    with the ground truth (left) beside the predictions scoring at least ``score_thresh`` (right), named for the
+    image's file (and its image_id where two images' files share a name). Returns the written paths.
+
+    Raises:
+        ValueError: for a ``num_images`` that is not an integer >= 0 (TEST.VIS_NUM_IMAGES).
+    """
+    if not isinstance(num_images, int) or num_images < 0:
+        raise ValueError(f"num_images (TEST.VIS_NUM_IMAGES) must be an integer >= 0, got {num_images!r}")
     metadata = MetadataCatalog.get(dataset_name)
     mapper = DatasetMapper(cfg, is_train=False)  # the test-time resize and format that evaluation uses
     os.makedirs(out_dir, exist_ok=True)
@@ -41,7 +47,10 @@ def draw_predictions(
             scale = max(1.0, MIN_PICTURE_SIDE / max(rgb.shape[:2]))  # small images: labels stay legible
             truth = Visualizer(rgb, metadata, scale=scale).draw_dataset_dict(record).get_image()
             predicted = Visualizer(rgb, metadata, scale=scale).draw_instance_predictions(instances).get_image()
-            path = os.path.join(out_dir, f"{os.path.splitext(os.path.basename(record['file_name']))[0]}.png")
+            stem = os.path.splitext(os.path.basename(record["file_name"]))[0]
+            path = os.path.join(out_dir, f"{stem}.png")
+            if path in paths:  # a.png of another folder
+                path = os.path.join(out_dir, f"{stem}_{record.get('image_id', len(paths))}.png")
             with replaced_atomically(path) as partial:
                 plt.imsave(partial, np.concatenate([truth, predicted], axis=1), format="png")
             paths.append(path)

@@ -431,3 +431,24 @@ def test_a_mistake_stops_the_script_with_one_line(tmp_path):
 def test_cuda_device_without_gpu_is_named(tmp_path, tiny_shapes_root):
     result = train_net(tiny_shapes_root, tmp_path, "MODEL.DEVICE", "cuda")
     assert result.returncode != 0 and "MODEL.DEVICE" in result.stderr and "MODEL.DEVICE cpu" in result.stderr
+
+
+def test_prediction_pictures_of_files_sharing_a_name_are_kept_apart(tiny_shapes_root, tmp_path):
+    from gn_detection.visualize import draw_predictions
+
+    image = tiny_shapes_root / "shapes" / "val" / "000000.png"
+    records = []
+    for image_id, folder in enumerate(("a", "b"), 1):
+        (tmp_path / folder).mkdir()
+        shutil.copy(image, tmp_path / folder / "img.png")
+        records.append({"file_name": str(tmp_path / folder / "img.png"), "image_id": image_id, "height": 128,
+                        "width": 128, "annotations": []})
+    DatasetCatalog.register("same_file_names", lambda: records)
+    MetadataCatalog.get("same_file_names").thing_classes = ["circle", "square", "triangle", "star"]
+    cfg = load_config(SHAPES_CONFIG, [str(v) for v in TINY_OVERRIDES])
+    model = build_model(cfg)
+    out = tmp_path / "pictures"
+    assert draw_predictions(model, cfg, "same_file_names", str(out), 2, 0.5) == [str(out / "img.png"),
+                                                                                   str(out / "img_2.png")]
+    with pytest.raises(ValueError, match=r"num_images \(TEST.VIS_NUM_IMAGES\) must be an integer >= 0, got -1"):
+        draw_predictions(model, cfg, "same_file_names", str(out), -1, 0.5)
