@@ -8,6 +8,7 @@ parameters; they can also apply the ReLU that follows them, and run as fused Tri
 (:mod:`gn_detection.triton_group_norm`).
 """
 import functools
+import math
 import numbers
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,12 +34,14 @@ def _is_integer(value) -> bool:
 
 @dataclass(frozen=True)
 class GroupNormSpec:
-    """How to build a GN layer for any channel count.
+    """How to build a GN layer for any channel count. Each field is the config key of its name under MODEL.GN,
+    where the errors for a bad value name it.
 
     Args:
         num_groups: groups per layer (the paper's G); used when ``channels_per_group`` is 0.
         channels_per_group: if > 0, each layer gets ``channels // channels_per_group`` groups instead.
-        eps: added to the variance for numerical stability.
+        eps: added to the variance for numerical stability (finite, > 0).
+        impl, fuse_relu, autocast_half, recompute_output: see README.md's table of config keys.
     """
 
     num_groups: int = 32
@@ -57,10 +60,13 @@ class GroupNormSpec:
                 f"MODEL.GN.CHANNELS_PER_GROUP must be an integer >= 0 (0 = use NUM_GROUPS), "
                 f"got {self.channels_per_group!r}"
             )
-        if not isinstance(self.eps, numbers.Real) or not self.eps > 0:
-            raise ValueError(f"MODEL.GN.EPS must be > 0, got {self.eps}")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, numbers.Real) or not 0 < self.eps < math.inf:
+            raise ValueError(f"MODEL.GN.EPS must be a finite number > 0, got {self.eps!r}")
         if self.impl not in IMPLEMENTATIONS:
             raise ValueError(f"MODEL.GN.IMPL must be one of {IMPLEMENTATIONS}, got {self.impl!r}")
+        for name in ("fuse_relu", "autocast_half", "recompute_output"):
+            if not isinstance(getattr(self, name), bool):  # "no" would be truthy: the lever on, silently
+                raise ValueError(f"MODEL.GN.{name.upper()} must be True or False, got {getattr(self, name)!r}")
 
     @classmethod
     def from_config(cls, cfg) -> "GroupNormSpec":

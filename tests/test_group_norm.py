@@ -69,7 +69,10 @@ def test_indivisible_channels_error_names_channels_and_setting(spec, channels, s
     "kwargs, key", [({"num_groups": 0}, "NUM_GROUPS"), ({"channels_per_group": -1}, "CHANNELS_PER_GROUP"),
                     ({"eps": 0.0}, "EPS"), ({"num_groups": 16.0}, "NUM_GROUPS must be an integer >= 1, got 16.0"),
                     ({"num_groups": "32"}, "NUM_GROUPS must be an integer >= 1, got '32'"),
-                    ({"channels_per_group": True}, "CHANNELS_PER_GROUP must be an integer"), ({"eps": "1e-5"}, "EPS")]
+                    ({"channels_per_group": True}, "CHANNELS_PER_GROUP must be an integer"), ({"eps": "1e-5"}, "EPS"),
+                    ({"eps": float("inf")}, "EPS must be a finite number > 0, got inf"), ({"eps": True}, "EPS"),
+                    ({"fuse_relu": "no"}, "FUSE_RELU must be True or False, got 'no'"),
+                    ({"recompute_output": 1}, "RECOMPUTE_OUTPUT must be True or False, got 1")]
 )
 def test_invalid_settings_are_rejected_with_their_key(kwargs, key):
     with pytest.raises(ValueError, match=f"MODEL.GN.{key}"):
