@@ -29,6 +29,12 @@ class LoadCounts:
     def missing(self) -> int:
         return len(self.missing_names)
 
+    @property
+    def unset_names(self) -> Tuple[str, ...]:
+        """``missing_names`` but BatchNorm's ``num_batches_tracked`` counters: files saved before torch counted
+        batches lack them, and nothing at evaluation reads them."""
+        return tuple(name for name in self.missing_names if not name.endswith(".num_batches_tracked"))
+
     def __str__(self) -> str:
         return f"loaded {self.loaded}, missing {self.missing}, unused {self.unused}"
 

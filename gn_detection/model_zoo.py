@@ -81,12 +81,34 @@ CATALOG: Dict[str, ZooModel] = {}
 
 
 def register(model: ZooModel) -> None:
-    """Add a checkpoint to the catalog (e.g. one on an internal server); names must be new."""
+    """Add a checkpoint to the catalog (e.g. one on an internal server); names must be new.
+
+    Raises:
+        TypeError, ValueError, FileNotFoundError: naming the entry and the field at fault.
+    """
+    if not isinstance(model, ZooModel):
+        raise TypeError(f"model zoo: register() takes a model_zoo.ZooModel, not {type(model).__name__}")
+    problem = _entry_problem(model)
+    if problem:
+        raise ValueError(f"model zoo entry {model.name!r}: {problem}")
     if model.name in CATALOG:
         raise ValueError(f"model zoo: the name {model.name!r} is already in the catalog")
     if not os.path.isfile(os.path.join(CONFIG_DIR, model.config)):
         raise FileNotFoundError(f"model zoo entry {model.name!r}: config {model.config!r} not found in {CONFIG_DIR}")
     CATALOG[model.name] = model
+
+
+def _entry_problem(model: ZooModel) -> Optional[str]:
+    """What makes a catalog entry unusable, or None."""
+    if not isinstance(model.name, str) or not model.name or model.name.startswith(SCHEME):
+        return f"name must be a non-empty string without {SCHEME!r} (that prefix is how MODEL.WEIGHTS names it)"
+    if model.file_format not in (DETECTRON2_FORMAT, DETECTRON_FORMAT):
+        return f"file_format must be model_zoo.DETECTRON2_FORMAT or DETECTRON_FORMAT, got {model.file_format!r}"
+    if model.url and not model.url.startswith(("https://", "http://")):
+        return f"url must be an http(s) URL (or empty for results published without a file), got {model.url!r}"
+    if not isinstance(model.opts, (tuple, list)) or len(model.opts) % 2:
+        return f"opts must be a tuple of KEY, VALUE items, e.g. ('MODEL.GN.NUM_GROUPS', 16), got {model.opts!r}"
+    return None
 
 
 for _model in (
@@ -148,7 +170,7 @@ def fetch(name: str, progress: bool = True, again: bool = False) -> str:
 def get_config(name: str, trained: bool = True) -> CfgNode:
     """The config a catalog checkpoint belongs to; with ``trained``, its MODEL.WEIGHTS point to it (for
     an ImageNet backbone: the config that fine-tunes from it). MODEL.DEVICE is cpu where no GPU is visible."""
-    model = lookup(name)
+    model = downloadable(name) if trained else lookup(name)  # results only: no file for MODEL.WEIGHTS to name
     cfg = load_config(os.path.join(CONFIG_DIR, model.config), model.opts)
     cfg.MODEL.WEIGHTS = SCHEME + model.name if trained else ""
     if not torch.cuda.is_available():
@@ -158,11 +180,20 @@ def get_config(name: str, trained: bool = True) -> CfgNode:
 
 def get(name: str, trained: bool = True) -> nn.Module:
     """A model built from the checkpoint's config, in eval mode; with ``trained``, its weights loaded
-    (the log says how many tensors the load placed, left missing and did not use)."""
+    (the log says how many tensors the load placed, left missing and did not use).
+
+    Raises:
+        ValueError: for a checkpoint that leaves some of the model's tensors at random (an ImageNet backbone sets
+            the backbone alone): it is for fine-tuning, from :func:`get_config` with tools/train_net.py.
+    """
     cfg = get_config(name, trained)
     model = build_model(cfg)
     if trained:
-        load_weights(model, cfg.MODEL.WEIGHTS)
+        counts = load_weights(model, cfg.MODEL.WEIGHTS)
+        if unset := counts.unset_names:
+            raise ValueError(f"{name} sets {counts.loaded} of the model's {counts.loaded + counts.missing} tensors "
+                             f"(not e.g. {', '.join(unset[:2])}), so the model would predict at random: it is for "
+                             "fine-tuning, e.g. tools/train_net.py with get_config(name)'s config")
     return model.eval()
 
 

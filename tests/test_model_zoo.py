@@ -4,6 +4,7 @@ import hashlib
 import io
 import os
 import pickle
+import re
 import threading
 from typing import Optional
 
@@ -120,6 +121,10 @@ def test_detectron_imagenet_r50_gn_backbone_lands_in_the_bottom_up(server, regis
     assert counts.missing == len(state) - len(backbone)
     loaded = model.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in expected.items())
+    # as a ready model it would predict at random: get() says what it is for
+    with pytest.raises(ValueError, match=rf"Test/R-50-GN-narrow sets {len(backbone)} of the model's {len(state)} "
+                                         r"tensors .* it is for fine-tuning"):
+        model_zoo.get("Test/R-50-GN-narrow")
 
 
 def test_detectron_e2e_gn_mask_rcnn_places_every_weight(server, register):
@@ -433,8 +438,8 @@ def test_catalog_matches_detectron2s_names_and_md5_prefixes():
 
 @pytest.mark.parametrize("entry", model_zoo.catalog(), ids=lambda m: m.name)
 def test_every_entry_has_a_config(entry):
-    cfg = model_zoo.get_config(entry.name)
-    assert cfg.MODEL.WEIGHTS == f"gn-zoo://{entry.name}"
+    cfg = model_zoo.get_config(entry.name, trained=bool(entry.url))  # results only: no weights to name
+    assert cfg.MODEL.WEIGHTS == (f"gn-zoo://{entry.name}" if entry.url else "")
     assert cfg.MODEL.RESNETS.NORM == "GN" and cfg.MODEL.FPN.NORM == "GN"
 
 
@@ -459,6 +464,9 @@ def test_unknown_and_results_only_names_are_clear():
         model_zoo.lookup("Detectron2/mask_rcnn_R_50_FPN_3x")
     with pytest.raises(DownloadError, match="results only"):
         model_zoo.fetch("Detectron/scratch_e2e_mask_rcnn_R-50-FPN_3x_gn")
+    with pytest.raises(DownloadError, match="results only"):  # its MODEL.WEIGHTS would name no file
+        model_zoo.get_config("Detectron/scratch_e2e_mask_rcnn_R-50-FPN_3x_gn")
+    assert model_zoo.get_config("Detectron/scratch_e2e_mask_rcnn_R-50-FPN_3x_gn", trained=False).MODEL.WEIGHTS == ""
     for not_a_name in (None, 3):
         with pytest.raises(TypeError, match=f"a checkpoint name is a string .* not {not_a_name}"):
             model_zoo.get_config(not_a_name)
@@ -533,3 +541,21 @@ def test_two_hosts_files_of_the_same_path_are_cached_apart(monkeypatch, tmp_path
     first, second = cache_path("http://127.0.0.1:18765/exp/a.pkl"), cache_path("http://localhost:18766/exp/a.pkl")
     assert first != second and first == str(tmp_path / "127.0.0.1_18765" / "exp" / "a.pkl")
     assert cache_path(URL) == str(tmp_path / "detectron2" / "Misc" / "test" / "1" / "model_final_000000.pkl")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"name": ""}, "name must be a non-empty string without 'gn-zoo://'"),
+    ({"name": "gn-zoo://Mine/model"}, "name must be a non-empty string"),
+    ({"file_format": "pth"}, "file_format must be model_zoo.DETECTRON2_FORMAT or DETECTRON_FORMAT, got 'pth'"),
+    ({"url": "host/model.pkl"}, "url must be an http(s) URL"),
+    ({"opts": "MODEL.GN.NUM_GROUPS 16"}, "opts must be a tuple of KEY, VALUE items"),
+    ({"opts": ("MODEL.GN.NUM_GROUPS",)}, "opts must be a tuple of KEY, VALUE items"),
+])
+def test_a_registered_entry_that_could_never_be_used_is_refused_by_field(changes, message):
+    entry = {"name": "Mine/model", "config": "mask_rcnn_R50_FPN_gn_3x.yaml",
+             "file_format": model_zoo.DETECTRON2_FORMAT, "url": "https://host/model_final_1a2b3c.pkl", **changes}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        model_zoo.register(model_zoo.ZooModel(**entry))
+    assert "Mine/model" not in model_zoo.CATALOG
+    with pytest.raises(TypeError, match="register\\(\\) takes a model_zoo.ZooModel, not dict"):
+        model_zoo.register(entry)

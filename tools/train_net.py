@@ -248,8 +248,7 @@ def check_weights_fit(meta_model: torch.nn.Module, path: str, flag: str) -> None
         ValueError: naming the flag, the checkpoint, the counts, the first tensors it leaves unset and what to do.
     """
     counts = load_into_meta_model(meta_model, path)
-    unset = [name for name in counts.missing_names if not name.endswith(".num_batches_tracked")]
-    if unset:
+    if unset := counts.unset_names:
         total = counts.loaded + counts.missing
         raise ValueError(
             f"{flag}: {path} sets {counts.loaded} of the model's {total} tensors; {len(unset)} would "
