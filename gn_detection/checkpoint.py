@@ -35,6 +35,14 @@ class LoadCounts:
         batches lack them, and nothing at evaluation reads them."""
         return tuple(name for name in self.missing_names if not name.endswith(".num_batches_tracked"))
 
+    def unset_summary(self, source: str) -> str:
+        """"``source`` sets L of the model's T tensors; U would keep their random initialization (..., e.g. ...)",
+        for the errors of loads that must set every tensor."""
+        unset = self.unset_names
+        return (f"{source} sets {self.loaded} of the model's {self.loaded + self.missing} tensors; {len(unset)} would "
+                f"keep their random initialization (missing from the file or of another shape, e.g. "
+                f"{', '.join(unset[:3])})")
+
     def __str__(self) -> str:
         return f"loaded {self.loaded}, missing {self.missing}, unused {self.unused}"
 

@@ -65,16 +65,27 @@ def _structure_problem(config_file: str) -> str:
             "content is such a mapping")
 
 
+# Keys with a value by default that Detectron2 also reads None in: norm layers then take SOLVER.WEIGHT_DECAY.
+NULLABLE_KEYS = {"SOLVER.WEIGHT_DECAY_NORM"}
+
+
 def _nulls_where_defaults_are_not(cfg: CN, defaults: CN, prefix: str = "") -> List[str]:
-    """The keys a file or override set to None (yacs takes YAML's null for any key) whose default is a value."""
+    """The keys a file or override set to None (yacs takes YAML's null for any key) whose default is a value and
+    which Detectron2 does not read None in (:data:`NULLABLE_KEYS`)."""
     nulls = []
     for key, default in defaults.items():
         value = cfg[key]
         if isinstance(default, CN) and isinstance(value, CN):
             nulls += _nulls_where_defaults_are_not(value, default, f"{prefix}{key}.")
-        elif value is None and default is not None:
+        elif value is None and default is not None and prefix + key not in NULLABLE_KEYS:
             nulls.append(prefix + key)
     return nulls
+
+
+def _check_no_nulls(cfg: CN, defaults: CN, source: str) -> None:
+    if nulls := _nulls_where_defaults_are_not(cfg, defaults):
+        raise ValueError(f"{source}: {', '.join(nulls)} set to null (None), which Detectron2 cannot use where the "
+                         "default is a value; give a value, or leave the key out to keep the default")
 
 
 def load_config(config_file: str, opts: Sequence = ()) -> CN:
@@ -102,14 +113,13 @@ def load_config(config_file: str, opts: Sequence = ()) -> CN:
         raise ValueError(f"{config_file}: not valid YAML: {e}") from e
     except (TypeError, AttributeError) as e:  # yacs met a value where it expects a mapping or a file name
         raise ValueError(f"{config_file}: {_structure_problem(config_file)} ({e})") from e
+    _check_no_nulls(cfg, defaults, config_file)
     try:
         cfg.merge_from_list(list(opts))
     except AssertionError as e:
         raise ValueError(f"overrides: {e}; give KEY VALUE pairs of existing keys, e.g. "
                          "MODEL.GN.NUM_GROUPS 16") from e
-    if nulls := _nulls_where_defaults_are_not(cfg, defaults):
-        raise ValueError(f"{config_file}: {', '.join(nulls)} set to null (None), which Detectron2 cannot use where "
-                         "the default is a value; give a value, or remove the line to keep the default")
+    _check_no_nulls(cfg, defaults, "overrides")
     try:
         GroupNormSpec.from_config(cfg)  # checks the MODEL.GN values
     except ValueError as e:

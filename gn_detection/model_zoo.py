@@ -190,9 +190,8 @@ def get(name: str, trained: bool = True) -> nn.Module:
     model = build_model(cfg)
     if trained:
         counts = load_weights(model, cfg.MODEL.WEIGHTS)
-        if unset := counts.unset_names:
-            raise ValueError(f"{name} sets {counts.loaded} of the model's {counts.loaded + counts.missing} tensors "
-                             f"(not e.g. {', '.join(unset[:2])}), so the model would predict at random: it is for "
+        if counts.unset_names:
+            raise ValueError(f"{counts.unset_summary(name)}, so the model would predict at random: it is for "
                              "fine-tuning, e.g. tools/train_net.py with get_config(name)'s config")
     return model.eval()
 

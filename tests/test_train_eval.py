@@ -118,14 +118,17 @@ def test_a_training_image_that_is_gone_stops_the_run_with_one_line(tiny_shapes_r
     assert last.startswith("error: DATASETS.TRAIN ('shapes_train',) cannot be trained on: ") and "000003.png" in last
 
 
-def test_weights_that_cannot_be_downloaded_stop_the_run_with_one_line(tiny_shapes_root, tmp_path, monkeypatch):
+@pytest.mark.parametrize("weights", ["gn-zoo://ImageNetPretrained/R-50-GN", "http://127.0.0.1:9/model_final.pth"])
+def test_weights_that_cannot_be_downloaded_stop_the_run_with_one_line(tiny_shapes_root, tmp_path, monkeypatch,
+                                                                      weights):
     for key, value in (("MIRROR", "http://127.0.0.1:9"), ("ALLOW_HTTP", "1"), ("RETRIES", "1"),
                        ("CACHE", str(tmp_path / "cache"))):  # port 9 (discard): nothing listens there
         monkeypatch.setenv(f"GN_DETECTION_{key}", value)
-    result = train_net(tiny_shapes_root, tmp_path / "out", "MODEL.WEIGHTS", "gn-zoo://ImageNetPretrained/R-50-GN")
+    monkeypatch.setenv("FVCORE_CACHE", str(tmp_path / "fvcore"))  # where Detectron2 caches a plain URL's file
+    result = train_net(tiny_shapes_root, tmp_path / "out", "MODEL.WEIGHTS", weights)
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert last.startswith("error: MODEL.WEIGHTS gn-zoo://ImageNetPretrained/R-50-GN: ") and "refused" in last
+    assert last.startswith(f"error: MODEL.WEIGHTS {weights}: ") and "refused" in last.lower()
 
 
 @pytest.mark.parametrize("dicts, reason", [
@@ -409,9 +412,11 @@ def test_a_key_set_to_null_is_named(tmp_path):
     config.write_text(f"_BASE_: {os.path.abspath(SHAPES_CONFIG)}\nMODEL:\n  WEIGHTS: null\nDATASETS:\n  TEST: ~\n")
     with pytest.raises(ValueError, match=f"^{config}: MODEL.WEIGHTS, DATASETS.TEST set to null"):
         load_config(str(config))
-    with pytest.raises(ValueError, match="SOLVER.BASE_LR set to null .* give a value, or remove the line"):
+    with pytest.raises(ValueError, match="^overrides: SOLVER.BASE_LR set to null .* give a value, or leave the key"):
         load_config(SHAPES_CONFIG, ["SOLVER.BASE_LR", "None"])
     assert load_config(SHAPES_CONFIG, ["SOLVER.WEIGHT_DECAY_BIAS", "None"]).SOLVER.WEIGHT_DECAY_BIAS is None  # default
+    # Detectron2 reads None here: norm layers take SOLVER.WEIGHT_DECAY
+    assert load_config(SHAPES_CONFIG, ["SOLVER.WEIGHT_DECAY_NORM", "None"]).SOLVER.WEIGHT_DECAY_NORM is None
 
 
 def test_no_config_file_names_the_flag():

@@ -163,11 +163,13 @@ def check_weights(weights: str) -> None:
             model_zoo.downloadable(weights)
         except (KeyError, DownloadError) as e:
             raise ValueError(f"MODEL.WEIGHTS {weights}: {e.args[0]}") from e
+    if not weights or "://" in weights:  # none, or a URL: read when training loads it
+        return
     local_file = urllib.parse.urlparse(weights)._replace(query="").geturl()  # Detectron2 drops a ?query
-    if weights and "://" not in weights and os.path.isdir(local_file):
+    if os.path.isdir(local_file):
         raise ValueError(f"MODEL.WEIGHTS {weights} is a folder; give a checkpoint file in it, e.g. "
                          f"{os.path.join(weights, 'model_final.pth')}")
-    if weights and "://" not in weights and not os.path.isfile(local_file):
+    if not os.path.isfile(local_file):
         raise FileNotFoundError(f"MODEL.WEIGHTS {weights} does not exist; give a checkpoint file, a URL or a "
                                 "gn-zoo:// name (tools/model_zoo.py list)")
 
@@ -248,13 +250,8 @@ def check_weights_fit(meta_model: torch.nn.Module, path: str, flag: str) -> None
         ValueError: naming the flag, the checkpoint, the counts, the first tensors it leaves unset and what to do.
     """
     counts = load_into_meta_model(meta_model, path)
-    if unset := counts.unset_names:
-        total = counts.loaded + counts.missing
-        raise ValueError(
-            f"{flag}: {path} sets {counts.loaded} of the model's {total} tensors; {len(unset)} would "
-            f"keep their random initialization (missing from the file or of another shape, e.g. "
-            f"{', '.join(unset[:3])}), {FIT_ADVICE[flag]}"
-        )
+    if counts.unset_names:
+        raise ValueError(f"{flag}: {counts.unset_summary(path)}, {FIT_ADVICE[flag]}")
 
 
 def setup(cfg, args) -> None:
@@ -303,7 +300,8 @@ def main(args, cfg):
         resumes = args.resume and trainer.checkpointer.has_checkpoint()  # that checkpoint was read before launch
         try:
             trainer.resume_or_load(resume=args.resume)
-        except (ValueError, pickle.UnpicklingError, DownloadError) as e:  # a URL's or gn-zoo name's download or file
+        # a gn-zoo name's download (DownloadError) or a URL's (Detectron2's: urllib's URLError, an OSError), or its file
+        except (ValueError, OSError, pickle.UnpicklingError, DownloadError) as e:
             if resumes:
                 raise
             raise UnusableInput(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}: {e}") from e
