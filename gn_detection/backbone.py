@@ -19,7 +19,8 @@ from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock
 
 from .cuda_graph import GraphedFPN
-from .group_norm import GroupNormSpec, NormSetting, fold_relu, gn_layer_context, recompute_context, resolve_norm
+from .group_norm import (GroupNormSpec, NormSetting, fold_relu, gn_layer_context, is_integer, recompute_context,
+                         resolve_norm)
 
 BLOCKS_PER_STAGE = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
@@ -118,7 +119,7 @@ def make_resnet(
              ("num_groups", num_groups, "MODEL.RESNETS.NUM_GROUPS"),
              ("width_per_group", width_per_group, "MODEL.RESNETS.WIDTH_PER_GROUP"))
     for name, size, key in sizes:
-        if not isinstance(size, int) or size < 1:
+        if not is_integer(size) or size < 1:
             raise ValueError(f"{name} ({key}) must be an integer >= 1, got {size!r}")
     if isinstance(out_features, str):
         raise TypeError(f"out_features must be a list of stage names, e.g. [{out_features!r}], not a string")

@@ -12,6 +12,7 @@ Every run of a preset sees the same number of images, so a run at b images per G
 ``images_per_run / (b * num_gpus)`` iterations, with the learning rate scaled linearly with the batch and
 the LR steps at the same fractions of the schedule.
 """
+import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Dict, List, Set, Tuple
@@ -20,7 +21,7 @@ import yaml
 from detectron2.config import CfgNode
 
 from .config import check_model_builds
-from .group_norm import GroupNormChannelsError
+from .group_norm import GroupNormChannelsError, is_integer
 from .shapes import ShapesSplitSpec
 
 NORM_KEYS = ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NORM")
@@ -113,7 +114,7 @@ class Preset:
             if only and experiment not in only:
                 continue
             for variant, ims, opts in _variants(experiment, spec):
-                if not _is_int(ims) or ims < 1:
+                if not is_integer(ims) or ims < 1:
                     raise ValueError(f"experiments.{experiment}: ims_per_gpu must be integers >= 1, got {ims!r}")
                 cells += [Cell(experiment, variant, ims, seed, opts) for seed in self.seeds]
         return cells
@@ -179,7 +180,7 @@ def _check_preset_keys(path: str, data, known: Set[str]) -> None:
     if not data["experiments"]:
         raise ValueError(f"{path}: experiments: none given; give at least one of {list(EXPERIMENTS)}")
     seeds = data["seeds"]
-    if not (isinstance(seeds, list) and seeds and all(_is_int(seed) for seed in seeds)):
+    if not (isinstance(seeds, list) and seeds and all(is_integer(seed) for seed in seeds)):
         raise ValueError(f"{path}: seeds: expected a list of integers, got {seeds!r}")
     for key, (ok, expected) in SCALAR_KEYS.items():
         if key in data and not ok(data[key]):
@@ -196,17 +197,14 @@ def _check_preset_keys(path: str, data, known: Set[str]) -> None:
             raise ValueError(f"{path}: dataset.root: expected a folder, got {data['dataset']['root']!r}")
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # YAML's true is no count
-
-
 # The preset's single-valued keys: a check of the value, and what it should be.
 SCALAR_KEYS = {
     "config": (lambda v: isinstance(v, str) and v, "a config file, relative to the repository"),
-    "images_per_run": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "lr_per_image": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0"),
-    "warmup_images": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "num_gpus": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "images_per_run": (lambda v: is_integer(v) and v >= 1, "an integer >= 1"),
+    "lr_per_image": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf,
+                     "a finite number > 0"),
+    "warmup_images": (lambda v: is_integer(v) and v >= 0, "an integer >= 0"),
+    "num_gpus": (lambda v: is_integer(v) and v >= 1, "an integer >= 1"),
     "opts": (lambda v: isinstance(v, list), "a list of config KEY, VALUE items"),
 }
 

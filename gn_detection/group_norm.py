@@ -28,8 +28,9 @@ class GroupNormChannelsError(ValueError):
     """A GN setting that cannot split a layer's channels into equal groups."""
 
 
-def _is_integer(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy's integers too
+def is_integer(value) -> bool:
+    """Whether a setting's ``value`` is an integer (numpy's too), not a bool (YAML's true is no count)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -53,9 +54,9 @@ class GroupNormSpec:
     recompute_output: bool = True
 
     def __post_init__(self):
-        if not _is_integer(self.num_groups) or self.num_groups < 1:
+        if not is_integer(self.num_groups) or self.num_groups < 1:
             raise ValueError(f"MODEL.GN.NUM_GROUPS must be an integer >= 1, got {self.num_groups!r}")
-        if not _is_integer(self.channels_per_group) or self.channels_per_group < 0:
+        if not is_integer(self.channels_per_group) or self.channels_per_group < 0:
             raise ValueError(
                 f"MODEL.GN.CHANNELS_PER_GROUP must be an integer >= 0 (0 = use NUM_GROUPS), "
                 f"got {self.channels_per_group!r}"

@@ -15,6 +15,7 @@ from detectron2.data import detection_utils  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
 from .atomic_write import replaced_atomically  # noqa: E402
+from .group_norm import is_integer  # noqa: E402
 from .metrics_log import read_metrics  # noqa: E402
 
 MIN_PICTURE_SIDE = 480  # pixels; smaller images are drawn enlarged
@@ -30,7 +31,7 @@ def draw_predictions(
     Raises:
         ValueError: for a ``num_images`` that is not an integer >= 0 (TEST.VIS_NUM_IMAGES).
     """
-    if not isinstance(num_images, int) or num_images < 0:
+    if not is_integer(num_images) or num_images < 0:
         raise ValueError(f"num_images (TEST.VIS_NUM_IMAGES) must be an integer >= 0, got {num_images!r}")
     metadata = MetadataCatalog.get(dataset_name)
     mapper = DatasetMapper(cfg, is_train=False)  # the test-time resize and format that evaluation uses

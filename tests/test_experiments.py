@@ -173,7 +173,8 @@ def write_preset(tmp_path, **changes) -> str:
     ({"images_per_run": 0}, r"images_per_run: expected an integer >= 1, got 0"),
     ({"num_gpus": 0}, r"num_gpus: expected an integer >= 1, got 0"),
     ({"warmup_images": -16}, r"warmup_images: expected an integer >= 0, got -16"),
-    ({"lr_per_image": "0.01"}, r"lr_per_image: expected a number > 0, got '0.01'"),
+    ({"lr_per_image": "0.01"}, r"lr_per_image: expected a finite number > 0, got '0.01'"),
+    ({"lr_per_image": float("inf")}, r"lr_per_image: expected a finite number > 0, got inf"),
     ({"config": 5}, r"config: expected a config file, relative to the repository, got 5"),
     ({"opts": None}, r"opts: expected a list of config KEY, VALUE items, got None"),
     ({"opts": "SOLVER.MAX_ITER 2"}, r"opts: expected a list of config KEY, VALUE items, got 'SOLVER.MAX_ITER 2'"),
@@ -315,9 +316,12 @@ def test_a_relative_output_holds_the_runs_and_a_changed_preset_runs_its_cells_ag
 
 def test_a_relative_datasets_root_reaches_the_runs_as_an_absolute_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("DETECTRON2_DATASETS", "data")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     preset = Preset.load(write_preset(tmp_path, dataset=None))
-    assert load_tool("run_experiments").prepare_dataset(preset) == {"DETECTRON2_DATASETS": str(tmp_path / "data")}
+    tool = load_tool("run_experiments")
+    for given, meant in (("data", tmp_path / "data"), ("~/d2", tmp_path / "home" / "d2")):
+        monkeypatch.setenv("DETECTRON2_DATASETS", given)
+        assert tool.prepare_dataset(preset) == {"DETECTRON2_DATASETS": str(meant)}
 
 
 def test_a_cell_listed_twice_is_refused(tmp_path):

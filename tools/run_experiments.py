@@ -29,6 +29,7 @@ import torch
 
 from gn_detection.atomic_write import not_writable, write_atomically
 from gn_detection.config import load_config
+from gn_detection.datasets import datasets_root
 from gn_detection.experiments import EXPERIMENTS, Cell, Preset, build_error
 from gn_detection.report import RESULT_FILE, collect, final_metrics, write_report
 from gn_detection.shapes import generate_split
@@ -174,8 +175,8 @@ def prepare_dataset(preset: Preset) -> Dict[str, str]:
     """Generate the preset's shapes dataset if it names one; the environment that points runs at the datasets
     (the runs start in the repository, so a relative $DETECTRON2_DATASETS is made absolute here)."""
     if not preset.dataset:
-        given = os.environ.get("DETECTRON2_DATASETS")
-        return {"DETECTRON2_DATASETS": os.path.abspath(given)} if given else {}
+        given = "DETECTRON2_DATASETS" in os.environ
+        return {"DETECTRON2_DATASETS": os.path.abspath(datasets_root())} if given else {}  # ~ expanded, as read
     root = os.path.join(REPO, preset.dataset["root"])
     for spec in preset.shapes_specs():
         generate_split(os.path.join(root, "shapes"), spec)
