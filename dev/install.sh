@@ -54,7 +54,9 @@ echo "[install] installing gn_detection (editable) and its test requirements"
 # With setuptools >= 64 (pyproject.toml's build requirement) in the environment (the .venv has it: Detectron2
 # imports pkg_resources), build in it rather than in an isolated one that pip fills from the package index: a
 # rerun (make demo, make test) then needs no network when nothing changed.
-if "$PYTHON" -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 64)" 2>/dev/null; then
+# (setuptools before 70.1 also needs wheel for an editable build; the .venv has it, installed above)
+if "$PYTHON" -c "import setuptools, sys, wheel; sys.exit(int(setuptools.__version__.split('.')[0]) < 64)" 2>/dev/null
+then
   pip_install --no-build-isolation -e ".[test]"
 else
   pip_install -e ".[test]"

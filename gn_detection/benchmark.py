@@ -109,7 +109,7 @@ def parse_variant(spec: str, builtins: Dict[str, Variant]) -> Variant:
         key, eq, value = item.partition("=")
         if not eq or not key:
             raise ValueError(f"Variant {spec!r}: overrides must be KEY=VALUE separated by commas, got {item!r}")
-        if key == "MODEL.DEVICE":
+        if key == "MODEL.DEVICE":  # the timing, synchronization and peak memory are --device's
             raise ValueError(f"Variant {spec!r}: every variant runs on --device; give that instead of MODEL.DEVICE")
         opts += [key, value]
     base = builtins[name]

@@ -3,8 +3,9 @@
 Every image is drawn from its own seed (dataset seed, split, image index), so a split is reproducible
 image by image. Objects vary in class, size, rotation, colour and position; they may overlap (the visible
 part is annotated, as an RLE mask) but none is hidden so much that it stops being a fair target.
-Backgrounds are gradients with noise. The annotation JSON is written last and atomically: a split whose
-JSON exists is complete.
+Backgrounds are gradients with noise. A split's images are drawn in a staging folder and its annotation JSON
+is written last, atomically: a split whose JSON exists and names settings and images that are all there is
+complete.
 """
 import json
 import math
@@ -149,11 +150,12 @@ def generate_split(root: str, spec: ShapesSplitSpec, force: bool = False, progre
     same spec (its JSON and every image it names) is already there. Returns the JSON path. The images are drawn
     into a staging folder beside the split's and swapped in once all are written, so a regeneration that fails or is
     interrupted while drawing leaves the split that was there as it was; only the swap itself (two renames and the
-    JSON) can leave the split incomplete, never mixed: its JSON is removed first."""
+    JSON) can leave the split incomplete, never mixed: its JSON is moved aside first; a swap that raises puts the
+    earlier split back."""
     json_file, image_dir = split_paths(root, spec.split)
     if not force and _is_complete(json_file, image_dir, spec):
         return json_file
-    staging, old = image_dir + ".partial", image_dir + ".old"
+    staging, old, old_json = image_dir + ".partial", image_dir + ".old", json_file + ".old"
     for leftover in (staging, old):  # of a run that stopped before its swap ended
         shutil.rmtree(leftover, ignore_errors=True)
     os.makedirs(staging)
@@ -173,13 +175,20 @@ def generate_split(root: str, spec: ShapesSplitSpec, force: bool = False, progre
         "annotations": annotations,
         "categories": [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(SHAPE_CLASSES)],
     }
-    if os.path.exists(json_file):
-        os.remove(json_file)  # from here the split is incomplete until the new JSON is written
-    if os.path.exists(image_dir):
-        os.rename(image_dir, old)
-    os.rename(staging, image_dir)
-    write_atomically(json_file, json.dumps(coco))
+    moved = []  # the JSON first: from then on the split is incomplete until the new JSON is written
+    try:
+        for source, target in ((json_file, old_json), (image_dir, old), (staging, image_dir)):
+            if os.path.exists(source):
+                os.replace(source, target)
+                moved.append((source, target))
+        write_atomically(json_file, json.dumps(coco))
+    except BaseException:
+        for source, target in reversed(moved):  # the earlier split back where it was
+            os.replace(target, source)
+        raise
     shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(old_json):
+        os.remove(old_json)
     return json_file
 
 

@@ -125,6 +125,7 @@ def test_repeated_passes_rotate_the_variants_and_give_each_ratio_its_median_and_
         (["--images-per-gpu", "1", "2", "1"], "--images-per-gpu names 1 more than once"),
         (["--precision", "fp32", "fp32"], "--precision names fp32 more than once"),
         (["MODEL.GN.NUM_GROUPS"], "the trailing overrides ['MODEL.GN.NUM_GROUPS'] are not KEY VALUE pairs"),
+        (["MODEL.DEVICE", "cuda"], "every variant runs on --device; give that instead of MODEL.DEVICE"),
         (["--config-file", "c.yaml", "--variants", "frozen_bn"], "--config-file c.yaml is the config of ours and "
                                                                   "ours_stock_gn, and --variants has neither"),
         (["--output", ""], "--output '': give a file name"),
@@ -693,9 +694,9 @@ def test_a_rerun_keeps_the_earlier_results_until_it_ends_and_ctrl_c_says_where_i
 
 def test_a_dataset_is_loaded_once_for_every_variant(tiny_shapes_root, tmp_path):
     loads = []
-    DatasetCatalog.register("counted_shapes_train", lambda: loads.append(1) or DatasetCatalog.get("tiny_shapes_train"))
+    DatasetCatalog.register("load_counted_train", lambda: loads.append(1) or DatasetCatalog.get("tiny_shapes_train"))
     tool = load_tool("benchmark")
-    args = tool.parse_args(["--device", "cpu", "--dataset", "counted_shapes_train", "--config-file", SHAPES_CONFIG,
+    args = tool.parse_args(["--device", "cpu", "--dataset", "load_counted_train", "--config-file", SHAPES_CONFIG,
                             "--variants", "ours", "ours_stock_gn", "--images-per-gpu", "1", "2",
                             "--output", str(tmp_path / "b.json"), *map(str, TINY_OVERRIDES)])
     prepared = tool.prepare_variants(args)

@@ -272,3 +272,20 @@ def test_registering_shapes_under_a_taken_name_says_to_give_another_prefix(tmp_p
     with pytest.raises(ValueError, match=r"shapes_train, shapes_val are registered already .* give another prefix"):
         gn_detection.register_shapes(str(tmp_path))
     assert MetadataCatalog.get("shapes_val").image_root != os.path.join(str(tmp_path), "val")  # untouched
+
+
+def test_a_swap_that_fails_puts_the_earlier_split_back(tmp_path, monkeypatch):
+    import gn_detection.shapes as shapes
+
+    json_file = generate_split(str(tmp_path), ShapesSplitSpec("val", 2, image_size=64), progress=False)
+    before = open(json_file).read()
+
+    def full_disk(path, text):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shapes, "write_atomically", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        generate_split(str(tmp_path), ShapesSplitSpec("val", 2, image_size=96), progress=False)
+    image_dir = split_paths(str(tmp_path), "val")[1]
+    assert open(json_file).read() == before and sorted(os.listdir(tmp_path)) == ["annotations", "val", "val.partial"]
+    assert {Image.open(os.path.join(image_dir, f"{i:06d}.png")).size for i in range(2)} == {(64, 64)}

@@ -52,3 +52,10 @@ def test_an_evaluation_that_dies_leaves_the_earlier_results_as_they_were(one_ima
         evaluated(one_image_dataset, tmp_path, score=0.5)  # other results: in place, they would differ
     assert {name: (tmp_path / name).read_bytes() for name in RESULT_FILES} == before
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".evaluating-")]
+
+
+def test_a_staging_folder_left_by_a_killed_run_is_removed_by_the_next(one_image_dataset, tmp_path):
+    (tmp_path / ".evaluating-killed").mkdir()  # SIGKILL leaves it: no finally runs
+    (tmp_path / ".evaluating-killed" / "instances_predictions.pth").write_bytes(b"half")
+    evaluated(one_image_dataset, tmp_path)
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".evaluating-")]

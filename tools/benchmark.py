@@ -126,6 +126,8 @@ def request_problem(args: argparse.Namespace) -> Optional[str]:
             return f"{flag} names {', '.join(repeated)} more than once; each is measured once per pass"
     if len(args.opts) % 2:
         return f"the trailing overrides {args.opts} are not KEY VALUE pairs (odd length)"
+    if "MODEL.DEVICE" in args.opts[::2]:
+        return "every variant runs on --device; give that instead of MODEL.DEVICE"
     ours = {"ours", "ours_stock_gn"}
     if args.config_file and args.task != "op" and not any(spec.partition(":")[0] in ours for spec in args.variants):
         return (f"--config-file {args.config_file} is the config of ours and ours_stock_gn, and --variants has "
