@@ -6,7 +6,8 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.roi_heads import ROI_BOX_HEAD_REGISTRY, FastRCNNConvFCHead
 
-from .group_norm import GroupNormSpec, NormSetting, fold_relus, gn_layer_context, recompute_context, resolve_norm
+from .group_norm import (GroupNormSpec, NormSetting, check_layer_widths, fold_relus, gn_layer_context,
+                         recompute_context, resolve_norm)
 
 
 @ROI_BOX_HEAD_REGISTRY.register()
@@ -32,7 +33,15 @@ class GNConvFCHead(FastRCNNConvFCHead):
             input_shape, conv_dims, fc_dims: as in :class:`FastRCNNConvFCHead`.
             conv_norm: norm after each conv; ``"GN"`` builds it from ``gn``.
             gn: the group setting for GN layers.
+
+        Raises:
+            ValueError: for widths below 1 or no layer at all, naming the argument and its config key.
         """
+        check_layer_widths(conv_dims, "conv_dims", "MODEL.ROI_BOX_HEAD.NUM_CONV x CONV_DIM")
+        check_layer_widths(fc_dims, "fc_dims", "MODEL.ROI_BOX_HEAD.NUM_FC x FC_DIM")
+        if not len(conv_dims) + len(fc_dims):
+            raise ValueError("conv_dims and fc_dims are both empty: the box head needs at least one conv or fc "
+                             "(MODEL.ROI_BOX_HEAD.NUM_CONV, NUM_FC)")
         with gn_layer_context(f"the box head convs ({conv_dims} channels, MODEL.ROI_BOX_HEAD.CONV_DIM)"):
             super().__init__(
                 input_shape, conv_dims=conv_dims, fc_dims=fc_dims, conv_norm=resolve_norm(conv_norm, gn)

@@ -16,6 +16,7 @@ from typing import Callable, ContextManager, Iterable, Iterator, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from detectron2.layers import get_norm
 from torch import nn
 
 from .recompute import recomputed_outputs
@@ -223,8 +224,25 @@ def recompute_context(convs: Sequence[nn.Module], x: torch.Tensor) -> ContextMan
 
 def resolve_norm(norm: NormSetting, spec: GroupNormSpec) -> NormSetting:
     """Map Detectron2's ``"GN"`` to ``spec``; any other norm (``"FrozenBN"``, ``"SyncBN"``, ``""``, a
-    callable) is returned unchanged for :func:`detectron2.layers.get_norm` to handle."""
+    callable) is returned unchanged for :func:`detectron2.layers.get_norm` to handle.
+
+    Raises:
+        ValueError: for a name :func:`detectron2.layers.get_norm` does not know (it raises a bare KeyError).
+    """
+    if isinstance(norm, str) and norm not in ("", "GN"):
+        try:
+            get_norm(norm, 32)
+        except KeyError:
+            raise ValueError(f"norm {norm!r} is not one Detectron2 builds; give e.g. 'GN', 'BN', 'SyncBN', "
+                             "'FrozenBN' or '' (none), as the config's NORM keys take") from None
     return spec if norm == "GN" else norm
+
+
+def check_layer_widths(dims: Sequence[int], name: str, key: str) -> None:
+    """Raise a ValueError naming ``name`` (the argument) and ``key`` (the config key that sets it) unless ``dims``
+    is a list of integers >= 1 (a zero or negative width fails only when the layer runs, inside torch)."""
+    if isinstance(dims, str) or not all(is_integer(d) and d >= 1 for d in dims):
+        raise ValueError(f"{name} ({key}) must be a list of integers >= 1, got {dims!r}")
 
 
 @contextmanager

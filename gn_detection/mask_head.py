@@ -6,7 +6,8 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.roi_heads import ROI_MASK_HEAD_REGISTRY, MaskRCNNConvUpsampleHead
 
-from .group_norm import GroupNormSpec, NormSetting, fold_relus, gn_layer_context, recompute_context, resolve_norm
+from .group_norm import (GroupNormSpec, NormSetting, check_layer_widths, fold_relus, gn_layer_context, is_integer,
+                         recompute_context, resolve_norm)
 
 
 @ROI_MASK_HEAD_REGISTRY.register()
@@ -33,7 +34,14 @@ class GNMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
             input_shape, num_classes, conv_dims, kwargs: as in :class:`MaskRCNNConvUpsampleHead`.
             conv_norm: norm after each conv; ``"GN"`` builds it from ``gn``.
             gn: the group setting for GN layers.
+
+        Raises:
+            ValueError: for widths or a class count below 1, naming the argument and its config key.
         """
+        check_layer_widths(conv_dims, "conv_dims", "MODEL.ROI_MASK_HEAD.NUM_CONV x CONV_DIM, then the deconv's")
+        if not conv_dims or not is_integer(num_classes) or num_classes < 1:
+            raise ValueError(f"conv_dims must end in the deconv's width and num_classes (MODEL.ROI_HEADS.NUM_CLASSES) "
+                             f"be an integer >= 1; got {conv_dims!r} and {num_classes!r}")
         with gn_layer_context(f"the mask head convs ({conv_dims[:-1]} channels, MODEL.ROI_MASK_HEAD.CONV_DIM)"):
             super().__init__(
                 input_shape,

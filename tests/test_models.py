@@ -316,3 +316,23 @@ def test_make_resnet_from_python_defaults_its_widths_to_the_depth_and_names_bad_
         make_resnet("50")
     with pytest.raises(TypeError, match=r"out_features must be a list of stage names, e.g. \['res5'\]"):
         make_resnet(50, out_features="res5")
+
+
+def test_heads_and_norms_from_python_name_bad_arguments():
+    from detectron2.layers import ShapeSpec
+
+    from gn_detection.box_head import GNConvFCHead
+    from gn_detection.mask_head import GNMaskRCNNConvUpsampleHead
+
+    rois = ShapeSpec(channels=64, height=7, width=7)
+    for kwargs, message in (({"conv_dims": [0, 0], "fc_dims": [16]}, r"conv_dims \(MODEL.ROI_BOX_HEAD.NUM_CONV x "
+                                                                      r"CONV_DIM\) must be a list of integers >= 1"),
+                            ({"conv_dims": [], "fc_dims": [-5]}, r"fc_dims .* must be a list of integers >= 1"),
+                            ({"conv_dims": [], "fc_dims": []}, "conv_dims and fc_dims are both empty"),
+                            ({"conv_dims": [64], "fc_dims": [16], "conv_norm": "gn"}, "norm 'gn' is not one")):
+        with pytest.raises(ValueError, match=message):
+            GNConvFCHead(rois, **kwargs)
+    with pytest.raises(ValueError, match=r"num_classes \(MODEL.ROI_HEADS.NUM_CLASSES\) be an integer >= 1; got "
+                                         r"\[64, 64\] and 0"):
+        GNMaskRCNNConvUpsampleHead(ShapeSpec(channels=64, height=14, width=14), num_classes=0, conv_dims=[64, 64])
+    assert GNConvFCHead(rois, conv_dims=[64], fc_dims=[16], conv_norm="FrozenBN").output_shape.channels == 16

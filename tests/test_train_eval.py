@@ -186,7 +186,9 @@ def checked_config(out, flags, opts):
     ([], ["MODEL.ROI_HEADS.NAME", "GNROIHeads"], "cannot be built: No object named 'GNROIHeads' found in "
                                                  "'ROI_HEADS' registry"),
     ([], ["MODEL.ROI_BOX_HEAD.NUM_CONV", "0", "MODEL.ROI_BOX_HEAD.NUM_FC", "0"],
-     "cannot be built: `assert len(conv_dims) + len(fc_dims) > 0` failed in box_head.py, __init__()"),
+     "cannot be built: conv_dims and fc_dims are both empty: the box head needs at least one conv or fc"),
+    ([], ["MODEL.FPN.FUSE_TYPE", "max"],  # Detectron2's bare assert, named by its source line
+     "cannot be built: `assert fuse_type in {\"avg\", \"sum\"}` failed in fpn.py, __init__()"),
     ([], ["SOLVER.REFERENCE_WORLD_SIZE", "3"],
      "SOLVER.IMS_PER_BATCH 4 is not a multiple of SOLVER.REFERENCE_WORLD_SIZE 3"),
     ([], ["MODEL.ROI_HEADS.NUM_CLASSES", "80"], "Dataset 'tiny_shapes_train' has 4 classes (circle, square, "
