@@ -383,6 +383,7 @@ def main(argv=None) -> int:
     use_device(args.device)
     header = {"task": args.task, "machine": bench.machine_description(args.device), "command": shlex.join(sys.argv),
               "settings": vars(args)}
+    incomplete = incomplete_path(args.output)  # where the model and host tasks save as they measure
     if args.task == "op":
         result = run_op(args, logger)
     else:
@@ -395,7 +396,6 @@ def main(argv=None) -> int:
             print(f"benchmark: error: {e}", file=sys.stderr)
             return 2
         run = run_host if args.task == "host" else run_models
-        incomplete = incomplete_path(args.output)
         try:
             result = run(args, variants, logger, lambda report: write_json(incomplete, {**header, **report}))
         except KeyboardInterrupt:
