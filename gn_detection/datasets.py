@@ -121,8 +121,8 @@ def check_evaluation_datasets(names: Iterable[str]) -> None:
 def check_num_classes(names: Iterable[str], num_classes: int, key: str = "MODEL.ROI_HEADS.NUM_CLASSES") -> None:
     """Raise a ValueError for the first dataset whose registered ``thing_classes`` are not ``num_classes`` many
     (the config's ``key``): more classes index past the classifier mid-training, fewer leave the model predicting
-    classes the evaluator cannot map back, after training. Datasets that register their classes only when
-    loaded (``register_coco_instances``) are not read for this."""
+    classes the evaluator cannot map back, after training. A dataset that registers its classes only when loaded
+    (``register_coco_instances``) is checked only once loaded."""
     for name in names:
         classes = MetadataCatalog.get(name).get("thing_classes")
         if classes is not None and len(classes) != num_classes:

@@ -1,23 +1,27 @@
 """Training and evaluation end to end on the synthetic dataset, through Detectron2's trainer and
 COCOEvaluator, as a user runs them (tools/train_net.py in a fresh process)."""
+import importlib
 import json
 import logging
 import os
 import re
 import shutil
+import socket
 
 import pytest
 import torch
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
 from detectron2.modeling import build_model
 from detectron2.structures import BoxMode
 
 from gn_detection import triton_group_norm
 from gn_detection.config import load_config
 from gn_detection.metrics_log import read_metrics
+from gn_detection.shapes import split_paths
 
-from .conftest import SHAPES_CONFIG, TINY_OVERRIDES, load_tool, run_tool
+from .conftest import REPO, SHAPES_CONFIG, TINY_OVERRIDES, load_tool, run_tool
 
 ITERS = 40
 
@@ -146,6 +150,32 @@ def test_training_data_without_images_is_named_as_such(dicts, reason):
         train_net.Trainer.build_train_loader(cfg)
 
 
+def test_training_classes_known_once_loaded_are_counted_before_the_first_iteration(tiny_shapes_root):
+    json_file, image_root = split_paths(str(tiny_shapes_root / "shapes"), "train")
+    register_coco_instances("shapes_as_coco_instances", {}, json_file, image_root)  # 4 classes, set when loaded
+    train_net = load_tool("train_net")
+    cfg = load_config(SHAPES_CONFIG, ["DATASETS.TRAIN", "('shapes_as_coco_instances',)", "DATALOADER.NUM_WORKERS", 0,
+                                      "MODEL.ROI_HEADS.NUM_CLASSES", 3])
+    with pytest.raises(train_net.UnusableInput, match=r"^Dataset 'shapes_as_coco_instances' has 4 classes \(circle, "
+                                                      r"square, triangle, star\) but MODEL.ROI_HEADS.NUM_CLASSES is 3"):
+        train_net.Trainer.build_train_loader(cfg)
+
+
+def test_unusable_training_data_in_a_run_of_several_processes_is_one_error(tiny_shapes_root, tmp_path, monkeypatch):
+    shutil.copytree(tiny_shapes_root / "shapes", tmp_path / "data" / "shapes")
+    os.remove(tmp_path / "data" / "shapes" / "train" / "000003.png")
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "data"))  # import gn_detection registers shapes_* there
+    monkeypatch.syspath_prepend(os.path.join(REPO, "tools"))  # the spawned workers import train_net by name
+    train_net = importlib.import_module("train_net")
+    args = train_net.default_argument_parser().parse_args(["--num-gpus", "2", "--dist-url", "auto"])
+    # two CPU processes over gloo: checked_config refuses them, as Detectron2's trainer fails on them at
+    # DistributedDataParallel, but the training data is loaded (and fails) before that
+    cfg = load_config(SHAPES_CONFIG, [*(str(v) for v in TINY_OVERRIDES), "OUTPUT_DIR", str(tmp_path / "out")])
+    with pytest.raises(train_net.UnusableInput, match=r"^DATASETS.TRAIN \('shapes_train',\) cannot be trained on: "
+                                                      r".*000003.png"):
+        train_net.run(args, cfg)
+
+
 def test_missing_coco_stops_at_once_naming_the_path(tmp_path):
     result = run_tool(
         ["tools/train_net.py", "--config-file", "configs/mask_rcnn_R50_FPN_gn.yaml", "MODEL.DEVICE", "cpu",
@@ -232,14 +262,40 @@ def test_a_mistake_in_the_settings_is_named_before_any_work(tiny_shapes_root, tm
     (["--num-gpus", "3"], ["SOLVER.REFERENCE_WORLD_SIZE", "3", "SOLVER.IMS_PER_BATCH", "2", *ON_GPUS]),  # its size
     (["--num-gpus", "2", "--num-machines", "2"],
      ["SOLVER.REFERENCE_WORLD_SIZE", "4", "SOLVER.IMS_PER_BATCH", "6", *ON_GPUS]),
+    (["--num-gpus", "4", "--dist-url", "auto"], ON_GPUS),
+    ([], ["MODEL.DEVICE", "cuda:3"]),
 ])
 def test_settings_detectron2_accepts_pass_the_checks(tiny_shapes_root, tmp_path, monkeypatch, flags, opts):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # for the multi-process cases' MODEL.DEVICE
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     out = tmp_path / "out"
     out.mkdir()
     save_tiny_checkpoint(out / "model.pth")  # --eval-only --resume loads it
     (out / "last_checkpoint").write_text("model.pth")
     assert checked_config(out, flags, [o.format(out=out) for o in opts]).OUTPUT_DIR == str(out)
+
+
+@pytest.mark.parametrize("flags, opts, message", [
+    (["--num-gpus", "4"], ON_GPUS, "--num-gpus 4, but 2 CUDA GPU(s) are visible; give --num-gpus 2 or fewer"),
+    (["--num-gpus", "2"], ["MODEL.DEVICE", "cuda:1"], "MODEL.DEVICE cuda:1 with --num-gpus 2: each process runs on "
+                                                      "the GPU of its rank; give MODEL.DEVICE cuda"),
+    ([], ["MODEL.DEVICE", "cuda:2"], "MODEL.DEVICE cuda:2, but 2 CUDA GPU(s) are visible: give cuda:0 to cuda:1"),
+    (["--num-gpus", "2", "--dist-url", "tcp://127.0.0.1:{port}"], ON_GPUS,
+     "--dist-url tcp://127.0.0.1:{port}: cannot listen there (Address already in use; another multi-GPU run on this "
+     "machine?); give --dist-url auto"),
+])
+def test_gpus_and_ports_this_machine_cannot_give_are_named_before_any_work(tiny_shapes_root, tmp_path, monkeypatch,
+                                                                           flags, opts, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with socket.socket() as other_run:  # listening on a port, as a running job's processes meet there
+        other_run.bind(("127.0.0.1", 0))
+        other_run.listen()
+        port = other_run.getsockname()[1]
+        with pytest.raises((ValueError, RuntimeError)) as error:
+            checked_config(tmp_path / "out", [f.format(port=port) for f in flags], opts)
+    assert message.format(port=port) in str(error.value)
+    assert not (tmp_path / "out").exists()
 
 
 def save_tiny_checkpoint(path, opts=(), leave_out="no such suffix"):

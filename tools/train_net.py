@@ -8,14 +8,17 @@
 Detectron2's usual flags apply (--resume, --num-machines, --machine-rank, --dist-url, KEY VALUE ...).
 """
 import logging
+import multiprocessing
 import os
 import pickle
+import socket
 import sys
 import urllib.parse
 import warnings
 from typing import Optional
 
 import torch
+from torch.multiprocessing import ProcessExitedException
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -32,8 +35,12 @@ from gn_detection.visualize import draw_predictions, plot_loss_curve
 
 
 class UnusableInput(ValueError):
-    """What a training run loads once started (DATASETS.TRAIN, and MODEL.WEIGHTS given as a URL or gn-zoo:// name)
-    could not be used; the message says which and why."""
+    """What a training run loads once started (DATASETS.TRAIN, whose class count may be known only then, and
+    MODEL.WEIGHTS given as a URL or gn-zoo:// name) could not be used; the message says which and why."""
+
+
+# the exit status of a worker process that stopped on UnusableInput, having put its message on the launcher's queue
+UNUSABLE_INPUT_EXIT = 3
 
 
 class Trainer(DefaultTrainer):
@@ -44,10 +51,15 @@ class Trainer(DefaultTrainer):
         # the training datasets load here, before the first iteration (loading them before launch as well would
         # cost COCO's 20-odd seconds twice): what fails is said as the user's data, not as a crash
         try:
-            return super().build_train_loader(cfg)
+            loader = super().build_train_loader(cfg)
         except (ValueError, OSError, AssertionError) as e:  # a broken file, a missing image, no (annotated) images
             reason = e.args[0] if e.args else type(e).__name__
             raise UnusableInput(f"DATASETS.TRAIN {cfg.DATASETS.TRAIN} cannot be trained on: {reason}") from e
+        try:  # loaded now, a register_coco_instances dataset has its classes
+            check_class_count(cfg, cfg.DATASETS.TRAIN)
+        except ValueError as e:
+            raise UnusableInput(e.args[0]) from None
+        return loader
 
     def build_hooks(self):
         # Swap in the atomic checkpointer before the checkpoint hooks capture it.
@@ -76,11 +88,8 @@ def checked_config(args):
     cfg.freeze()
     if problem := run_problem(cfg, args):
         raise ValueError(problem)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"MODEL.DEVICE is '{cfg.MODEL.DEVICE}' but no CUDA GPU is visible; add `MODEL.DEVICE cpu` to the "
-            "command line to run on the CPU."
-        )
+    if cfg.MODEL.DEVICE.startswith("cuda") and (problem := gpu_problem(cfg.MODEL.DEVICE, args.num_gpus)):
+        raise RuntimeError(problem)
     if cfg.MODEL.GN.IMPL == "triton" and not cfg.MODEL.DEVICE.startswith("cuda") and not _triton_interpreted():
         raise ValueError(f"MODEL.GN.IMPL triton runs its kernels on CUDA, but MODEL.DEVICE is {cfg.MODEL.DEVICE} "
                          "(on the CPU only under TRITON_INTERPRET=1, for tests); set MODEL.GN.IMPL auto")
@@ -90,8 +99,7 @@ def checked_config(args):
     datasets = cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN + cfg.DATASETS.TEST
     check_dataset_files(datasets)
     check_evaluation_datasets(cfg.DATASETS.TEST)  # before check_num_classes: loading may set a dataset's classes
-    if count_key := CLASS_COUNT_KEYS.get(cfg.MODEL.META_ARCHITECTURE):
-        check_num_classes(datasets, cfg.MODEL[count_key].NUM_CLASSES, f"MODEL.{count_key}.NUM_CLASSES")
+    check_class_count(cfg, datasets)
     resumed = resumed_checkpoint(meta_model, cfg.OUTPUT_DIR, args.resume)
     if not resumed:
         check_weights(cfg.MODEL.WEIGHTS)
@@ -104,6 +112,8 @@ def checked_config(args):
                          f"with MODEL.DEVICE {cfg.MODEL.DEVICE}: Detectron2's trainer gives each process's model a "
                          "GPU (DistributedDataParallel device_ids), so several processes need CUDA; on the CPU "
                          "use --num-gpus 1")
+    if world_size > 1 and (problem := dist_url_problem(args.dist_url, args.num_machines)):
+        raise ValueError(problem)
     if not args.eval_only and reference and reference != world_size and cfg.SOLVER.IMS_PER_BATCH % reference:
         raise ValueError(
             f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} is not a multiple of SOLVER.REFERENCE_WORLD_SIZE "
@@ -141,8 +151,49 @@ def run_problem(cfg, args) -> Optional[str]:
     return None
 
 
+def gpu_problem(device: str, num_gpus: int) -> Optional[str]:
+    """What keeps a CUDA ``device`` (MODEL.DEVICE) and ``num_gpus`` (--num-gpus) from running on this machine's
+    GPUs, naming the flag or key; None if nothing."""
+    if not torch.cuda.is_available():
+        return (f"MODEL.DEVICE is '{device}' but no CUDA GPU is visible; add `MODEL.DEVICE cpu` to the command line "
+                "to run on the CPU.")
+    visible, index = torch.cuda.device_count(), torch.device(device).index
+    if num_gpus > visible:  # Detectron2's launch asserts this in every worker
+        return (f"--num-gpus {num_gpus}, but {visible} CUDA GPU(s) are visible; give --num-gpus {visible} or fewer "
+                "(CUDA_VISIBLE_DEVICES chooses which)")
+    if index is not None and num_gpus > 1:  # DistributedDataParallel would find every model on that one GPU
+        return (f"MODEL.DEVICE {device} with --num-gpus {num_gpus}: each process runs on the GPU of its rank; "
+                "give MODEL.DEVICE cuda")
+    if index is not None and index >= visible:
+        return f"MODEL.DEVICE {device}, but {visible} CUDA GPU(s) are visible: give cuda:0 to cuda:{visible - 1}"
+    return None
+
+
+def dist_url_problem(dist_url: str, num_machines: int) -> Optional[str]:
+    """For a job on this machine alone, why its processes could not meet at ``dist_url`` (--dist-url), e.g. its
+    port held by another run (each worker otherwise fails with the same traceback); None if nothing, or the URL
+    is not a tcp:// one this machine listens on."""
+    url = urllib.parse.urlparse(dist_url)
+    if num_machines > 1 or url.scheme != "tcp" or url.port is None:
+        return None
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch.distributed's store listens
+        try:
+            probe.bind((url.hostname, url.port))
+        except OSError as e:
+            return (f"--dist-url {dist_url}: cannot listen there ({e.strerror}; another multi-GPU run on this "
+                    "machine?); give --dist-url auto to use a free port")
+    return None
+
+
 # the config key that sets how many classes a meta-architecture's predictors have, to check against the datasets
 CLASS_COUNT_KEYS = {"GeneralizedRCNN": "ROI_HEADS", "PanopticFPN": "ROI_HEADS", "RetinaNet": "RETINANET"}
+
+
+def check_class_count(cfg, datasets) -> None:
+    """:func:`check_num_classes` of ``datasets`` against the class count key of the config's meta-architecture."""
+    if count_key := CLASS_COUNT_KEYS.get(cfg.MODEL.META_ARCHITECTURE):
+        check_num_classes(datasets, cfg.MODEL[count_key].NUM_CLASSES, f"MODEL.{count_key}.NUM_CLASSES")
 
 
 def _triton_interpreted() -> bool:
@@ -313,6 +364,35 @@ def main(args, cfg):
     return results
 
 
+def worker(args, cfg, errors: multiprocessing.SimpleQueue):
+    """:func:`main` in one process of the job. In a job of several processes, UnusableInput is put on ``errors`` for
+    :func:`run` to raise in the launching process, rather than printed as each worker's traceback."""
+    try:
+        return main(args, cfg)
+    except UnusableInput as e:
+        if comm.get_world_size() == 1:  # run's own process
+            raise
+        errors.put(e.args[0])
+        sys.exit(UNUSABLE_INPUT_EXIT)
+
+
+def run(args, cfg) -> None:
+    """Launch :func:`worker` on this machine's processes of the job (``args.num_gpus``; in this process for one).
+
+    Raises:
+        UnusableInput: when the training data or the weights loaded once started cannot be used, in any process.
+    """
+    errors = multiprocessing.get_context("spawn").SimpleQueue()  # the context Detectron2's launch spawns with
+    try:
+        # each worker takes the checked config, rather than loading and checking it again
+        launch(worker, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+               dist_url=args.dist_url, args=(args, cfg, errors))
+    except ProcessExitedException as e:  # the other workers are stopped by now
+        if e.exit_code == UNUSABLE_INPUT_EXIT and not errors.empty():
+            raise UnusableInput(errors.get()) from None
+        raise
+
+
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     try:  # in this process, so that a mistake stops with one line before any worker starts
@@ -320,13 +400,6 @@ if __name__ == "__main__":
     except (ValueError, OSError, RuntimeError, pickle.UnpicklingError) as e:  # the weights are read for --eval-only
         sys.exit(f"error: {e}")
     try:
-        launch(
-            main,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            args=(args, config),  # each worker takes the checked config, rather than loading and checking it again
-        )
-    except UnusableInput as e:  # raised here by the one process of a one-GPU run, before its first iteration
+        run(args, config)
+    except UnusableInput as e:  # before the first iteration
         sys.exit(f"error: {e}")
