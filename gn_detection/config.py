@@ -88,15 +88,22 @@ def _check_no_nulls(cfg: CN, defaults: CN, source: str) -> None:
                          "default is a value; give a value, or leave the key out to keep the default")
 
 
+def _with_type_hint(error: ValueError) -> str:
+    """yacs' error, with what to do about a "Type mismatch" (yacs converts no int to float: 1 for a float key is
+    one)."""
+    hint = "; give the key a value of its default's type (a float is written with a point: 1.0, not 1)"
+    return f"{error}{hint if 'Type mismatch' in str(error) else ''}"
+
+
 def load_config(config_file: str, opts: Sequence = ()) -> CN:
     """Detectron2's defaults plus gn_detection's keys, merged with ``config_file`` and KEY VALUE ``opts``.
 
     Raises:
         FileNotFoundError: if ``config_file`` does not exist.
-        ValueError: naming the file or key at fault, for a file that is not a YAML mapping, an unknown key, a key
-            set to null where its default is a value, an odd-length ``opts``, an invalid ``MODEL.GN`` or
-            ``TEST.VIS_NUM_IMAGES`` value, and settings that would be ignored (CUDA graphs or channels last for a
-            backbone that has neither, a group count for Res5ROIHeads' res5).
+        ValueError: naming the file or key at fault, for a file that is not a YAML mapping, an unknown key, a value
+            of another type than the key's default, a key set to null where its default is a value, an odd-length
+            ``opts``, an invalid ``MODEL.GN`` or ``TEST.VIS_NUM_IMAGES`` value, and settings that would be ignored
+            (CUDA graphs or channels last for a backbone that has neither, a group count for Res5ROIHeads' res5).
     """
     cfg = get_cfg()
     add_gn_config(cfg)
@@ -106,7 +113,9 @@ def load_config(config_file: str, opts: Sequence = ()) -> CN:
                                 "configs/mask_rcnn_R50_FPN_gn.yaml")
     try:  # yacs asserts; a user's mistake deserves a ValueError that says what to do
         cfg.merge_from_file(config_file)
-    except (AssertionError, KeyError) as e:  # a value of the wrong type; a key that does not exist
+    except ValueError as e:  # yacs: a value of another type than the key's default
+        raise ValueError(f"{config_file}: {_with_type_hint(e)}") from e
+    except (AssertionError, KeyError) as e:  # yacs' other checks; a key that does not exist
         raise ValueError(f"{config_file}: {e.args[0]}; a key must be one of Detectron2's defaults or "
                          "gn_detection's (README.md lists those)") from e
     except yaml.YAMLError as e:
@@ -116,6 +125,8 @@ def load_config(config_file: str, opts: Sequence = ()) -> CN:
     _check_no_nulls(cfg, defaults, config_file)
     try:
         cfg.merge_from_list(list(opts))
+    except ValueError as e:
+        raise ValueError(f"overrides: {_with_type_hint(e)}") from e
     except AssertionError as e:
         raise ValueError(f"overrides: {e}; give KEY VALUE pairs of existing keys, e.g. "
                          "MODEL.GN.NUM_GROUPS 16") from e

@@ -465,6 +465,17 @@ def test_a_misspelled_key_in_a_config_file_is_named(tmp_path):
         load_config(str(config))
 
 
+def test_a_value_of_another_type_than_the_default_is_named_with_what_to_write(tmp_path):
+    config = tmp_path / "types.yaml"
+    config.write_text(f"_BASE_: {os.path.abspath(SHAPES_CONFIG)}\nSOLVER:\n  MAX_ITER: ten\n")
+    with pytest.raises(ValueError, match=f"^{config}: Type mismatch .* for config key: SOLVER.MAX_ITER; give the key "
+                                         "a value of its default's type"):
+        load_config(str(config))
+    with pytest.raises(ValueError, match=r"^overrides: Type mismatch \(<class 'float'> vs. <class 'int'>\) .* "
+                                         r"SOLVER.BASE_LR; .* \(a float is written with a point: 1.0, not 1\)$"):
+        load_config(SHAPES_CONFIG, ["SOLVER.BASE_LR", "1"])
+
+
 def test_a_key_set_to_null_is_named(tmp_path):
     config = tmp_path / "nulls.yaml"  # yacs takes null for any key; Detectron2 fails on it later, mid-run
     config.write_text(f"_BASE_: {os.path.abspath(SHAPES_CONFIG)}\nMODEL:\n  WEIGHTS: null\nDATASETS:\n  TEST: ~\n")
