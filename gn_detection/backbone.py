@@ -23,6 +23,8 @@ from .group_norm import (GroupNormSpec, NormSetting, fold_relu, gn_layer_context
                          resolve_norm)
 
 BLOCKS_PER_STAGE = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+# the outputs a ResNet can give (Detectron2's names), fine to coarse
+RESNET_OUTPUTS = ("stem", "res2", "res3", "res4", "res5")
 
 
 class GNReLUStem(BasicStem):
@@ -123,6 +125,9 @@ def make_resnet(
             raise ValueError(f"{name} ({key}) must be an integer >= 1, got {size!r}")
     if isinstance(out_features, str):
         raise TypeError(f"out_features must be a list of stage names, e.g. [{out_features!r}], not a string")
+    if not out_features or any(name not in RESNET_OUTPUTS for name in out_features):
+        raise ValueError(f"out_features (MODEL.RESNETS.OUT_FEATURES) must name some of {list(RESNET_OUTPUTS)}, got "
+                         f"{list(out_features)}")
     if basic and (res2_out_channels != 64 or num_groups != 1 or res5_dilation != 1):
         raise ValueError(
             f"ResNet-{depth} uses BasicBlocks: set res2_out_channels (MODEL.RESNETS.RES2_OUT_CHANNELS) 64 (got "
@@ -188,7 +193,16 @@ def make_resnet_fpn(
 ) -> FPN:
     """An FPN (P2-P6, P6 by max-pooling P5) over ``bottom_up`` with GN in its lateral and output convs; with
     ``cuda_graph_shapes``, a :class:`GraphedFPN` that trains on that many input shapes as CUDA graphs. Over a
-    :class:`ChannelsLastResNet`, its conv weights are channels last too."""
+    :class:`ChannelsLastResNet`, its conv weights are channels last too.
+
+    Raises:
+        ValueError: naming the argument (and the config key that sets it) and what it takes.
+    """
+    _check_fpn_inputs(bottom_up, in_features)
+    if fuse_type not in ("sum", "avg"):
+        raise ValueError(f"fuse_type (MODEL.FPN.FUSE_TYPE) must be 'sum' or 'avg', got {fuse_type!r}")
+    if not is_integer(out_channels) or out_channels < 1:
+        raise ValueError(f"out_channels (MODEL.FPN.OUT_CHANNELS) must be an integer >= 1, got {out_channels!r}")
     fpn_class, graphs = (FPN, {}) if cuda_graph_shapes is None else (GraphedFPN, {"max_graphs": cuda_graph_shapes})
     with gn_layer_context(f"the FPN lateral and output convs (MODEL.FPN.OUT_CHANNELS={out_channels})"):
         fpn = fpn_class(
@@ -203,6 +217,20 @@ def make_resnet_fpn(
     if isinstance(bottom_up, ChannelsLastResNet):  # NHWC features: the FPN's conv weights NHWC too
         fpn.to(memory_format=torch.channels_last)
     return fpn
+
+
+def _check_fpn_inputs(bottom_up: ResNet, in_features: Sequence[str]) -> None:
+    """That ``in_features`` are outputs of ``bottom_up``, each of twice the stride of the one before (the pyramid's
+    levels)."""
+    shapes = bottom_up.output_shape()
+    if isinstance(in_features, str) or not in_features or any(name not in shapes for name in in_features):
+        raise ValueError(f"in_features (MODEL.FPN.IN_FEATURES) must name some of the ResNet's outputs "
+                         f"(MODEL.RESNETS.OUT_FEATURES) {list(shapes)}, got {in_features!r}")
+    strides = [shapes[name].stride for name in in_features]
+    if any(coarser != 2 * finer for finer, coarser in zip(strides, strides[1:])):
+        raise ValueError(f"in_features (MODEL.FPN.IN_FEATURES) {list(in_features)} have strides {strides}, and an FPN "
+                         "needs each twice the one before: consecutive stages, fine to coarse, e.g. ['res2', 'res3', "
+                         "'res4', 'res5'], and a res5 without dilation (MODEL.RESNETS.RES5_DILATION 1)")
 
 
 @BACKBONE_REGISTRY.register()

@@ -316,6 +316,30 @@ def test_make_resnet_from_python_defaults_its_widths_to_the_depth_and_names_bad_
         make_resnet("50")
     with pytest.raises(TypeError, match=r"out_features must be a list of stage names, e.g. \['res5'\]"):
         make_resnet(50, out_features="res5")
+    with pytest.raises(ValueError, match=r"out_features \(MODEL.RESNETS.OUT_FEATURES\) must name some of \['stem', "
+                                         r"'res2', 'res3', 'res4', 'res5'\], got \['res6'\]"):
+        make_resnet(50, out_features=["res6"])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"in_features": ["res2", "res3", "res7"]}, r"in_features \(MODEL.FPN.IN_FEATURES\) must name some of the "
+                                                r"ResNet's outputs \(MODEL.RESNETS.OUT_FEATURES\) \['res2', 'res3', "
+                                                r"'res4'\], got \['res2', 'res3', 'res7'\]"),
+    ({"in_features": []}, r"in_features .* got \[\]"),
+    ({"in_features": "res2"}, r"in_features .* got 'res2'"),
+    ({"in_features": ["res3", "res2"]}, r"\['res3', 'res2'\] have strides \[8, 4\], and an FPN needs each twice"),
+    ({"in_features": ["res2", "res4"]}, r"have strides \[4, 16\]"),
+    ({"fuse_type": "max"}, r"fuse_type \(MODEL.FPN.FUSE_TYPE\) must be 'sum' or 'avg', got 'max'"),
+    ({"out_channels": 0}, r"out_channels \(MODEL.FPN.OUT_CHANNELS\) must be an integer >= 1, got 0"),
+])
+def test_make_resnet_fpn_from_python_names_bad_arguments(kwargs, message):
+    from gn_detection.backbone import make_resnet, make_resnet_fpn
+
+    with torch.device("meta"):
+        resnet = make_resnet(18, out_features=["res2", "res3", "res4"])
+        make_resnet_fpn(resnet, **{"in_features": ["res2", "res3", "res4"], "out_channels": 32})  # builds
+        with pytest.raises(ValueError, match=message):
+            make_resnet_fpn(resnet, **{"in_features": ["res2", "res3", "res4"], "out_channels": 32, **kwargs})
 
 
 def test_heads_and_norms_from_python_name_bad_arguments():

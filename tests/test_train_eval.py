@@ -217,8 +217,10 @@ def checked_config(out, flags, opts):
                                                  "'ROI_HEADS' registry"),
     ([], ["MODEL.ROI_BOX_HEAD.NUM_CONV", "0", "MODEL.ROI_BOX_HEAD.NUM_FC", "0"],
      "cannot be built: conv_dims and fc_dims are both empty: the box head needs at least one conv or fc"),
-    ([], ["MODEL.FPN.FUSE_TYPE", "max"],  # Detectron2's bare assert, named by its source line
-     "cannot be built: `assert fuse_type in {\"avg\", \"sum\"}` failed in fpn.py, __init__()"),
+    ([], ["MODEL.RPN.IOU_LABELS", "[0, 1]"],  # Detectron2's bare assert, named by its source line
+     "cannot be built: `assert len(labels) == len(thresholds) - 1` failed in matcher.py, __init__()"),
+    ([], ["MODEL.FPN.IN_FEATURES", "['res2', 'res3', 'res4', 'res6']"], "cannot be built: in_features "
+                                                                       "(MODEL.FPN.IN_FEATURES) must name some"),
     ([], ["SOLVER.REFERENCE_WORLD_SIZE", "3"],
      "SOLVER.IMS_PER_BATCH 4 is not a multiple of SOLVER.REFERENCE_WORLD_SIZE 3"),
     ([], ["MODEL.ROI_HEADS.NUM_CLASSES", "80"], "Dataset 'tiny_shapes_train' has 4 classes (circle, square, "
