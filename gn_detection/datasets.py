@@ -97,11 +97,27 @@ def check_dataset_files(names: Iterable[str], named_by: str = "DATASETS.TRAIN / 
                 raise FileNotFoundError(f"Dataset '{name}': its {what} {path} does not exist. {hint}")
 
 
-def check_evaluation_datasets(names: Iterable[str]) -> None:
+def check_masks(dicts: List[Dict], datasets: str) -> None:
+    """For a Mask R-CNN: that every annotation in ``dicts`` (of ``datasets``, as the message names them) has a mask
+    (``segmentation``). Detectron2 gives an image's instances masks only if its first annotation has one (the mask
+    head's loss then fails on the image), and COCO's segm evaluation reads every ground truth's.
+
+    Raises:
+        ValueError: naming the datasets, how many images lack masks, one of them, and what to do.
+    """
+    lacking = [d for d in dicts if any("segmentation" not in a for a in d.get("annotations", ()))]
+    if lacking:
+        raise ValueError(f"{datasets}: {len(lacking)} of {len(dicts)} images have annotations without a mask "
+                         f"('segmentation'), e.g. {lacking[0]['file_name']}, and MODEL.MASK_ON is True; give every "
+                         "annotation a mask, or set MODEL.MASK_ON False to train and evaluate boxes alone")
+
+
+def check_evaluation_datasets(names: Iterable[str], masks: bool = False) -> None:
     """Load each dataset to evaluate on, as evaluation will after training, and raise a ValueError naming the first
-    that cannot be loaded (malformed JSON, missing images), is empty, or has neither a ``json_file`` nor
-    ``thing_classes``: COCOEvaluator converts such a dataset to COCO format and names its categories from
-    ``thing_classes`` (read after loading, as a dataset's loader may set them)."""
+    that cannot be loaded (malformed JSON, missing images), is empty, has annotations without a mask when ``masks``
+    are evaluated (:func:`check_masks`), or has neither a ``json_file`` nor ``thing_classes``: COCOEvaluator
+    converts such a dataset to COCO format and names its categories from ``thing_classes`` (read after loading, as
+    a dataset's loader may set them)."""
     for name in names:
         try:
             dicts = DatasetCatalog.get(name)
@@ -111,6 +127,8 @@ def check_evaluation_datasets(names: Iterable[str]) -> None:
         if not dicts:
             raise ValueError(f"Dataset '{name}' (DATASETS.TEST) has no images; give a dataset with images to "
                              "evaluate on, or DATASETS.TEST () to evaluate none")
+        if masks:
+            check_masks(dicts, f"Dataset '{name}' (DATASETS.TEST)")
         metadata = MetadataCatalog.get(name)
         if not metadata.get("json_file") and metadata.get("thing_classes") is None:
             raise ValueError(f"Dataset '{name}' (DATASETS.TEST) has neither a json_file nor thing_classes in its "

@@ -419,6 +419,11 @@ def test_training_measurement_on_a_registered_dataset_under_cpu_autocast(tiny_sh
     with pytest.raises(ValueError, match="INPUT.MASK_FORMAT polygon: dataset 'tiny_shapes_train' holds masks of "
                                          "another format .* add INPUT.MASK_FORMAT bitmask"):
         bench.dataset_batch(polygons, bench.dataset_records("tiny_shapes_train", 2), "tiny_shapes_train")
+    boxes_only = [{**record, "annotations": [{k: v for k, v in a.items() if k != "segmentation"}
+                                             for a in record["annotations"]]}
+                  for record in bench.dataset_records("tiny_shapes_train", 2)]
+    with pytest.raises(ValueError, match="^--dataset 'boxes': 2 of 2 images have annotations without a mask"):
+        bench.dataset_batch(cfg, boxes_only, "boxes")
 
 
 @pytest.mark.parametrize("threshold, detections", [(0.0, 5), (1.0, 0)])

@@ -157,6 +157,13 @@ def test_a_dataset_evaluation_would_fail_on_is_named_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"Dataset 'cut_json' \(DATASETS.TEST\) cannot be loaded, so evaluation would "
                                          r"fail after training: JSONDecodeError: Expecting value"):
         check_evaluation_datasets(["cut_json"])
+    boxes_only = [{**ONE_IMAGE[0], "annotations": [{"bbox": [1, 1, 4, 4], "bbox_mode": 1, "category_id": 0}]}]
+    DatasetCatalog.register("boxes_only", lambda: boxes_only)
+    MetadataCatalog.get("boxes_only").thing_classes = ["thing"]
+    check_evaluation_datasets(["boxes_only"])  # a box model evaluates it
+    with pytest.raises(ValueError, match=r"^Dataset 'boxes_only' \(DATASETS.TEST\): 1 of 1 images have annotations "
+                                         r"without a mask"):
+        check_evaluation_datasets(["boxes_only"], masks=True)
 
 
 def test_missing_shapes_error_says_how_to_generate(tmp_path):

@@ -161,6 +161,22 @@ def test_training_classes_known_once_loaded_are_counted_before_the_first_iterati
         train_net.Trainer.build_train_loader(cfg)
 
 
+def test_training_annotations_without_masks_are_named_for_a_mask_rcnn():
+    box = {"bbox": [1, 1, 4, 4], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0}
+    masked = {**box, "segmentation": [[1, 1, 5, 1, 5, 5]]}
+    dicts = [{"file_name": f"{i}.png", "image_id": i, "height": 8, "width": 8, "annotations": annotations}
+             for i, annotations in enumerate([[masked], [masked, box], [box]])]
+    DatasetCatalog.register("boxes_and_masks", lambda: dicts)
+    MetadataCatalog.get("boxes_and_masks").thing_classes = ["thing"]
+    train_net = load_tool("train_net")
+    opts = ["DATASETS.TRAIN", "('boxes_and_masks',)", "DATALOADER.NUM_WORKERS", 0, "MODEL.ROI_HEADS.NUM_CLASSES", 1]
+    with pytest.raises(train_net.UnusableInput, match=r"^DATASETS.TRAIN \('boxes_and_masks',\): 2 of 3 images have "
+                                                      r"annotations without a mask \('segmentation'\), e.g. 1.png, .* "
+                                                      r"or set MODEL.MASK_ON False"):
+        train_net.Trainer.build_train_loader(load_config(SHAPES_CONFIG, opts))
+    assert train_net.Trainer.build_train_loader(load_config(SHAPES_CONFIG, [*opts, "MODEL.MASK_ON", False]))
+
+
 def test_unusable_training_data_in_a_run_of_several_processes_is_one_error(tiny_shapes_root, tmp_path, monkeypatch):
     shutil.copytree(tiny_shapes_root / "shapes", tmp_path / "data" / "shapes")
     os.remove(tmp_path / "data" / "shapes" / "train" / "000003.png")

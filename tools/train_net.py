@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 from torch.multiprocessing import ProcessExitedException
+from detectron2.data import build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -26,7 +27,7 @@ from detectron2.utils.logger import setup_logger
 from gn_detection.atomic_write import not_writable
 from gn_detection.config import check_model_builds, load_config
 from gn_detection.checkpoint import AtomicCheckpointer, LoadCounts
-from gn_detection.datasets import check_dataset_files, check_evaluation_datasets, check_num_classes
+from gn_detection.datasets import check_dataset_files, check_evaluation_datasets, check_masks, check_num_classes
 from gn_detection.download import DownloadError
 from gn_detection.evaluator import AtomicCOCOEvaluator
 from gn_detection.metrics_log import fresh_run_start
@@ -51,15 +52,17 @@ class Trainer(DefaultTrainer):
         # the training datasets load here, before the first iteration (loading them before launch as well would
         # cost COCO's 20-odd seconds twice): what fails is said as the user's data, not as a crash
         try:
-            loader = super().build_train_loader(cfg)
+            loader_args = build_detection_train_loader.from_config(cfg)  # as Detectron2's trainer builds it
         except (ValueError, OSError, AssertionError) as e:  # a broken file, a missing image, no (annotated) images
             reason = e.args[0] if e.args else type(e).__name__
             raise UnusableInput(f"DATASETS.TRAIN {cfg.DATASETS.TRAIN} cannot be trained on: {reason}") from e
-        try:  # loaded now, a register_coco_instances dataset has its classes
-            check_class_count(cfg, cfg.DATASETS.TRAIN)
+        try:
+            check_class_count(cfg, cfg.DATASETS.TRAIN)  # loaded now, a register_coco_instances dataset has its classes
+            if cfg.MODEL.MASK_ON:
+                check_masks(loader_args["dataset"], f"DATASETS.TRAIN {cfg.DATASETS.TRAIN}")
         except ValueError as e:
             raise UnusableInput(e.args[0]) from None
-        return loader
+        return build_detection_train_loader(**loader_args)
 
     def build_hooks(self):
         # Swap in the atomic checkpointer before the checkpoint hooks capture it.
@@ -98,7 +101,8 @@ def checked_config(args):
     meta_model = check_model_builds(cfg, args.config_file)
     datasets = cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN + cfg.DATASETS.TEST
     check_dataset_files(datasets)
-    check_evaluation_datasets(cfg.DATASETS.TEST)  # before check_num_classes: loading may set a dataset's classes
+    # before the class count: loading may set a dataset's classes
+    check_evaluation_datasets(cfg.DATASETS.TEST, masks=cfg.MODEL.MASK_ON)
     check_class_count(cfg, datasets)
     resumed = resumed_checkpoint(meta_model, cfg.OUTPUT_DIR, args.resume)
     if not resumed:
