@@ -6,7 +6,11 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -190,6 +194,27 @@ def test_unusable_training_data_in_a_run_of_several_processes_is_one_error(tiny_
     with pytest.raises(train_net.UnusableInput, match=r"^DATASETS.TRAIN \('shapes_train',\) cannot be trained on: "
                                                       r".*000003.png"):
         train_net.run(args, cfg)
+
+
+def test_ctrl_c_in_training_says_which_checkpoint_resume_continues_from(tiny_shapes_root, tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "tools/train_net.py", "--config-file", SHAPES_CONFIG, *(str(v) for v in TINY_OVERRIDES),
+               "DATASETS.TEST", "()", "OUTPUT_DIR", str(out), "SOLVER.MAX_ITER", "100000",
+               "SOLVER.CHECKPOINT_PERIOD", "2"]
+    env = {**os.environ, "DETECTRON2_DATASETS": str(tiny_shapes_root)}
+    with subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True) as run:
+        deadline = time.monotonic() + 300
+        while not (out / "last_checkpoint").exists() and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        run.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        stderr = run.communicate(timeout=120)[1]
+    assert run.returncode == 130, stderr[-3000:]
+    saved = (out / "last_checkpoint").read_text()
+    assert stderr.strip().splitlines()[-1] == (f"interrupted; {out}/last_checkpoint names {saved}: add --resume to "
+                                                "the command to continue from it")
+    train_net = load_tool("train_net")
+    assert train_net.interrupted_note(str(tmp_path), eval_only=False).startswith(
+        f"interrupted before the first checkpoint in {tmp_path} (every SOLVER.CHECKPOINT_PERIOD iterations)")
 
 
 def test_missing_coco_stops_at_once_naming_the_path(tmp_path):

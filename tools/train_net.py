@@ -368,6 +368,21 @@ def main(args, cfg):
     return results
 
 
+def interrupted_note(output_dir: str, eval_only: bool) -> str:
+    """What a run stopped by Ctrl-C leaves to go on from: for training, the checkpoint ``--resume`` continues from
+    (``output_dir/last_checkpoint`` names it), if one was saved."""
+    if eval_only:
+        return "interrupted; evaluation writes its result files whole, so none were written"
+    tag = os.path.join(output_dir, "last_checkpoint")
+    try:
+        with open(tag) as f:
+            saved = f.read().strip()
+    except OSError:  # none (or unreadable: --resume would say so)
+        return (f"interrupted before the first checkpoint in {output_dir} (every SOLVER.CHECKPOINT_PERIOD "
+                "iterations); running the command again starts anew")
+    return f"interrupted; {tag} names {saved}: add --resume to the command to continue from it"
+
+
 def worker(args, cfg, errors: multiprocessing.SimpleQueue):
     """:func:`main` in one process of the job. In a job of several processes, UnusableInput is put on ``errors`` for
     :func:`run` to raise in the launching process, rather than printed as each worker's traceback."""
@@ -407,3 +422,6 @@ if __name__ == "__main__":
         run(args, config)
     except UnusableInput as e:  # before the first iteration
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print(interrupted_note(config.OUTPUT_DIR, args.eval_only), file=sys.stderr)
+        sys.exit(130)  # the shells' status for a command stopped by Ctrl-C
