@@ -35,7 +35,7 @@ from torch.profiler import ProfilerActivity
 
 from .atomic_write import write_atomically
 from .config import load_config
-from .datasets import check_dataset_files, check_masks
+from .datasets import check_annotations, check_dataset_files
 from .host_work import COUNTED_PARTS, counting_host_work
 
 logger = logging.getLogger(__name__)
@@ -172,10 +172,9 @@ def dataset_records(dataset: str, count: int) -> List[dict]:
 
 def dataset_batch(cfg: CfgNode, records: List[dict], dataset: str) -> List[dict]:
     """``records`` of ``dataset`` (:func:`dataset_records`) through Detectron2's training mapper as ``cfg`` sets it
-    (input sizes, mask format); a mask format the records do not hold, and records without masks for a Mask R-CNN
-    (:func:`check_masks`), are ValueErrors naming the key."""
-    if cfg.MODEL.MASK_ON:
-        check_masks(records, f"--dataset {dataset!r}")
+    (input sizes, mask format); a mask format the records do not hold, and records without boxes or, for a Mask
+    R-CNN, masks (:func:`check_annotations`), are ValueErrors naming the key."""
+    check_annotations(records, f"--dataset {dataset!r}", cfg.MODEL.MASK_ON)
     mapper = DatasetMapper(cfg, is_train=True)  # it copies each record before changing it
     try:
         return [mapper(record) for record in records]

@@ -1,9 +1,11 @@
 """Dataset registration (the synthetic shapes splits) and checks that give clear errors for missing or
 broken dataset files before any training starts."""
 import difflib
+import itertools
 import json
 import os
-from typing import Dict, Iterable, List
+from collections import Counter
+from typing import Dict, Iterable, List, Optional
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
@@ -97,27 +99,33 @@ def check_dataset_files(names: Iterable[str], named_by: str = "DATASETS.TRAIN / 
                 raise FileNotFoundError(f"Dataset '{name}': its {what} {path} does not exist. {hint}")
 
 
-def check_masks(dicts: List[Dict], datasets: str) -> None:
-    """For a Mask R-CNN: that every annotation in ``dicts`` (of ``datasets``, as the message names them) has a mask
-    (``segmentation``). Detectron2 gives an image's instances masks only if its first annotation has one (the mask
-    head's loss then fails on the image), and COCO's segm evaluation reads every ground truth's.
+def check_annotations(dicts: List[Dict], datasets: str, masks: bool) -> None:
+    """That every annotation in ``dicts`` (of ``datasets``, as the message names them) has a box, and with ``masks``
+    (a Mask R-CNN) a mask: Detectron2's mapper reads each annotation's ``bbox`` (a KeyError mid-training otherwise),
+    gives an image's instances masks only if its first annotation has one (the mask head's loss then fails on the
+    image), and COCO's segm evaluation reads every ground truth's.
 
     Raises:
-        ValueError: naming the datasets, how many images lack masks, one of them, and what to do.
+        ValueError: naming the datasets, how many images lack boxes or masks, one of them, and what to do.
     """
-    lacking = [d for d in dicts if any("segmentation" not in a for a in d.get("annotations", ()))]
-    if lacking:
-        raise ValueError(f"{datasets}: {len(lacking)} of {len(dicts)} images have annotations without a mask "
-                         f"('segmentation'), e.g. {lacking[0]['file_name']}, and MODEL.MASK_ON is True; give every "
-                         "annotation a mask, or set MODEL.MASK_ON False to train and evaluate boxes alone")
+    needs = [("bbox", "a box ('bbox')", "give every annotation a bbox [x, y, width, height]")]
+    if masks:
+        needs.append(("segmentation", "a mask (no or an empty 'segmentation'), and MODEL.MASK_ON is True",
+                      "give every annotation a mask, or set MODEL.MASK_ON False to train and evaluate boxes alone"))
+    for key, lack, remedy in needs:
+        lacking = [d for d in dicts if any(key not in a for a in d.get("annotations", ()))]
+        if lacking:
+            raise ValueError(f"{datasets}: {len(lacking)} of {len(dicts)} images have annotations without {lack}, "
+                             f"e.g. {lacking[0]['file_name']}; {remedy}")
 
 
 def check_evaluation_datasets(names: Iterable[str], masks: bool = False) -> None:
     """Load each dataset to evaluate on, as evaluation will after training, and raise a ValueError naming the first
-    that cannot be loaded (malformed JSON, missing images), is empty, has annotations without a mask when ``masks``
-    are evaluated (:func:`check_masks`), or has neither a ``json_file`` nor ``thing_classes``: COCOEvaluator
-    converts such a dataset to COCO format and names its categories from ``thing_classes`` (read after loading, as
-    a dataset's loader may set them)."""
+    that cannot be loaded (malformed JSON, missing images), is empty, has annotations without a box or, when
+    ``masks`` are evaluated, a mask (:func:`check_annotations`), whose ``json_file`` pycocotools would fail on or
+    score wrongly (:func:`coco_ground_truth_problem`), or has neither a ``json_file`` nor ``thing_classes``:
+    COCOEvaluator converts such a dataset to COCO format and names its categories from ``thing_classes`` (read after
+    loading, as a dataset's loader may set them)."""
     for name in names:
         try:
             dicts = DatasetCatalog.get(name)
@@ -127,13 +135,49 @@ def check_evaluation_datasets(names: Iterable[str], masks: bool = False) -> None
         if not dicts:
             raise ValueError(f"Dataset '{name}' (DATASETS.TEST) has no images; give a dataset with images to "
                              "evaluate on, or DATASETS.TEST () to evaluate none")
-        if masks:
-            check_masks(dicts, f"Dataset '{name}' (DATASETS.TEST)")
-        metadata = MetadataCatalog.get(name)
-        if not metadata.get("json_file") and metadata.get("thing_classes") is None:
+        check_annotations(dicts, f"Dataset '{name}' (DATASETS.TEST)", masks)
+        json_file = MetadataCatalog.get(name).get("json_file")
+        if json_file and (problem := coco_ground_truth_problem(json_file, masks)):
+            raise ValueError(f"Dataset '{name}' (DATASETS.TEST): {json_file}: {problem}. COCO evaluation "
+                             "(pycocotools) reads this file after training")
+        if not json_file and MetadataCatalog.get(name).get("thing_classes") is None:
             raise ValueError(f"Dataset '{name}' (DATASETS.TEST) has neither a json_file nor thing_classes in its "
                              "metadata, and COCO evaluation names the categories from thing_classes; set them where "
                              f"it is registered: MetadataCatalog.get('{name}').thing_classes = [...]")
+
+
+# the keys pycocotools' COCOeval reads in every ground-truth annotation (a KeyError after training otherwise)
+EVALUATED_KEYS = ("id", "image_id", "category_id", "bbox", "area", "iscrowd")
+
+
+def coco_ground_truth_problem(json_file: str, masks: bool) -> Optional[str]:
+    """What in a COCO instances file makes pycocotools' evaluation on it fail or score wrongly (``masks``: segm
+    too), said with what to do; None if nothing. Detectron2's loader forgives these (it drops polygons of fewer
+    than three points, needs no ``area``), pycocotools reads the file as it is: it keeps one image of an id given
+    twice (with both images' annotations), counts a detection matched to a ground truth of id 0 as a false
+    positive, and fails on a missing key or a polygon of one or two points."""
+    data = read_coco_json(json_file)
+    image_ids = Counter(image.get("id") for image in data["images"])
+    if shared := [i for i, n in image_ids.items() if n > 1]:
+        return (f"image id {shared[0]!r} is given to {image_ids[shared[0]]} images ({len(shared)} id(s) given twice or "
+                "more), and one image of an id is kept, with the others' annotations; give each image its own id")
+    annotation_ids = Counter(a.get("id") for a in data["annotations"])
+    if not all(isinstance(i, int) and i >= 1 for i in annotation_ids):
+        bad = next(i for i in annotation_ids if not (isinstance(i, int) and i >= 1))
+        return (f"an annotation has id {bad!r}, and pycocotools takes a match to ground truth id 0 for no match (the "
+                "detection then counts as a false positive); number the annotations from 1")
+    if shared := [i for i, n in annotation_ids.items() if n > 1]:
+        return f"annotation id {shared[0]} is given to {annotation_ids[shared[0]]} annotations; give each its own id"
+    keys = EVALUATED_KEYS + (("segmentation",) if masks else ())
+    for annotation in data["annotations"]:
+        if missing := [key for key in keys if key not in annotation]:
+            return (f"annotation {annotation['id']} lacks {', '.join(missing)}, which COCO evaluation reads in every "
+                    "annotation; add them (area: the mask's or box's area, iscrowd: 0)")
+        segmentation = annotation.get("segmentation") if masks else None
+        if isinstance(segmentation, list) and any(not isinstance(p, list) or len(p) < 6 for p in segmentation):
+            return (f"annotation {annotation['id']} has a polygon of fewer than 3 points (6 numbers), which "
+                    "pycocotools cannot read; remove it (or the annotation)")
+    return None
 
 
 def check_num_classes(names: Iterable[str], num_classes: int, key: str = "MODEL.ROI_HEADS.NUM_CLASSES") -> None:
@@ -144,6 +188,31 @@ def check_num_classes(names: Iterable[str], num_classes: int, key: str = "MODEL.
     for name in names:
         classes = MetadataCatalog.get(name).get("thing_classes")
         if classes is not None and len(classes) != num_classes:
-            shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
-            raise ValueError(f"Dataset '{name}' has {len(classes)} classes ({shown}) but {key} is {num_classes}; "
-                             f"set {key} {len(classes)}")
+            raise ValueError(f"Dataset '{name}' has {len(classes)} classes ({_listed(classes)}) but {key} is "
+                             f"{num_classes}; set {key} {len(classes)}")
+
+
+def check_same_classes(trained: Iterable[str], evaluated: Iterable[str]) -> None:
+    """That each dataset ``evaluated`` lists the classes of the ``trained`` ones, in their order: COCO evaluation
+    scores the model's i-th class as the test dataset's i-th, so another order gives a wrong AP without a word.
+    Datasets whose classes are not known yet (``register_coco_instances`` sets them when loaded) are skipped.
+
+    Raises:
+        ValueError: naming both datasets and their classes.
+    """
+    known = [(name, MetadataCatalog.get(name).get("thing_classes")) for name in trained]
+    reference = next(((name, classes) for name, classes in known if classes is not None), None)
+    for name in evaluated if reference else ():
+        classes = MetadataCatalog.get(name).get("thing_classes")
+        if classes is not None and list(classes) != list(reference[1]):
+            index, tested, trained_as = next((i, *pair) for i, pair in enumerate(
+                itertools.zip_longest(classes, reference[1], fillvalue="(none)")) if pair[0] != pair[1])
+            raise ValueError(f"Dataset '{name}' (DATASETS.TEST) and '{reference[0]}' (DATASETS.TRAIN) list their "
+                             f"classes differently (class {index} is {tested!r} in one, {trained_as!r} in the other; "
+                             f"{len(classes)} and {len(reference[1])} classes): the model's i-th class would be scored "
+                             "as the test dataset's i-th. Register them with the same categories, in the same order")
+
+
+def _listed(classes: List[str], shown: int = 5) -> str:
+    """The first ``shown`` class names, and "..." for more."""
+    return ", ".join(classes[:shown]) + (", ..." if len(classes) > shown else "")

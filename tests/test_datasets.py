@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import runpy
 import shutil
 import sys
@@ -13,7 +14,7 @@ from pycocotools import mask as mask_util
 
 import gn_detection
 from gn_detection.datasets import (check_dataset_files, check_evaluation_datasets, check_num_classes,
-                                   load_checked_coco_json)
+                                   check_same_classes, coco_ground_truth_problem, load_checked_coco_json)
 from gn_detection.shapes import SHAPE_CLASSES, ShapesSplitSpec, draw_image, generate_split, split_paths
 
 from .conftest import REPO
@@ -132,6 +133,81 @@ def test_a_class_count_other_than_the_datasets_is_named(tmp_path):
         check_num_classes(["counted_shapes_val"], 80)
     register_coco_instances("classes_known_when_loaded", {}, str(tmp_path / "a.json"), str(tmp_path))
     check_num_classes(["classes_known_when_loaded"], 80)  # not read for this: no thing_classes until loaded
+
+
+def test_test_classes_in_another_order_than_the_training_ones_are_named():
+    for name, classes in (("trained_on", ["circle", "square"]), ("tested_on", ["square", "circle"]),
+                          ("tested_on_fewer", ["circle"]), ("tested_alike", ["circle", "square"])):
+        DatasetCatalog.register(name, list)
+        MetadataCatalog.get(name).thing_classes = classes
+    register_coco_instances("classes_unknown_yet", {}, "a.json", ".")
+    check_same_classes(["classes_unknown_yet", "trained_on"], ["tested_alike", "classes_unknown_yet"])
+    check_same_classes(["classes_unknown_yet"], ["tested_on"])  # nothing known to compare with
+    with pytest.raises(ValueError, match=r"^Dataset 'tested_on' \(DATASETS.TEST\) and 'trained_on' "
+                                         r"\(DATASETS.TRAIN\) list their classes differently \(class 0 is 'square' "
+                                         r"in one, 'circle' in the other; 2 and 2 classes\): the model's i-th class"):
+        check_same_classes(["trained_on"], ["tested_alike", "tested_on"])
+    with pytest.raises(ValueError, match=r"class 1 is '\(none\)' in one, 'square' in the other; 1 and 2 classes"):
+        check_same_classes(["trained_on"], ["tested_on_fewer"])
+
+
+def shapes_ground_truth(tiny_shapes_root):
+    """The tiny shapes training split's COCO file, parsed (a valid ground truth to spoil)."""
+    with open(split_paths(str(tiny_shapes_root / "shapes"), "train")[0]) as f:
+        return json.load(f)
+
+
+def _spoil_image_ids(data):
+    data["images"][1]["id"] = data["images"][0]["id"]
+
+
+def _spoil_annotation_ids(data):
+    data["annotations"][0]["id"] = 0
+
+
+def _share_annotation_ids(data):
+    data["annotations"][1]["id"] = data["annotations"][0]["id"]
+
+
+def _drop_area(data):
+    del data["annotations"][2]["area"], data["annotations"][2]["iscrowd"]
+
+
+def _add_a_short_polygon(data):
+    data["annotations"][0]["segmentation"] = [[1, 1, 9, 1, 9, 9], [1, 1, 5, 5]]  # polygons in place of the RLE
+
+
+@pytest.mark.parametrize("spoil, masks, problem", [
+    (_spoil_image_ids, False, r"^image id 1 is given to 2 images \(1 id\(s\) given twice or more\), and one image"),
+    (_spoil_annotation_ids, False, r"^an annotation has id 0, and pycocotools takes a match to ground truth id 0 for "
+                                   r"no match .* number the annotations from 1$"),
+    (_share_annotation_ids, False, r"^annotation id 1 is given to 2 annotations; give each its own id$"),
+    (_drop_area, False, r"^annotation 3 lacks area, iscrowd, which COCO evaluation reads in every annotation"),
+    (_add_a_short_polygon, True, r"^annotation 1 has a polygon of fewer than 3 points \(6 numbers\)"),
+    (_add_a_short_polygon, False, None),  # boxes alone: pycocotools reads no polygon
+])
+def test_ground_truth_pycocotools_would_fail_on_or_score_wrongly_is_named(tiny_shapes_root, tmp_path, spoil, masks,
+                                                                          problem):
+    data = shapes_ground_truth(tiny_shapes_root)
+    json_file = tmp_path / "spoiled.json"
+    json_file.write_text(json.dumps(data))
+    assert coco_ground_truth_problem(str(json_file), masks=True) is None
+    spoil(data)
+    json_file.write_text(json.dumps(data))
+    found = coco_ground_truth_problem(str(json_file), masks)
+    assert found is None if problem is None else re.search(problem, found), found
+
+
+def test_a_test_dataset_whose_ground_truth_pycocotools_misreads_is_named_before_training(tiny_shapes_root,
+                                                                                        tmp_path):
+    data = shapes_ground_truth(tiny_shapes_root)
+    _spoil_annotation_ids(data)
+    (tmp_path / "ids_from_0.json").write_text(json.dumps(data))
+    image_root = split_paths(str(tiny_shapes_root / "shapes"), "train")[1]
+    register_coco_instances("ids_from_0", {}, str(tmp_path / "ids_from_0.json"), image_root)
+    with pytest.raises(ValueError, match=rf"^Dataset 'ids_from_0' \(DATASETS.TEST\): {tmp_path}/ids_from_0.json: an "
+                                         r"annotation has id 0, .* COCO evaluation \(pycocotools\) reads this file"):
+        check_evaluation_datasets(["ids_from_0"], masks=True)
 
 
 ONE_IMAGE = [{"file_name": "a.png", "image_id": 1, "height": 8, "width": 8, "annotations": []}]

@@ -23,7 +23,7 @@ from detectron2.structures import BoxMode
 from gn_detection import triton_group_norm
 from gn_detection.config import load_config
 from gn_detection.metrics_log import read_metrics
-from gn_detection.shapes import split_paths
+from gn_detection.shapes import SHAPE_CLASSES, split_paths
 
 from .conftest import REPO, SHAPES_CONFIG, TINY_OVERRIDES, load_tool, run_tool
 
@@ -173,12 +173,32 @@ def test_training_annotations_without_masks_are_named_for_a_mask_rcnn():
     DatasetCatalog.register("boxes_and_masks", lambda: dicts)
     MetadataCatalog.get("boxes_and_masks").thing_classes = ["thing"]
     train_net = load_tool("train_net")
-    opts = ["DATASETS.TRAIN", "('boxes_and_masks',)", "DATALOADER.NUM_WORKERS", 0, "MODEL.ROI_HEADS.NUM_CLASSES", 1]
+    opts = ["DATASETS.TRAIN", "('boxes_and_masks',)", "DATASETS.TEST", "()", "DATALOADER.NUM_WORKERS", 0,
+            "MODEL.ROI_HEADS.NUM_CLASSES", 1]
     with pytest.raises(train_net.UnusableInput, match=r"^DATASETS.TRAIN \('boxes_and_masks',\): 2 of 3 images have "
-                                                      r"annotations without a mask \('segmentation'\), e.g. 1.png, .* "
-                                                      r"or set MODEL.MASK_ON False"):
+                                                      r"annotations without a mask \(no or an empty 'segmentation'\), "
+                                                      r"and MODEL.MASK_ON is True, e.g. 1.png; .* or set MODEL.MASK_ON "
+                                                      r"False"):
         train_net.Trainer.build_train_loader(load_config(SHAPES_CONFIG, opts))
     assert train_net.Trainer.build_train_loader(load_config(SHAPES_CONFIG, [*opts, "MODEL.MASK_ON", False]))
+    del box["bbox"]  # in images 1 and 2; Detectron2's mapper reads it: a KeyError at such an image's iteration
+    with pytest.raises(train_net.UnusableInput, match=r"^DATASETS.TRAIN \('boxes_and_masks',\): 2 of 3 images have "
+                                                      r"annotations without a box \('bbox'\), e.g. 1.png; give"):
+        train_net.Trainer.build_train_loader(load_config(SHAPES_CONFIG, [*opts, "MODEL.MASK_ON", False]))
+
+
+def test_training_records_a_loader_finds_a_key_missing_in_are_named(tiny_shapes_root, tmp_path):
+    json_file, image_root = split_paths(str(tiny_shapes_root / "shapes"), "train")
+    with open(json_file) as f:
+        data = json.load(f)
+    del data["images"][0]["height"]
+    (tmp_path / "no_height.json").write_text(json.dumps(data))
+    register_coco_instances("no_height", {}, str(tmp_path / "no_height.json"), image_root)
+    train_net = load_tool("train_net")
+    cfg = load_config(SHAPES_CONFIG, ["DATASETS.TRAIN", "('no_height',)", "DATASETS.TEST", "()"])
+    with pytest.raises(train_net.UnusableInput, match=r"^DATASETS.TRAIN \('no_height',\) cannot be trained on: "
+                                                      r"KeyError: 'height'$"):
+        train_net.Trainer.build_train_loader(cfg)
 
 
 def test_unusable_training_data_in_a_run_of_several_processes_is_one_error(tiny_shapes_root, tmp_path, monkeypatch):
@@ -268,6 +288,9 @@ def checked_config(out, flags, opts):
                                                 "triangle, star) but MODEL.ROI_HEADS.NUM_CLASSES is 80"),
     ([], ["OUTPUT_DIR", "/proc/version/out"], "OUTPUT_DIR /proc/version/out: cannot write there (/proc/version is a "
                                               "file); give a writable folder"),
+    ([], ["DATASETS.TEST", "('shapes_in_reverse',)"], "Dataset 'shapes_in_reverse' (DATASETS.TEST) and "
+                                                       "'tiny_shapes_train' (DATASETS.TRAIN) list their classes "
+                                                       "differently (class 0 is 'star' in one, 'circle' in the other"),
     ([], ["DATASETS.TEST", "('dicts_without_classes',)"], "Dataset 'dicts_without_classes' (DATASETS.TEST) has "
                                                           "neither a json_file nor thing_classes"),
     ([], ["SOLVER.CHECKPOINT_PERIOD", "0"], "SOLVER.CHECKPOINT_PERIOD is 0; it must be >= 1"),
@@ -287,6 +310,8 @@ def checked_config(out, flags, opts):
 def test_a_mistake_in_the_settings_is_named_before_any_work(tiny_shapes_root, tmp_path, flags, opts, message):
     if "dicts_without_classes" not in DatasetCatalog:  # evaluated after training, but its classes are unknown
         DatasetCatalog.register("dicts_without_classes", lambda: [{"file_name": "a.png", "image_id": 1}])
+        DatasetCatalog.register("shapes_in_reverse", lambda: [{"file_name": "a.png", "image_id": 1}])
+        MetadataCatalog.get("shapes_in_reverse").thing_classes = list(reversed(SHAPE_CLASSES))
     with pytest.raises((ValueError, FileNotFoundError)) as error:
         checked_config(tmp_path / "out", flags, opts)
     assert message in str(error.value)

@@ -27,7 +27,8 @@ from detectron2.utils.logger import setup_logger
 from gn_detection.atomic_write import not_writable
 from gn_detection.config import check_model_builds, load_config
 from gn_detection.checkpoint import AtomicCheckpointer, LoadCounts
-from gn_detection.datasets import check_dataset_files, check_evaluation_datasets, check_masks, check_num_classes
+from gn_detection.datasets import (check_annotations, check_dataset_files, check_evaluation_datasets,
+                                   check_num_classes, check_same_classes)
 from gn_detection.download import DownloadError
 from gn_detection.evaluator import AtomicCOCOEvaluator
 from gn_detection.metrics_log import fresh_run_start
@@ -53,13 +54,14 @@ class Trainer(DefaultTrainer):
         # cost COCO's 20-odd seconds twice): what fails is said as the user's data, not as a crash
         try:
             loader_args = build_detection_train_loader.from_config(cfg)  # as Detectron2's trainer builds it
-        except (ValueError, OSError, AssertionError) as e:  # a broken file, a missing image, no (annotated) images
-            reason = e.args[0] if e.args else type(e).__name__
+        # a broken file, a missing image, no (annotated) images; a record without a key (a KeyError's text is the key)
+        except (ValueError, OSError, AssertionError, KeyError) as e:
+            reason = f"KeyError: {e}" if isinstance(e, KeyError) else e.args[0] if e.args else type(e).__name__
             raise UnusableInput(f"DATASETS.TRAIN {cfg.DATASETS.TRAIN} cannot be trained on: {reason}") from e
         try:
             check_class_count(cfg, cfg.DATASETS.TRAIN)  # loaded now, a register_coco_instances dataset has its classes
-            if cfg.MODEL.MASK_ON:
-                check_masks(loader_args["dataset"], f"DATASETS.TRAIN {cfg.DATASETS.TRAIN}")
+            check_same_classes(cfg.DATASETS.TRAIN, cfg.DATASETS.TEST)  # those test datasets loaded in this process
+            check_annotations(loader_args["dataset"], f"DATASETS.TRAIN {cfg.DATASETS.TRAIN}", cfg.MODEL.MASK_ON)
         except ValueError as e:
             raise UnusableInput(e.args[0]) from None
         return build_detection_train_loader(**loader_args)
@@ -104,6 +106,8 @@ def checked_config(args):
     # before the class count: loading may set a dataset's classes
     check_evaluation_datasets(cfg.DATASETS.TEST, masks=cfg.MODEL.MASK_ON)
     check_class_count(cfg, datasets)
+    if not args.eval_only:
+        check_same_classes(cfg.DATASETS.TRAIN, cfg.DATASETS.TEST)
     resumed = resumed_checkpoint(meta_model, cfg.OUTPUT_DIR, args.resume)
     if not resumed:
         check_weights(cfg.MODEL.WEIGHTS)
