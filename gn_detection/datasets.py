@@ -3,12 +3,16 @@ broken dataset files before any training starts."""
 import difflib
 import itertools
 import json
+import logging
 import os
+import time
 from collections import Counter
 from typing import Dict, Iterable, List, Optional
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
+from detectron2.utils.file_io import PathManager
+from PIL import Image
 
 from .shapes import SHAPE_CLASSES, split_paths
 
@@ -119,11 +123,60 @@ def check_annotations(dicts: List[Dict], datasets: str, masks: bool) -> None:
                              f"e.g. {lacking[0]['file_name']}; {remedy}")
 
 
-def check_evaluation_datasets(names: Iterable[str], masks: bool = False) -> None:
+# PIL modes of more than 8 bits per channel: Detectron2's read_image converts them to 8-bit RGB by clipping
+WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+EXIF_ORIENTATION = 0x0112
+ROTATED_BY_90 = (5, 6, 7, 8)  # EXIF orientations that Detectron2's read_image turns by 90 degrees: w and h swap
+
+
+def image_problem(record: Dict) -> Optional[str]:
+    """What keeps a record's image from being read as annotated, from its header alone: not an image, more than 8
+    bits per channel (read clipped, e.g. all white), or a size (upright, as Detectron2 turns EXIF-rotated photos)
+    other than the record's ``width`` and ``height`` (Detectron2's SizeMismatchError when it comes up); None if
+    nothing."""
+    path = record["file_name"]
+    try:
+        with PathManager.open(path, "rb") as f, Image.open(f) as image:  # reads the header, decodes nothing
+            # (getexif would decode a PNG to look for EXIF after the pixels; a JPEG's is in the header)
+            exif = image.getexif() if "exif" in image.info else {}
+            mode, size, orientation = image.mode, image.size, exif.get(EXIF_ORIENTATION)
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        return f"{path} cannot be read as an image ({e}); replace it"
+    if mode in WIDE_MODES:
+        return (f"{path} has PIL mode {mode} (more than 8 bits per channel), which Detectron2 reads as 8-bit RGB by "
+                "clipping (e.g. all white); convert the images to 8 bits")
+    width, height = size[::-1] if orientation in ROTATED_BY_90 else size
+    expected = (record.get("width", width), record.get("height", height))
+    if (width, height) != expected:
+        upright = " upright (its EXIF orientation turns it)" if orientation in ROTATED_BY_90 else ""
+        return (f"{path} is {width}x{height} pixels{upright}, but its record says {expected[0]}x{expected[1]}; "
+                "correct the width and height in the annotations")
+    return None
+
+
+def check_images(dicts: List[Dict], datasets: str) -> None:
+    """:func:`image_problem` of every record in ``dicts`` (of ``datasets``, as the message names them), logging
+    progress for many.
+
+    Raises:
+        ValueError: naming the datasets, the image and what to do about it.
+    """
+    logger = logging.getLogger(__name__)
+    started = time.perf_counter()
+    for index, record in enumerate(dicts):
+        if problem := image_problem(record):
+            raise ValueError(f"{datasets}: {problem} (DATASETS.CHECK_IMAGES False skips this check)")
+        if index and index % 20000 == 0:
+            logger.info("Checked %d of %d images of %s", index, len(dicts), datasets)
+    logger.info("Checked the %d images of %s in %.1f s", len(dicts), datasets, time.perf_counter() - started)
+
+
+def check_evaluation_datasets(names: Iterable[str], masks: bool = False, images: bool = True) -> None:
     """Load each dataset to evaluate on, as evaluation will after training, and raise a ValueError naming the first
     that cannot be loaded (malformed JSON, missing images), is empty, has annotations without a box or, when
     ``masks`` are evaluated, a mask (:func:`check_annotations`), whose ``json_file`` pycocotools would fail on or
-    score wrongly (:func:`coco_ground_truth_problem`), or has neither a ``json_file`` nor ``thing_classes``:
+    score wrongly (:func:`coco_ground_truth_problem`), with ``images`` an image that cannot be read as annotated
+    (:func:`check_images`), or has neither a ``json_file`` nor ``thing_classes``:
     COCOEvaluator converts such a dataset to COCO format and names its categories from ``thing_classes`` (read after
     loading, as a dataset's loader may set them)."""
     for name in names:
@@ -144,6 +197,8 @@ def check_evaluation_datasets(names: Iterable[str], masks: bool = False) -> None
             raise ValueError(f"Dataset '{name}' (DATASETS.TEST) has neither a json_file nor thing_classes in its "
                              "metadata, and COCO evaluation names the categories from thing_classes; set them where "
                              f"it is registered: MetadataCatalog.get('{name}').thing_classes = [...]")
+        if images:  # last: it reads every image's header
+            check_images(dicts, f"Dataset '{name}' (DATASETS.TEST)")
 
 
 # the keys pycocotools' COCOeval reads in every ground-truth annotation (a KeyError after training otherwise)

@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
+from detectron2.data.detection_utils import read_image
 from PIL import Image
 from pycocotools import mask as mask_util
 
 import gn_detection
 from gn_detection.datasets import (check_dataset_files, check_evaluation_datasets, check_num_classes,
-                                   check_same_classes, coco_ground_truth_problem, load_checked_coco_json)
+                                   check_same_classes, coco_ground_truth_problem, image_problem,
+                                   load_checked_coco_json)
 from gn_detection.shapes import SHAPE_CLASSES, ShapesSplitSpec, draw_image, generate_split, split_paths
 
 from .conftest import REPO
@@ -210,6 +212,44 @@ def test_a_test_dataset_whose_ground_truth_pycocotools_misreads_is_named_before_
         check_evaluation_datasets(["ids_from_0"], masks=True)
 
 
+def _rotated_photo(path):
+    """A 64x48 JPEG whose EXIF orientation (6) has it shown, and read by Detectron2, turned upright: 48x64."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (64, 48)).save(path, format="JPEG", exif=exif)
+
+
+@pytest.mark.parametrize("make, width, height, problem", [
+    (lambda path: Image.new("RGB", (64, 48)).save(path, format="PNG"), 64, 48, None),
+    (lambda path: Image.new("L", (64, 48)).save(path, format="PNG"), None, None, None),  # need not give the size
+    (lambda path: Image.new("RGB", (64, 48)).save(path, format="JPEG"), 48, 64,
+     r"a.img is 64x48 pixels, but its record says 48x64; correct the width and height in the annotations$"),
+    (_rotated_photo, 48, 64, None),
+    (_rotated_photo, 64, 48, r"is 48x64 pixels upright \(its EXIF orientation turns it\), but its record says 64x48"),
+    (lambda path: Image.new("I;16", (64, 48)).save(path, format="PNG"), 64, 48,
+     r"a.img has PIL mode I;16 \(more than 8 bits per channel\), which Detectron2 reads as 8-bit RGB by clipping"),
+    (lambda path: open(path, "wb").close(), 64, 48, r"a.img cannot be read as an image \(cannot identify"),
+])
+def test_an_image_that_cannot_be_read_as_annotated_is_named_from_its_header(tmp_path, make, width, height, problem):
+    make(str(tmp_path / "a.img"))
+    record = {"file_name": str(tmp_path / "a.img"), **({"width": width, "height": height} if width else {})}
+    found = image_problem(record)
+    assert found is None if problem is None else re.search(problem, found), found
+    if problem is None:  # as Detectron2 reads it
+        assert read_image(record["file_name"]).shape[:2] == ((height, width) if width else (48, 64))
+
+
+def test_images_are_checked_before_evaluation_unless_the_config_says_not_to(tmp_path):
+    Image.new("RGB", (64, 48)).save(tmp_path / "a.png")
+    record = {"file_name": str(tmp_path / "a.png"), "image_id": 1, "width": 48, "height": 64, "annotations": []}
+    DatasetCatalog.register("turned_sizes", lambda: [record])
+    MetadataCatalog.get("turned_sizes").thing_classes = ["thing"]
+    with pytest.raises(ValueError, match=r"^Dataset 'turned_sizes' \(DATASETS.TEST\): .*a.png is 64x48 pixels, but "
+                                         r"its record says 48x64; .* \(DATASETS.CHECK_IMAGES False skips this check\)"):
+        check_evaluation_datasets(["turned_sizes"])
+    check_evaluation_datasets(["turned_sizes"], images=False)
+
+
 ONE_IMAGE = [{"file_name": "a.png", "image_id": 1, "height": 8, "width": 8, "annotations": []}]
 
 
@@ -219,7 +259,7 @@ def test_a_dataset_evaluation_would_fail_on_is_named_before_training(tmp_path):
         return ONE_IMAGE
 
     DatasetCatalog.register("classes_set_by_loader", loader_that_names_its_classes)
-    check_evaluation_datasets(["classes_set_by_loader"])
+    check_evaluation_datasets(["classes_set_by_loader"], images=False)  # its a.png is no file
     assert MetadataCatalog.get("classes_set_by_loader").thing_classes == ["thing"]
     DatasetCatalog.register("classes_nowhere", lambda: ONE_IMAGE)
     with pytest.raises(ValueError, match=r"Dataset 'classes_nowhere' \(DATASETS.TEST\) has neither a json_file nor "
@@ -236,7 +276,7 @@ def test_a_dataset_evaluation_would_fail_on_is_named_before_training(tmp_path):
     boxes_only = [{**ONE_IMAGE[0], "annotations": [{"bbox": [1, 1, 4, 4], "bbox_mode": 1, "category_id": 0}]}]
     DatasetCatalog.register("boxes_only", lambda: boxes_only)
     MetadataCatalog.get("boxes_only").thing_classes = ["thing"]
-    check_evaluation_datasets(["boxes_only"])  # a box model evaluates it
+    check_evaluation_datasets(["boxes_only"], images=False)  # a box model evaluates it
     with pytest.raises(ValueError, match=r"^Dataset 'boxes_only' \(DATASETS.TEST\): 1 of 1 images have annotations "
                                          r"without a mask"):
         check_evaluation_datasets(["boxes_only"], masks=True)

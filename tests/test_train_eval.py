@@ -14,6 +14,7 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
@@ -165,11 +166,13 @@ def test_training_classes_known_once_loaded_are_counted_before_the_first_iterati
         train_net.Trainer.build_train_loader(cfg)
 
 
-def test_training_annotations_without_masks_are_named_for_a_mask_rcnn():
+def test_training_records_without_boxes_masks_or_readable_images_are_named_before_the_first_iteration(tmp_path):
     box = {"bbox": [1, 1, 4, 4], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0}
     masked = {**box, "segmentation": [[1, 1, 5, 1, 5, 5]]}
-    dicts = [{"file_name": f"{i}.png", "image_id": i, "height": 8, "width": 8, "annotations": annotations}
-             for i, annotations in enumerate([[masked], [masked, box], [box]])]
+    dicts = [{"file_name": str(tmp_path / f"{i}.png"), "image_id": i, "height": 8, "width": 8,
+              "annotations": annotations} for i, annotations in enumerate([[masked], [masked, box], [box]])]
+    for record in dicts:
+        Image.new("RGB", (8, 8)).save(record["file_name"])
     DatasetCatalog.register("boxes_and_masks", lambda: dicts)
     MetadataCatalog.get("boxes_and_masks").thing_classes = ["thing"]
     train_net = load_tool("train_net")
@@ -177,14 +180,21 @@ def test_training_annotations_without_masks_are_named_for_a_mask_rcnn():
             "MODEL.ROI_HEADS.NUM_CLASSES", 1]
     with pytest.raises(train_net.UnusableInput, match=r"^DATASETS.TRAIN \('boxes_and_masks',\): 2 of 3 images have "
                                                       r"annotations without a mask \(no or an empty 'segmentation'\), "
-                                                      r"and MODEL.MASK_ON is True, e.g. 1.png; .* or set MODEL.MASK_ON "
-                                                      r"False"):
+                                                      r"and MODEL.MASK_ON is True, e.g. .*1.png; .* or set "
+                                                      r"MODEL.MASK_ON False"):
         train_net.Trainer.build_train_loader(load_config(SHAPES_CONFIG, opts))
     assert train_net.Trainer.build_train_loader(load_config(SHAPES_CONFIG, [*opts, "MODEL.MASK_ON", False]))
     del box["bbox"]  # in images 1 and 2; Detectron2's mapper reads it: a KeyError at such an image's iteration
     with pytest.raises(train_net.UnusableInput, match=r"^DATASETS.TRAIN \('boxes_and_masks',\): 2 of 3 images have "
-                                                      r"annotations without a box \('bbox'\), e.g. 1.png; give"):
+                                                      r"annotations without a box \('bbox'\), e.g. .*1.png; give"):
         train_net.Trainer.build_train_loader(load_config(SHAPES_CONFIG, [*opts, "MODEL.MASK_ON", False]))
+    box["bbox"] = [1, 1, 4, 4]
+    Image.new("I;16", (8, 8)).save(dicts[2]["file_name"])  # read clipped to 8 bits: all white
+    with pytest.raises(train_net.UnusableInput, match=r"^DATASETS.TRAIN \('boxes_and_masks',\): .*2.png has PIL mode "
+                                                      r"I;16 \(more than 8 bits per channel\)"):
+        train_net.Trainer.build_train_loader(load_config(SHAPES_CONFIG, [*opts, "MODEL.MASK_ON", False]))
+    assert train_net.Trainer.build_train_loader(load_config(SHAPES_CONFIG, [*opts, "MODEL.MASK_ON", False,
+                                                                            "DATASETS.CHECK_IMAGES", False]))
 
 
 def test_training_records_a_loader_finds_a_key_missing_in_are_named(tiny_shapes_root, tmp_path):
@@ -310,7 +320,8 @@ def checked_config(out, flags, opts):
 def test_a_mistake_in_the_settings_is_named_before_any_work(tiny_shapes_root, tmp_path, flags, opts, message):
     if "dicts_without_classes" not in DatasetCatalog:  # evaluated after training, but its classes are unknown
         DatasetCatalog.register("dicts_without_classes", lambda: [{"file_name": "a.png", "image_id": 1}])
-        DatasetCatalog.register("shapes_in_reverse", lambda: [{"file_name": "a.png", "image_id": 1}])
+        image = str(tiny_shapes_root / "shapes" / "val" / "000000.png")
+        DatasetCatalog.register("shapes_in_reverse", lambda: [{"file_name": image, "image_id": 1}])
         MetadataCatalog.get("shapes_in_reverse").thing_classes = list(reversed(SHAPE_CLASSES))
     with pytest.raises((ValueError, FileNotFoundError)) as error:
         checked_config(tmp_path / "out", flags, opts)

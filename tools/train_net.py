@@ -27,7 +27,7 @@ from detectron2.utils.logger import setup_logger
 from gn_detection.atomic_write import not_writable
 from gn_detection.config import check_model_builds, load_config
 from gn_detection.checkpoint import AtomicCheckpointer, LoadCounts
-from gn_detection.datasets import (check_annotations, check_dataset_files, check_evaluation_datasets,
+from gn_detection.datasets import (check_annotations, check_dataset_files, check_evaluation_datasets, check_images,
                                    check_num_classes, check_same_classes)
 from gn_detection.download import DownloadError
 from gn_detection.evaluator import AtomicCOCOEvaluator
@@ -62,6 +62,8 @@ class Trainer(DefaultTrainer):
             check_class_count(cfg, cfg.DATASETS.TRAIN)  # loaded now, a register_coco_instances dataset has its classes
             check_same_classes(cfg.DATASETS.TRAIN, cfg.DATASETS.TEST)  # those test datasets loaded in this process
             check_annotations(loader_args["dataset"], f"DATASETS.TRAIN {cfg.DATASETS.TRAIN}", cfg.MODEL.MASK_ON)
+            if cfg.DATASETS.CHECK_IMAGES:
+                check_images(loader_args["dataset"], f"DATASETS.TRAIN {cfg.DATASETS.TRAIN}")
         except ValueError as e:
             raise UnusableInput(e.args[0]) from None
         return build_detection_train_loader(**loader_args)
@@ -104,7 +106,7 @@ def checked_config(args):
     datasets = cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN + cfg.DATASETS.TEST
     check_dataset_files(datasets)
     # before the class count: loading may set a dataset's classes
-    check_evaluation_datasets(cfg.DATASETS.TEST, masks=cfg.MODEL.MASK_ON)
+    check_evaluation_datasets(cfg.DATASETS.TEST, masks=cfg.MODEL.MASK_ON, images=cfg.DATASETS.CHECK_IMAGES)
     check_class_count(cfg, datasets)
     if not args.eval_only:
         check_same_classes(cfg.DATASETS.TRAIN, cfg.DATASETS.TEST)
