@@ -103,24 +103,31 @@ def check_dataset_files(names: Iterable[str], named_by: str = "DATASETS.TRAIN / 
                 raise FileNotFoundError(f"Dataset '{name}': its {what} {path} does not exist. {hint}")
 
 
-def check_annotations(dicts: List[Dict], datasets: str, masks: bool) -> None:
+def check_annotations(dicts: List[Dict], datasets: str, masks: bool, mask_format: str = "bitmask") -> None:
     """That every annotation in ``dicts`` (of ``datasets``, as the message names them) has a box, and with ``masks``
-    (a Mask R-CNN) a mask: Detectron2's mapper reads each annotation's ``bbox`` (a KeyError mid-training otherwise),
-    gives an image's instances masks only if its first annotation has one (the mask head's loss then fails on the
-    image), and COCO's segm evaluation reads every ground truth's.
+    (a Mask R-CNN) a mask Detectron2 can read in ``mask_format`` (INPUT.MASK_FORMAT): its mapper reads each
+    annotation's ``bbox`` (a KeyError mid-training otherwise), gives an image's instances masks only if its first
+    annotation has one (the mask head's loss then fails on the image), and turns no RLE mask into polygons (a
+    ValueError when one comes up); COCO's segm evaluation reads every ground truth's mask.
 
     Raises:
-        ValueError: naming the datasets, how many images lack boxes or masks, one of them, and what to do.
+        ValueError: naming the datasets, how many images have such annotations, one of them, and what to do.
     """
-    needs = [("bbox", "a box ('bbox')", "give every annotation a bbox [x, y, width, height]")]
+    checks = [(lambda a: "bbox" not in a, "annotations without a box ('bbox')",
+               "give every annotation a bbox [x, y, width, height]")]
     if masks:
-        needs.append(("segmentation", "a mask (no or an empty 'segmentation'), and MODEL.MASK_ON is True",
-                      "give every annotation a mask, or set MODEL.MASK_ON False to train and evaluate boxes alone"))
-    for key, lack, remedy in needs:
-        lacking = [d for d in dicts if any(key not in a for a in d.get("annotations", ()))]
-        if lacking:
-            raise ValueError(f"{datasets}: {len(lacking)} of {len(dicts)} images have annotations without {lack}, "
-                             f"e.g. {lacking[0]['file_name']}; {remedy}")
+        checks.append((lambda a: "segmentation" not in a,
+                       "annotations without a mask (no or an empty 'segmentation'), and MODEL.MASK_ON is True",
+                       "give every annotation a mask, or set MODEL.MASK_ON False to train and evaluate boxes alone"))
+    if masks and mask_format == "polygon":  # crowd annotations, often RLE, are left out of training
+        checks.append((lambda a: isinstance(a.get("segmentation"), dict) and not a.get("iscrowd"),
+                       "masks as RLE (a dict 'segmentation'), and INPUT.MASK_FORMAT is polygon",
+                       "set INPUT.MASK_FORMAT bitmask"))
+    for broken, what, remedy in checks:
+        hit = [d for d in dicts if any(broken(a) for a in d.get("annotations", ()))]
+        if hit:
+            raise ValueError(f"{datasets}: {len(hit)} of {len(dicts)} images have {what}, e.g. {hit[0]['file_name']}; "
+                             f"{remedy}")
 
 
 # PIL modes of more than 8 bits per channel: Detectron2's read_image converts them to 8-bit RGB by clipping

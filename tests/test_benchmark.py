@@ -416,8 +416,9 @@ def test_training_measurement_on_a_registered_dataset_under_cpu_autocast(tiny_sh
     with pytest.raises(ValueError, match="has 48 images; the largest --images-per-gpu is 100"):
         bench.dataset_records("tiny_shapes_train", 100)
     polygons = bench.variant_config(variant, "cpu", ["INPUT.MASK_FORMAT", "polygon"])  # as Detectron2's configs
-    with pytest.raises(ValueError, match="INPUT.MASK_FORMAT polygon: dataset 'tiny_shapes_train' holds masks of "
-                                         "another format .* add INPUT.MASK_FORMAT bitmask"):
+    with pytest.raises(ValueError, match=r"^--dataset 'tiny_shapes_train': 2 of 2 images have masks as RLE \(a dict "
+                                         r"'segmentation'\), and INPUT.MASK_FORMAT is polygon, e.g. .*; set "
+                                         r"INPUT.MASK_FORMAT bitmask$"):
         bench.dataset_batch(polygons, bench.dataset_records("tiny_shapes_train", 2), "tiny_shapes_train")
     boxes_only = [{**record, "annotations": [{k: v for k, v in a.items() if k != "segmentation"}
                                              for a in record["annotations"]]}

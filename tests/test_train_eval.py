@@ -197,6 +197,15 @@ def test_training_records_without_boxes_masks_or_readable_images_are_named_befor
                                                                             "DATASETS.CHECK_IMAGES", False]))
 
 
+def test_rle_masks_read_as_polygons_are_named_before_the_first_iteration(tiny_shapes_root):
+    train_net = load_tool("train_net")  # the shapes datasets hold RLE masks; Detectron2's configs read polygons
+    cfg = load_config(SHAPES_CONFIG, ["DATASETS.TRAIN", "('tiny_shapes_train',)", "DATASETS.TEST", "()",
+                                      "INPUT.MASK_FORMAT", "polygon"])
+    with pytest.raises(train_net.UnusableInput, match=r"^DATASETS.TRAIN \('tiny_shapes_train',\): 48 of 48 images "
+                                                      r"have masks as RLE .* set INPUT.MASK_FORMAT bitmask$"):
+        train_net.Trainer.build_train_loader(cfg)
+
+
 def test_training_records_a_loader_finds_a_key_missing_in_are_named(tiny_shapes_root, tmp_path):
     json_file, image_root = split_paths(str(tiny_shapes_root / "shapes"), "train")
     with open(json_file) as f:

@@ -61,7 +61,8 @@ class Trainer(DefaultTrainer):
         try:
             check_class_count(cfg, cfg.DATASETS.TRAIN)  # loaded now, a register_coco_instances dataset has its classes
             check_same_classes(cfg.DATASETS.TRAIN, cfg.DATASETS.TEST)  # those test datasets loaded in this process
-            check_annotations(loader_args["dataset"], f"DATASETS.TRAIN {cfg.DATASETS.TRAIN}", cfg.MODEL.MASK_ON)
+            check_annotations(loader_args["dataset"], f"DATASETS.TRAIN {cfg.DATASETS.TRAIN}", cfg.MODEL.MASK_ON,
+                              cfg.INPUT.MASK_FORMAT)
             if cfg.DATASETS.CHECK_IMAGES:
                 check_images(loader_args["dataset"], f"DATASETS.TRAIN {cfg.DATASETS.TRAIN}")
         except ValueError as e:
