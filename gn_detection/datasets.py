@@ -161,20 +161,22 @@ def image_problem(record: Dict) -> Optional[str]:
     return None
 
 
-def check_images(dicts: List[Dict], datasets: str) -> None:
+def check_images(dicts: List[Dict], datasets: str, progress_every_s: float = 10.0) -> None:
     """:func:`image_problem` of every record in ``dicts`` (of ``datasets``, as the message names them), logging
-    progress for many.
+    progress every ``progress_every_s`` seconds (a network file system may take milliseconds an image).
 
     Raises:
         ValueError: naming the datasets, the image and what to do about it.
     """
     logger = logging.getLogger(__name__)
-    started = time.perf_counter()
+    started = last_said = time.perf_counter()
     for index, record in enumerate(dicts):
         if problem := image_problem(record):
             raise ValueError(f"{datasets}: {problem} (DATASETS.CHECK_IMAGES False skips this check)")
-        if index and index % 20000 == 0:
-            logger.info("Checked %d of %d images of %s", index, len(dicts), datasets)
+        if time.perf_counter() - last_said > progress_every_s:
+            last_said = time.perf_counter()
+            logger.info("Checked %d of %d images of %s (DATASETS.CHECK_IMAGES False skips this)", index + 1,
+                        len(dicts), datasets)
     logger.info("Checked the %d images of %s in %.1f s", len(dicts), datasets, time.perf_counter() - started)
 
 

@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 import re
 import runpy
@@ -14,7 +15,7 @@ from PIL import Image
 from pycocotools import mask as mask_util
 
 import gn_detection
-from gn_detection.datasets import (check_dataset_files, check_evaluation_datasets, check_num_classes,
+from gn_detection.datasets import (check_dataset_files, check_evaluation_datasets, check_images, check_num_classes,
                                    check_same_classes, coco_ground_truth_problem, image_problem,
                                    load_checked_coco_json)
 from gn_detection.shapes import SHAPE_CLASSES, ShapesSplitSpec, draw_image, generate_split, split_paths
@@ -248,6 +249,16 @@ def test_images_are_checked_before_evaluation_unless_the_config_says_not_to(tmp_
                                          r"its record says 48x64; .* \(DATASETS.CHECK_IMAGES False skips this check\)"):
         check_evaluation_datasets(["turned_sizes"])
     check_evaluation_datasets(["turned_sizes"], images=False)
+
+
+def test_checking_many_images_says_how_far_it_got(tmp_path, caplog):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    records = [{"file_name": str(tmp_path / "a.png"), "width": 8, "height": 8}] * 3
+    with caplog.at_level(logging.INFO, logger="gn_detection.datasets"):
+        check_images(records, "three_images", progress_every_s=0.0)
+    assert [r.getMessage() for r in caplog.records][:3] == [
+        f"Checked {n} of 3 images of three_images (DATASETS.CHECK_IMAGES False skips this)" for n in (1, 2, 3)]
+    assert caplog.records[-1].getMessage().startswith("Checked the 3 images of three_images in ")
 
 
 ONE_IMAGE = [{"file_name": "a.png", "image_id": 1, "height": 8, "width": 8, "annotations": []}]
