@@ -1,13 +1,12 @@
 """Dataset registration (the synthetic shapes splits) and checks that give clear errors for missing or
 broken dataset files before any training starts."""
 import difflib
-import itertools
 import json
 import logging
 import os
 import time
 from collections import Counter
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Sequence
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
@@ -28,8 +27,8 @@ def datasets_root() -> str:
     return os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
 
 
-def read_coco_json(json_file: str) -> Dict:
-    """Parse a COCO instances JSON, with errors that name the file and what is wrong in it."""
+def read_coco_json(json_file: str, keys: Sequence[str] = ("images", "annotations", "categories")) -> Dict:
+    """Parse a COCO instances JSON that holds ``keys``, with errors that name the file and what is wrong in it."""
     try:
         with open(json_file) as f:
             data = json.load(f)
@@ -38,7 +37,7 @@ def read_coco_json(json_file: str) -> Dict:
             f"{json_file}: malformed annotation JSON (line {e.lineno}, column {e.colno}: {e.msg}). "
             "Fix or regenerate the file."
         ) from None
-    missing = [key for key in ("images", "annotations", "categories") if not isinstance(data, dict) or key not in data]
+    missing = [key for key in keys if not isinstance(data, dict) or key not in data]
     if missing:
         raise ValueError(f"{json_file}: not a COCO instances file, it lacks the key(s) {missing}")
     return data
@@ -140,25 +139,42 @@ def image_problem(record: Dict) -> Optional[str]:
     """What keeps a record's image from being read as annotated, from its header alone: not an image, more than 8
     bits per channel (read clipped, e.g. all white), or a size (upright, as Detectron2 turns EXIF-rotated photos)
     other than the record's ``width`` and ``height`` (Detectron2's SizeMismatchError when it comes up); None if
-    nothing."""
+    nothing, or the image is remote (``scheme://``: read when used, rather than all downloaded here)."""
     path = record["file_name"]
+    if "://" in path:
+        return None
     try:
         with PathManager.open(path, "rb") as f, Image.open(f) as image:  # reads the header, decodes nothing
-            # (getexif would decode a PNG to look for EXIF after the pixels; a JPEG's is in the header)
-            exif = image.getexif() if "exif" in image.info else {}
-            mode, size, orientation = image.mode, image.size, exif.get(EXIF_ORIENTATION)
+            mode, size, orientation, image_format = image.mode, image.size, _orientation(image), image.format
+    except Image.DecompressionBombError as e:
+        return f"{path} has more pixels than Pillow opens ({e}); downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS"
     except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
         return f"{path} cannot be read as an image ({e}); replace it"
     if mode in WIDE_MODES:
         return (f"{path} has PIL mode {mode} (more than 8 bits per channel), which Detectron2 reads as 8-bit RGB by "
                 "clipping (e.g. all white); convert the images to 8 bits")
-    width, height = size[::-1] if orientation in ROTATED_BY_90 else size
+    turned = orientation in ROTATED_BY_90
+    width, height = size[::-1] if turned else size
     expected = (record.get("width", width), record.get("height", height))
-    if (width, height) != expected:
-        upright = " upright (its EXIF orientation turns it)" if orientation in ROTATED_BY_90 else ""
+    # formats other than JPEG's, PNG's and WebP's (TIFF's, say) Pillow may turn itself as it decodes: either way
+    sure = not turned or image_format in ("JPEG", "MPO", "PNG", "WEBP")
+    if (width, height) != expected and (sure or size != expected):
+        upright = " upright (its EXIF orientation turns it)" if turned else ""
         return (f"{path} is {width}x{height} pixels{upright}, but its record says {expected[0]}x{expected[1]}; "
                 "correct the width and height in the annotations")
     return None
+
+
+def _orientation(image: Image.Image) -> Optional[int]:
+    """The orientation Detectron2's read_image turns ``image`` by (Pillow's getexif: EXIF, XMP or TIFF tags), read
+    without decoding: a PNG's EXIF is read only when its header holds it (getexif would decode the pixels to look
+    for EXIF after them)."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return None
+    try:
+        return image.getexif().get(EXIF_ORIENTATION)
+    except Exception:  # noqa: BLE001 (as Detectron2's read_image: damaged metadata turns nothing)
+        return None
 
 
 def check_images(dicts: List[Dict], datasets: str, progress_every_s: float = 10.0) -> None:
@@ -219,8 +235,11 @@ def coco_ground_truth_problem(json_file: str, masks: bool) -> Optional[str]:
     too), said with what to do; None if nothing. Detectron2's loader forgives these (it drops polygons of fewer
     than three points, needs no ``area``), pycocotools reads the file as it is: it keeps one image of an id given
     twice (with both images' annotations), counts a detection matched to a ground truth of id 0 as a false
-    positive, and fails on a missing key or a polygon of one or two points."""
-    data = read_coco_json(json_file)
+    positive, and fails on a missing key or on a mask whose first polygon has two points or fewer. A file without
+    annotations (COCO's test-dev image info) is not evaluated: COCOEvaluator writes the predictions alone."""
+    data = read_coco_json(json_file, keys=("images",))
+    if "annotations" not in data:
+        return None
     image_ids = Counter(image.get("id") for image in data["images"])
     if shared := [i for i, n in image_ids.items() if n > 1]:
         return (f"image id {shared[0]!r} is given to {image_ids[shared[0]]} images ({len(shared)} id(s) given twice or "
@@ -238,9 +257,10 @@ def coco_ground_truth_problem(json_file: str, masks: bool) -> Optional[str]:
             return (f"annotation {annotation['id']} lacks {', '.join(missing)}, which COCO evaluation reads in every "
                     "annotation; add them (area: the mask's or box's area, iscrowd: 0)")
         segmentation = annotation.get("segmentation") if masks else None
-        if isinstance(segmentation, list) and any(not isinstance(p, list) or len(p) < 6 for p in segmentation):
-            return (f"annotation {annotation['id']} has a polygon of fewer than 3 points (6 numbers), which "
-                    "pycocotools cannot read; remove it (or the annotation)")
+        # pycocotools reads a list by its first item: 4 numbers as a box (and then fails), fewer as nothing it knows
+        if isinstance(segmentation, list) and (not segmentation or len(segmentation[0]) <= 4):
+            return (f"annotation {annotation['id']} has no polygon, or a first polygon of two points or fewer (4 "
+                    "numbers or fewer), which pycocotools cannot read; remove that polygon (or the annotation)")
     return None
 
 
@@ -257,24 +277,25 @@ def check_num_classes(names: Iterable[str], num_classes: int, key: str = "MODEL.
 
 
 def check_same_classes(trained: Iterable[str], evaluated: Iterable[str]) -> None:
-    """That each dataset ``evaluated`` lists the classes of the ``trained`` ones, in their order: COCO evaluation
-    scores the model's i-th class as the test dataset's i-th, so another order gives a wrong AP without a word.
-    Datasets whose classes are not known yet (``register_coco_instances`` sets them when loaded) are skipped.
+    """That no dataset ``evaluated`` lists the classes of the ``trained`` ones in another order: COCO evaluation
+    scores the model's i-th class as the test dataset's i-th, so the same names (letter case aside) in another
+    order give a wrong AP without a word. Lists of other names (a renamed class, say) are left alone, as are
+    datasets whose classes are not known yet (``register_coco_instances`` sets them when loaded).
 
     Raises:
-        ValueError: naming both datasets and their classes.
+        ValueError: naming both datasets and the first class they place differently.
     """
     known = [(name, MetadataCatalog.get(name).get("thing_classes")) for name in trained]
-    reference = next(((name, classes) for name, classes in known if classes is not None), None)
+    reference, reference_classes = next(((n, c) for n, c in known if c is not None), (None, None))
     for name in evaluated if reference else ():
         classes = MetadataCatalog.get(name).get("thing_classes")
-        if classes is not None and list(classes) != list(reference[1]):
-            index, tested, trained_as = next((i, *pair) for i, pair in enumerate(
-                itertools.zip_longest(classes, reference[1], fillvalue="(none)")) if pair[0] != pair[1])
-            raise ValueError(f"Dataset '{name}' (DATASETS.TEST) and '{reference[0]}' (DATASETS.TRAIN) list their "
-                             f"classes differently (class {index} is {tested!r} in one, {trained_as!r} in the other; "
-                             f"{len(classes)} and {len(reference[1])} classes): the model's i-th class would be scored "
-                             "as the test dataset's i-th. Register them with the same categories, in the same order")
+        tested, trained_as = ([c.lower() for c in listed] for listed in (classes or [], reference_classes))
+        if tested != trained_as and sorted(tested) == sorted(trained_as):
+            index = next(i for i, (a, b) in enumerate(zip(tested, trained_as)) if a != b)
+            raise ValueError(f"Dataset '{name}' (DATASETS.TEST) and '{reference}' (DATASETS.TRAIN) list the same "
+                             f"classes in another order (class {index} is {classes[index]!r} in one, "
+                             f"{reference_classes[index]!r} in the other): the model's i-th class would be scored as "
+                             "the test dataset's i-th. Register them with their categories in the same order")
 
 
 def _listed(classes: List[str], shown: int = 5) -> str:

@@ -15,8 +15,8 @@ from PIL import Image
 from pycocotools import mask as mask_util
 
 import gn_detection
-from gn_detection.datasets import (check_dataset_files, check_evaluation_datasets, check_images, check_num_classes,
-                                   check_same_classes, coco_ground_truth_problem, image_problem,
+from gn_detection.datasets import (check_annotations, check_dataset_files, check_evaluation_datasets, check_images,
+                                   check_num_classes, check_same_classes, coco_ground_truth_problem, image_problem,
                                    load_checked_coco_json)
 from gn_detection.shapes import SHAPE_CLASSES, ShapesSplitSpec, draw_image, generate_split, split_paths
 
@@ -139,19 +139,37 @@ def test_a_class_count_other_than_the_datasets_is_named(tmp_path):
 
 
 def test_test_classes_in_another_order_than_the_training_ones_are_named():
-    for name, classes in (("trained_on", ["circle", "square"]), ("tested_on", ["square", "circle"]),
-                          ("tested_on_fewer", ["circle"]), ("tested_alike", ["circle", "square"])):
+    for name, classes in (("trained_on", ["circle", "square", "star"]), ("tested_on", ["circle", "star", "square"]),
+                          ("tested_on_fewer", ["circle"]), ("tested_alike", ["Circle", "Square", "Star"]),
+                          ("tested_on_renamed", ["circle", "box", "star"])):
         DatasetCatalog.register(name, list)
         MetadataCatalog.get(name).thing_classes = classes
     register_coco_instances("classes_unknown_yet", {}, "a.json", ".")
-    check_same_classes(["classes_unknown_yet", "trained_on"], ["tested_alike", "classes_unknown_yet"])
+    # the same classes in the same order (letter case aside), others (a count the class-count check sees, a renamed
+    # class), and classes unknown yet pass
+    check_same_classes(["classes_unknown_yet", "trained_on"],
+                       ["tested_alike", "tested_on_fewer", "tested_on_renamed", "classes_unknown_yet"])
     check_same_classes(["classes_unknown_yet"], ["tested_on"])  # nothing known to compare with
     with pytest.raises(ValueError, match=r"^Dataset 'tested_on' \(DATASETS.TEST\) and 'trained_on' "
-                                         r"\(DATASETS.TRAIN\) list their classes differently \(class 0 is 'square' "
-                                         r"in one, 'circle' in the other; 2 and 2 classes\): the model's i-th class"):
+                                         r"\(DATASETS.TRAIN\) list the same classes in another order \(class 1 is "
+                                         r"'star' in one, 'square' in the other\): the model's i-th class"):
         check_same_classes(["trained_on"], ["tested_alike", "tested_on"])
-    with pytest.raises(ValueError, match=r"class 1 is '\(none\)' in one, 'square' in the other; 1 and 2 classes"):
-        check_same_classes(["trained_on"], ["tested_on_fewer"])
+
+
+def test_annotations_detectron2_cannot_train_on_are_named():
+    box = {"bbox": [1, 1, 4, 4], "category_id": 0}
+    rle = {"size": [8, 8], "counts": "0`0"}
+    crowd = [{"file_name": "a.png", "annotations": [{**box, "segmentation": rle, "iscrowd": 1},
+                                                    {**box, "segmentation": [[1, 1, 5, 1, 5, 5]]}]}]
+    check_annotations(crowd, "crowd", masks=True, mask_format="polygon")  # training leaves crowds out, as in COCO
+    rle_masks = [{"file_name": "b.png", "annotations": [{**box, "segmentation": rle}]}]
+    check_annotations(rle_masks, "rle", masks=True, mask_format="bitmask")
+    with pytest.raises(ValueError, match=r"^rle: 1 of 1 images have masks as RLE \(a dict 'segmentation'\), and "
+                                         r"INPUT.MASK_FORMAT is polygon, e.g. b.png; set INPUT.MASK_FORMAT bitmask$"):
+        check_annotations(rle_masks, "rle", masks=True, mask_format="polygon")
+    check_annotations([{"file_name": "c.png", "annotations": [box]}], "boxes", masks=False)
+    with pytest.raises(ValueError, match=r"^boxes: 1 of 1 images have annotations without a mask"):
+        check_annotations([{"file_name": "c.png", "annotations": [box]}], "boxes", masks=True)
 
 
 def shapes_ground_truth(tiny_shapes_root):
@@ -176,8 +194,20 @@ def _drop_area(data):
     del data["annotations"][2]["area"], data["annotations"][2]["iscrowd"]
 
 
-def _add_a_short_polygon(data):
-    data["annotations"][0]["segmentation"] = [[1, 1, 9, 1, 9, 9], [1, 1, 5, 5]]  # polygons in place of the RLE
+def _lead_with_a_short_polygon(data):
+    data["annotations"][0]["segmentation"] = [[1, 1, 5, 5], [1, 1, 9, 1, 9, 9]]  # polygons in place of the RLE
+
+
+def _follow_with_a_short_polygon(data):  # pycocotools reads the list by its first polygon
+    data["annotations"][0]["segmentation"] = [[1, 1, 9, 1, 9, 9], [1, 1, 5, 5]]
+
+
+def _empty_the_polygons(data):
+    data["annotations"][0]["segmentation"] = []
+
+
+def _leave_out_the_annotations(data):  # COCO's test-dev image info: predictions are written, not evaluated
+    del data["annotations"]
 
 
 @pytest.mark.parametrize("spoil, masks, problem", [
@@ -186,8 +216,12 @@ def _add_a_short_polygon(data):
                                    r"no match .* number the annotations from 1$"),
     (_share_annotation_ids, False, r"^annotation id 1 is given to 2 annotations; give each its own id$"),
     (_drop_area, False, r"^annotation 3 lacks area, iscrowd, which COCO evaluation reads in every annotation"),
-    (_add_a_short_polygon, True, r"^annotation 1 has a polygon of fewer than 3 points \(6 numbers\)"),
-    (_add_a_short_polygon, False, None),  # boxes alone: pycocotools reads no polygon
+    (_lead_with_a_short_polygon, True, r"^annotation 1 has no polygon, or a first polygon of two points or fewer "
+                                       r"\(4 numbers or fewer\), which pycocotools cannot read"),
+    (_lead_with_a_short_polygon, False, None),  # boxes alone: pycocotools reads no polygon
+    (_follow_with_a_short_polygon, True, None),
+    (_empty_the_polygons, True, r"^annotation 1 has no polygon, or a first polygon"),
+    (_leave_out_the_annotations, True, None),
 ])
 def test_ground_truth_pycocotools_would_fail_on_or_score_wrongly_is_named(tiny_shapes_root, tmp_path, spoil, masks,
                                                                           problem):
@@ -220,24 +254,48 @@ def _rotated_photo(path):
     Image.new("RGB", (64, 48)).save(path, format="JPEG", exif=exif)
 
 
+def _photo_turned_by_xmp(path):
+    """A 64x48 JPEG whose XMP orientation alone (6) has Detectron2 read it upright: 48x64."""
+    Image.new("RGB", (64, 48)).save(path, format="JPEG", xmp=(
+        b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+        b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'))
+
+
+def _tiff_with_an_orientation(path):
+    """A 64x48 TIFF of orientation 6, which Detectron2 reads 64x48 (Pillow turns TIFFs as it decodes them)."""
+    Image.new("RGB", (64, 48)).save(path, format="TIFF", tiffinfo={0x0112: 6})
+
+
+def _too_many_pixels(path):
+    Image.new("L", (5000, 5000)).save(path, format="PNG")  # over 2x the limit the test's fixture sets
+
+
 @pytest.mark.parametrize("make, width, height, problem", [
     (lambda path: Image.new("RGB", (64, 48)).save(path, format="PNG"), 64, 48, None),
     (lambda path: Image.new("L", (64, 48)).save(path, format="PNG"), None, None, None),  # need not give the size
     (lambda path: Image.new("RGB", (64, 48)).save(path, format="JPEG"), 48, 64,
      r"a.img is 64x48 pixels, but its record says 48x64; correct the width and height in the annotations$"),
     (_rotated_photo, 48, 64, None),
+    (_photo_turned_by_xmp, 48, 64, None),
+    (_photo_turned_by_xmp, 64, 48, r"is 48x64 pixels upright"),
+    (_tiff_with_an_orientation, 64, 48, None),
+    (_too_many_pixels, 5000, 5000, r"a.img has more pixels than Pillow opens \(.*\); downscale it, or raise "
+                                   r"PIL.Image.MAX_IMAGE_PIXELS$"),
     (_rotated_photo, 64, 48, r"is 48x64 pixels upright \(its EXIF orientation turns it\), but its record says 64x48"),
     (lambda path: Image.new("I;16", (64, 48)).save(path, format="PNG"), 64, 48,
      r"a.img has PIL mode I;16 \(more than 8 bits per channel\), which Detectron2 reads as 8-bit RGB by clipping"),
     (lambda path: open(path, "wb").close(), 64, 48, r"a.img cannot be read as an image \(cannot identify"),
 ])
-def test_an_image_that_cannot_be_read_as_annotated_is_named_from_its_header(tmp_path, make, width, height, problem):
+def test_an_image_that_cannot_be_read_as_annotated_is_named_from_its_header(tmp_path, monkeypatch, make, width,
+                                                                            height, problem):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000_000)  # Pillow refuses images of over twice as many
     make(str(tmp_path / "a.img"))
     record = {"file_name": str(tmp_path / "a.img"), **({"width": width, "height": height} if width else {})}
     found = image_problem(record)
     assert found is None if problem is None else re.search(problem, found), found
     if problem is None:  # as Detectron2 reads it
         assert read_image(record["file_name"]).shape[:2] == ((height, width) if width else (48, 64))
+    assert image_problem({**record, "file_name": "http://127.0.0.1:9/a.img"}) is None  # remote: read when used
 
 
 def test_images_are_checked_before_evaluation_unless_the_config_says_not_to(tmp_path):

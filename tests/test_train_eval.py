@@ -164,6 +164,14 @@ def test_training_classes_known_once_loaded_are_counted_before_the_first_iterati
     with pytest.raises(train_net.UnusableInput, match=r"^Dataset 'shapes_as_coco_instances' has 4 classes \(circle, "
                                                       r"square, triangle, star\) but MODEL.ROI_HEADS.NUM_CLASSES is 3"):
         train_net.Trainer.build_train_loader(cfg)
+    DatasetCatalog.register("shapes_reversed", list)  # a test dataset, its classes known in this process
+    MetadataCatalog.get("shapes_reversed").thing_classes = list(reversed(SHAPE_CLASSES))
+    cfg = load_config(SHAPES_CONFIG, ["DATASETS.TRAIN", "('shapes_as_coco_instances',)", "DATASETS.TEST",
+                                      "('shapes_reversed',)", "DATALOADER.NUM_WORKERS", 0])
+    with pytest.raises(train_net.UnusableInput, match=r"^Dataset 'shapes_reversed' \(DATASETS.TEST\) and "
+                                                      r"'shapes_as_coco_instances' \(DATASETS.TRAIN\) list the same "
+                                                      r"classes in another order"):
+        train_net.Trainer.build_train_loader(cfg)
 
 
 def test_training_records_without_boxes_masks_or_readable_images_are_named_before_the_first_iteration(tmp_path):
@@ -206,18 +214,25 @@ def test_rle_masks_read_as_polygons_are_named_before_the_first_iteration(tiny_sh
         train_net.Trainer.build_train_loader(cfg)
 
 
-def test_training_records_a_loader_finds_a_key_missing_in_are_named(tiny_shapes_root, tmp_path):
+@pytest.mark.parametrize("spoil, reason", [
+    (lambda data: data["images"][0].pop("height"), "a record lacks the key 'height', which Detectron2 reads; give it "
+                                                   "in every record of the dataset"),
+    (lambda data: data["annotations"][0].update(category_id=99), "KeyError: \"Encountered category_id=99 but this id "
+                                                                 "does not exist in 'categories' of the json file.\""),
+])
+def test_training_records_the_loader_finds_a_key_missing_in_are_named(tiny_shapes_root, tmp_path, spoil, reason):
     json_file, image_root = split_paths(str(tiny_shapes_root / "shapes"), "train")
     with open(json_file) as f:
         data = json.load(f)
-    del data["images"][0]["height"]
-    (tmp_path / "no_height.json").write_text(json.dumps(data))
-    register_coco_instances("no_height", {}, str(tmp_path / "no_height.json"), image_root)
+    spoil(data)
+    name = f"spoiled_{len(DatasetCatalog.list())}"
+    (tmp_path / "spoiled.json").write_text(json.dumps(data))
+    register_coco_instances(name, {}, str(tmp_path / "spoiled.json"), image_root)
     train_net = load_tool("train_net")
-    cfg = load_config(SHAPES_CONFIG, ["DATASETS.TRAIN", "('no_height',)", "DATASETS.TEST", "()"])
-    with pytest.raises(train_net.UnusableInput, match=r"^DATASETS.TRAIN \('no_height',\) cannot be trained on: "
-                                                      r"KeyError: 'height'$"):
+    cfg = load_config(SHAPES_CONFIG, ["DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", "()"])
+    with pytest.raises(train_net.UnusableInput) as error:
         train_net.Trainer.build_train_loader(cfg)
+    assert str(error.value) == f"DATASETS.TRAIN ('{name}',) cannot be trained on: {reason}"
 
 
 def test_unusable_training_data_in_a_run_of_several_processes_is_one_error(tiny_shapes_root, tmp_path, monkeypatch):
@@ -254,6 +269,8 @@ def test_ctrl_c_in_training_says_which_checkpoint_resume_continues_from(tiny_sha
     train_net = load_tool("train_net")
     assert train_net.interrupted_note(str(tmp_path), eval_only=False).startswith(
         f"interrupted before the first checkpoint in {tmp_path} (every SOLVER.CHECKPOINT_PERIOD iterations)")
+    assert train_net.interrupted_note(None, eval_only=False) == ("interrupted while checking the settings and data; "
+                                                                 "nothing was started")
 
 
 def test_missing_coco_stops_at_once_naming_the_path(tmp_path):
@@ -308,8 +325,8 @@ def checked_config(out, flags, opts):
     ([], ["OUTPUT_DIR", "/proc/version/out"], "OUTPUT_DIR /proc/version/out: cannot write there (/proc/version is a "
                                               "file); give a writable folder"),
     ([], ["DATASETS.TEST", "('shapes_in_reverse',)"], "Dataset 'shapes_in_reverse' (DATASETS.TEST) and "
-                                                       "'tiny_shapes_train' (DATASETS.TRAIN) list their classes "
-                                                       "differently (class 0 is 'star' in one, 'circle' in the other"),
+                                                       "'tiny_shapes_train' (DATASETS.TRAIN) list the same "
+                                                       "classes in another order (class 0 is 'star' in one, 'circle'"),
     ([], ["DATASETS.TEST", "('dicts_without_classes',)"], "Dataset 'dicts_without_classes' (DATASETS.TEST) has "
                                                           "neither a json_file nor thing_classes"),
     ([], ["SOLVER.CHECKPOINT_PERIOD", "0"], "SOLVER.CHECKPOINT_PERIOD is 0; it must be >= 1"),
@@ -351,6 +368,8 @@ def test_a_mistake_in_the_settings_is_named_before_any_work(tiny_shapes_root, tm
     (["--num-gpus", "2", "--num-machines", "2"],
      ["SOLVER.REFERENCE_WORLD_SIZE", "4", "SOLVER.IMS_PER_BATCH", "6", *ON_GPUS]),
     (["--num-gpus", "4", "--dist-url", "auto"], ON_GPUS),
+    (["--num-gpus", "2", "--dist-url", "tcp://[::1]:{free_port}"], ON_GPUS),
+    (["--num-gpus", "2", "--dist-url", "tcp://localhost:{free_port}"], ON_GPUS),
     ([], ["MODEL.DEVICE", "cuda:3"]),
 ])
 def test_settings_detectron2_accepts_pass_the_checks(tiny_shapes_root, tmp_path, monkeypatch, flags, opts):
@@ -360,6 +379,9 @@ def test_settings_detectron2_accepts_pass_the_checks(tiny_shapes_root, tmp_path,
     out.mkdir()
     save_tiny_checkpoint(out / "model.pth")  # --eval-only --resume loads it
     (out / "last_checkpoint").write_text("model.pth")
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))  # not listening: the port is free
+        flags = [f.format(free_port=other.getsockname()[1]) for f in flags]
     assert checked_config(out, flags, [o.format(out=out) for o in opts]).OUTPUT_DIR == str(out)
 
 
@@ -369,8 +391,11 @@ def test_settings_detectron2_accepts_pass_the_checks(tiny_shapes_root, tmp_path,
                                                       "the GPU of its rank; give MODEL.DEVICE cuda"),
     ([], ["MODEL.DEVICE", "cuda:2"], "MODEL.DEVICE cuda:2, but 2 CUDA GPU(s) are visible: give cuda:0 to cuda:1"),
     (["--num-gpus", "2", "--dist-url", "tcp://127.0.0.1:{port}"], ON_GPUS,
-     "--dist-url tcp://127.0.0.1:{port}: cannot listen there (Address already in use; another multi-GPU run on this "
-     "machine?); give --dist-url auto"),
+     "--dist-url tcp://127.0.0.1:{port}: port {port} is in use on this machine (another multi-GPU run?); give "
+     "--dist-url auto"),
+    (["--num-gpus", "2", "--dist-url", "tcp://localhost:{port}"], ON_GPUS, "port {port} is in use on this machine"),
+    (["--num-gpus", "2", "--dist-url", "tcp://127.0.0.1:99999"], ON_GPUS,
+     "--dist-url tcp://127.0.0.1:99999: its port is not a number from 1 to 65535"),
 ])
 def test_gpus_and_ports_this_machine_cannot_give_are_named_before_any_work(tiny_shapes_root, tmp_path, monkeypatch,
                                                                            flags, opts, message):

@@ -7,18 +7,21 @@
 
 Detectron2's usual flags apply (--resume, --num-machines, --machine-rank, --dist-url, KEY VALUE ...).
 """
+import errno
 import logging
 import multiprocessing
+import multiprocessing.queues
 import os
 import pickle
 import socket
 import sys
 import urllib.parse
 import warnings
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch.multiprocessing import ProcessExitedException
+from detectron2.config import CfgNode
 from detectron2.data import build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.utils import comm
@@ -52,19 +55,18 @@ class Trainer(DefaultTrainer):
     def build_train_loader(cls, cfg):
         # the training datasets load here, before the first iteration (loading them before launch as well would
         # cost COCO's 20-odd seconds twice): what fails is said as the user's data, not as a crash
+        named = f"DATASETS.TRAIN {cfg.DATASETS.TRAIN}"
         try:
             loader_args = build_detection_train_loader.from_config(cfg)  # as Detectron2's trainer builds it
-        # a broken file, a missing image, no (annotated) images; a record without a key (a KeyError's text is the key)
-        except (ValueError, OSError, AssertionError, KeyError) as e:
-            reason = f"KeyError: {e}" if isinstance(e, KeyError) else e.args[0] if e.args else type(e).__name__
-            raise UnusableInput(f"DATASETS.TRAIN {cfg.DATASETS.TRAIN} cannot be trained on: {reason}") from e
+        except (ValueError, OSError, AssertionError, KeyError) as e:  # a broken file, a missing image, no images
+            raise UnusableInput(f"{named} cannot be trained on: {_load_failure(e)}") from e
+        records = loader_args["dataset"]
         try:
             check_class_count(cfg, cfg.DATASETS.TRAIN)  # loaded now, a register_coco_instances dataset has its classes
             check_same_classes(cfg.DATASETS.TRAIN, cfg.DATASETS.TEST)  # those test datasets loaded in this process
-            check_annotations(loader_args["dataset"], f"DATASETS.TRAIN {cfg.DATASETS.TRAIN}", cfg.MODEL.MASK_ON,
-                              cfg.INPUT.MASK_FORMAT)
-            if cfg.DATASETS.CHECK_IMAGES:
-                check_images(loader_args["dataset"], f"DATASETS.TRAIN {cfg.DATASETS.TRAIN}")
+            check_annotations(records, named, cfg.MODEL.MASK_ON, cfg.INPUT.MASK_FORMAT)
+            if cfg.DATASETS.CHECK_IMAGES:  # each process its share of the images
+                check_images(records[comm.get_rank()::comm.get_world_size()], named)
         except ValueError as e:
             raise UnusableInput(e.args[0]) from None
         return build_detection_train_loader(**loader_args)
@@ -85,6 +87,17 @@ class Trainer(DefaultTrainer):
                                    output_dir=output_folder or os.path.join(cfg.OUTPUT_DIR, "inference"))
 
 
+def _load_failure(error: Exception) -> str:
+    """A training dataset's loading ``error`` as its reason; a bare key (Detectron2's loader indexing a record) with
+    what to do."""
+    if isinstance(error, KeyError):
+        key = error.args[0] if error.args else None
+        if isinstance(key, str) and " " not in key:
+            return f"a record lacks the key {key!r}, which Detectron2 reads; give it in every record of the dataset"
+        return f"KeyError: {error}"
+    return error.args[0] if error.args else type(error).__name__
+
+
 def checked_config(args):
     """Config from gn_detection's defaults, the file and the command-line overrides, checked against the
     device, the datasets, the weights and the GPU count before any work starts.
@@ -98,6 +111,20 @@ def checked_config(args):
         raise ValueError(problem)
     if cfg.MODEL.DEVICE.startswith("cuda") and (problem := gpu_problem(cfg.MODEL.DEVICE, args.num_gpus)):
         raise RuntimeError(problem)
+    world_size, reference = args.num_gpus * args.num_machines, cfg.SOLVER.REFERENCE_WORLD_SIZE
+    if world_size > 1 and not cfg.MODEL.DEVICE.startswith("cuda"):
+        raise ValueError(f"{world_size} processes (--num-gpus {args.num_gpus}, --num-machines {args.num_machines}) "
+                         f"with MODEL.DEVICE {cfg.MODEL.DEVICE}: Detectron2's trainer gives each process's model a "
+                         "GPU (DistributedDataParallel device_ids), so several processes need CUDA; on the CPU "
+                         "use --num-gpus 1")
+    if world_size > 1 and (problem := dist_url_problem(args.dist_url, args.num_machines)):
+        raise ValueError(problem)
+    if not args.eval_only and reference and reference != world_size and cfg.SOLVER.IMS_PER_BATCH % reference:
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} is not a multiple of SOLVER.REFERENCE_WORLD_SIZE "
+            f"{reference}, which Detectron2 needs to rescale the batch, LR and schedule to {world_size} GPU(s); "
+            f"give a multiple of {reference}, or SOLVER.REFERENCE_WORLD_SIZE 0 to use them as given"
+        )
     if cfg.MODEL.GN.IMPL == "triton" and not cfg.MODEL.DEVICE.startswith("cuda") and not _triton_interpreted():
         raise ValueError(f"MODEL.GN.IMPL triton runs its kernels on CUDA, but MODEL.DEVICE is {cfg.MODEL.DEVICE} "
                          "(on the CPU only under TRITON_INTERPRET=1, for tests); set MODEL.GN.IMPL auto")
@@ -117,20 +144,6 @@ def checked_config(args):
     if args.eval_only and not resumed and not cfg.MODEL.WEIGHTS:
         raise ValueError("--eval-only needs MODEL.WEIGHTS (a checkpoint file, URL or gn-zoo:// name), or --resume "
                          f"with a checkpoint in OUTPUT_DIR {cfg.OUTPUT_DIR}; it would evaluate a random model")
-    world_size, reference = args.num_gpus * args.num_machines, cfg.SOLVER.REFERENCE_WORLD_SIZE
-    if world_size > 1 and not cfg.MODEL.DEVICE.startswith("cuda"):
-        raise ValueError(f"{world_size} processes (--num-gpus {args.num_gpus}, --num-machines {args.num_machines}) "
-                         f"with MODEL.DEVICE {cfg.MODEL.DEVICE}: Detectron2's trainer gives each process's model a "
-                         "GPU (DistributedDataParallel device_ids), so several processes need CUDA; on the CPU "
-                         "use --num-gpus 1")
-    if world_size > 1 and (problem := dist_url_problem(args.dist_url, args.num_machines)):
-        raise ValueError(problem)
-    if not args.eval_only and reference and reference != world_size and cfg.SOLVER.IMS_PER_BATCH % reference:
-        raise ValueError(
-            f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} is not a multiple of SOLVER.REFERENCE_WORLD_SIZE "
-            f"{reference}, which Detectron2 needs to rescale the batch, LR and schedule to {world_size} GPU(s); "
-            f"give a multiple of {reference}, or SOLVER.REFERENCE_WORLD_SIZE 0 to use them as given"
-        )
     check_weights_read(meta_model, resumed or cfg.MODEL.WEIGHTS, args.eval_only, bool(resumed),
                        cfg.TEST.ALLOW_PARTIAL_WEIGHTS)  # last: it reads (for --eval-only maybe downloads) them
     return cfg
@@ -181,27 +194,45 @@ def gpu_problem(device: str, num_gpus: int) -> Optional[str]:
 
 
 def dist_url_problem(dist_url: str, num_machines: int) -> Optional[str]:
-    """For a job on this machine alone, why its processes could not meet at ``dist_url`` (--dist-url), e.g. its
-    port held by another run (each worker otherwise fails with the same traceback); None if nothing, or the URL
-    is not a tcp:// one this machine listens on."""
+    """For a job on this machine alone, why its processes could not meet at ``dist_url`` (--dist-url): a port that
+    is no port, or one another run listens on (each worker otherwise fails with the same traceback); None if
+    nothing, or the URL is no tcp:// one."""
     url = urllib.parse.urlparse(dist_url)
-    if num_machines > 1 or url.scheme != "tcp" or url.port is None:
+    try:
+        port = url.port
+    except ValueError:
+        return f"--dist-url {dist_url}: its port is not a number from 1 to 65535; give one, or --dist-url auto"
+    if num_machines > 1 or url.scheme != "tcp" or not port:
         return None
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch.distributed's store listens
-        try:
-            probe.bind((url.hostname, url.port))
-        except OSError as e:
-            return (f"--dist-url {dist_url}: cannot listen there ({e.strerror}; another multi-GPU run on this "
-                    "machine?); give --dist-url auto to use a free port")
+    if _port_in_use(port):
+        return (f"--dist-url {dist_url}: port {port} is in use on this machine (another multi-GPU run?); give "
+                "--dist-url auto to use a free port")
     return None
+
+
+def _port_in_use(port: int) -> bool:
+    """Whether something listens on ``port``: bound as torch.distributed's store binds it (every address, IPv6
+    with IPv4 where the machine has IPv6; SO_REUSEADDR, so that a port an ended run left waiting counts as free)."""
+    for family, address in ((socket.AF_INET6, "::"), (socket.AF_INET, "")):
+        try:
+            probe = socket.socket(family)
+        except OSError:  # no IPv6 here
+            continue
+        with probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((address, port))
+            except OSError as e:
+                return e.errno == errno.EADDRINUSE
+            return False
+    return False
 
 
 # the config key that sets how many classes a meta-architecture's predictors have, to check against the datasets
 CLASS_COUNT_KEYS = {"GeneralizedRCNN": "ROI_HEADS", "PanopticFPN": "ROI_HEADS", "RetinaNet": "RETINANET"}
 
 
-def check_class_count(cfg, datasets) -> None:
+def check_class_count(cfg: CfgNode, datasets: Sequence[str]) -> None:
     """:func:`check_num_classes` of ``datasets`` against the class count key of the config's meta-architecture."""
     if count_key := CLASS_COUNT_KEYS.get(cfg.MODEL.META_ARCHITECTURE):
         check_num_classes(datasets, cfg.MODEL[count_key].NUM_CLASSES, f"MODEL.{count_key}.NUM_CLASSES")
@@ -375,9 +406,12 @@ def main(args, cfg):
     return results
 
 
-def interrupted_note(output_dir: str, eval_only: bool) -> str:
+def interrupted_note(output_dir: Optional[str], eval_only: bool) -> str:
     """What a run stopped by Ctrl-C leaves to go on from: for training, the checkpoint ``--resume`` continues from
-    (``output_dir/last_checkpoint`` names it), if one was saved."""
+    (``output_dir/last_checkpoint`` names it), if one was saved; ``output_dir`` None: stopped while its settings were
+    being checked, before anything was written."""
+    if output_dir is None:
+        return "interrupted while checking the settings and data; nothing was started"
     if eval_only:
         return "interrupted; evaluation writes its result files whole, so none were written"
     tag = os.path.join(output_dir, "last_checkpoint")
@@ -390,7 +424,7 @@ def interrupted_note(output_dir: str, eval_only: bool) -> str:
     return f"interrupted; {tag} names {saved}: add --resume to the command to continue from it"
 
 
-def worker(args, cfg, errors: multiprocessing.SimpleQueue):
+def worker(args, cfg, errors: multiprocessing.queues.SimpleQueue) -> Optional[dict]:
     """:func:`main` in one process of the job. In a job of several processes, UnusableInput is put on ``errors`` for
     :func:`run` to raise in the launching process, rather than printed as each worker's traceback."""
     try:
@@ -421,14 +455,16 @@ def run(args, cfg) -> None:
 
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
-    try:  # in this process, so that a mistake stops with one line before any worker starts
-        config = checked_config(args)
-    except (ValueError, OSError, RuntimeError, pickle.UnpicklingError) as e:  # the weights are read for --eval-only
-        sys.exit(f"error: {e}")
+    config = None
     try:
-        run(args, config)
-    except UnusableInput as e:  # before the first iteration
-        sys.exit(f"error: {e}")
+        try:  # in this process, so that a mistake stops with one line before any worker starts
+            config = checked_config(args)
+        except (ValueError, OSError, RuntimeError, pickle.UnpicklingError) as e:  # --eval-only reads the weights
+            sys.exit(f"error: {e}")
+        try:
+            run(args, config)
+        except UnusableInput as e:  # before the first iteration
+            sys.exit(f"error: {e}")
     except KeyboardInterrupt:
-        print(interrupted_note(config.OUTPUT_DIR, args.eval_only), file=sys.stderr)
+        print(interrupted_note(config and config.OUTPUT_DIR, args.eval_only), file=sys.stderr)
         sys.exit(130)  # the shells' status for a command stopped by Ctrl-C
