@@ -10,6 +10,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
+from detectron2.data.detection_utils import read_image
 from detectron2.utils.file_io import PathManager
 from PIL import Image
 
@@ -102,12 +103,14 @@ def check_dataset_files(names: Iterable[str], named_by: str = "DATASETS.TRAIN / 
                 raise FileNotFoundError(f"Dataset '{name}': its {what} {path} does not exist. {hint}")
 
 
-def check_annotations(dicts: List[Dict], datasets: str, masks: bool, mask_format: str = "bitmask") -> None:
+def check_annotations(dicts: List[Dict], datasets: str, masks: bool,
+                      training_format: Optional[str] = None) -> None:
     """That every annotation in ``dicts`` (of ``datasets``, as the message names them) has a box, and with ``masks``
-    (a Mask R-CNN) a mask Detectron2 can read in ``mask_format`` (INPUT.MASK_FORMAT): its mapper reads each
-    annotation's ``bbox`` (a KeyError mid-training otherwise), gives an image's instances masks only if its first
-    annotation has one (the mask head's loss then fails on the image), and turns no RLE mask into polygons (a
-    ValueError when one comes up); COCO's segm evaluation reads every ground truth's mask.
+    (a Mask R-CNN) a mask: for evaluation (``training_format`` None), which reads every ground truth's; for training
+    in INPUT.MASK_FORMAT ``training_format``, every annotation but crowds (Detectron2's training mapper leaves them
+    out), with masks it can read in that format. The mapper reads each annotation's ``bbox`` (a KeyError
+    mid-training otherwise), gives an image's instances masks only if its first annotation has one (the mask head's
+    loss then fails on the image), and turns no RLE mask into polygons (a ValueError when one comes up).
 
     Raises:
         ValueError: naming the datasets, how many images have such annotations, one of them, and what to do.
@@ -118,61 +121,63 @@ def check_annotations(dicts: List[Dict], datasets: str, masks: bool, mask_format
         checks.append((lambda a: "segmentation" not in a,
                        "annotations without a mask (no or an empty 'segmentation'), and MODEL.MASK_ON is True",
                        "give every annotation a mask, or set MODEL.MASK_ON False to train and evaluate boxes alone"))
-    if masks and mask_format == "polygon":  # crowd annotations, often RLE, are left out of training
-        checks.append((lambda a: isinstance(a.get("segmentation"), dict) and not a.get("iscrowd"),
+    if masks and training_format == "polygon":
+        checks.append((lambda a: isinstance(a["segmentation"], dict),
                        "masks as RLE (a dict 'segmentation'), and INPUT.MASK_FORMAT is polygon",
                        "set INPUT.MASK_FORMAT bitmask"))
     for broken, what, remedy in checks:
-        hit = [d for d in dicts if any(broken(a) for a in d.get("annotations", ()))]
+        hit = [d for d in dicts if any(broken(a) for a in d.get("annotations", ())
+                                       if training_format is None or not a.get("iscrowd"))]
         if hit:
             raise ValueError(f"{datasets}: {len(hit)} of {len(dicts)} images have {what}, e.g. {hit[0]['file_name']}; "
                              f"{remedy}")
 
 
-# PIL modes of more than 8 bits per channel: Detectron2's read_image converts them to 8-bit RGB by clipping
+# PIL modes of more than 8 bits per channel: Detectron2's read_image converts them to 8-bit RGB, clipping at 255
 WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 EXIF_ORIENTATION = 0x0112
 ROTATED_BY_90 = (5, 6, 7, 8)  # EXIF orientations that Detectron2's read_image turns by 90 degrees: w and h swap
 
 
 def image_problem(record: Dict) -> Optional[str]:
-    """What keeps a record's image from being read as annotated, from its header alone: not an image, more than 8
-    bits per channel (read clipped, e.g. all white), or a size (upright, as Detectron2 turns EXIF-rotated photos)
-    other than the record's ``width`` and ``height`` (Detectron2's SizeMismatchError when it comes up); None if
-    nothing, or the image is remote (``scheme://``: read when used, rather than all downloaded here)."""
+    """What keeps a record's image from being read as annotated: not an image, values past 255 in more than 8 bits
+    per channel (read clipped, e.g. all white), or a size (upright, as Detectron2 turns EXIF-rotated photos) other
+    than the record's ``width`` and ``height`` (Detectron2's SizeMismatchError when it comes up); None if nothing,
+    or the image is remote (``scheme://``: read when used, rather than all downloaded here). The header tells; an
+    image it finds fault with is decoded as Detectron2 decodes it, and judged by that."""
     path = record["file_name"]
     if "://" in path:
         return None
     try:
         with PathManager.open(path, "rb") as f, Image.open(f) as image:  # reads the header, decodes nothing
-            mode, size, orientation, image_format = image.mode, image.size, _orientation(image), image.format
+            mode, size, orientation = image.mode, image.size, _orientation(image)
     except Image.DecompressionBombError as e:
         return f"{path} has more pixels than Pillow opens ({e}); downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS"
     except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
         return f"{path} cannot be read as an image ({e}); replace it"
-    if mode in WIDE_MODES:
-        return (f"{path} has PIL mode {mode} (more than 8 bits per channel), which Detectron2 reads as 8-bit RGB by "
-                "clipping (e.g. all white); convert the images to 8 bits")
-    turned = orientation in ROTATED_BY_90
-    width, height = size[::-1] if turned else size
+    width, height = size[::-1] if orientation in ROTATED_BY_90 else size
     expected = (record.get("width", width), record.get("height", height))
-    # formats other than JPEG's, PNG's and WebP's (TIFF's, say) Pillow may turn itself as it decodes: either way
-    sure = not turned or image_format in ("JPEG", "MPO", "PNG", "WEBP")
-    if (width, height) != expected and (sure or size != expected):
-        upright = " upright (its EXIF orientation turns it)" if turned else ""
-        return (f"{path} is {width}x{height} pixels{upright}, but its record says {expected[0]}x{expected[1]}; "
-                "correct the width and height in the annotations")
-    return None
+    if mode in WIDE_MODES:
+        with PathManager.open(path, "rb") as f, Image.open(f) as image:
+            low, high = image.getextrema()
+        if low < 0 or high > 255:
+            return (f"{path} has PIL mode {mode} with values from {low} to {high}, which Detectron2 reads as 8-bit "
+                    "RGB by clipping to 0-255 (e.g. all white); convert the images to 8 bits")
+    if (width, height) == expected:
+        return None
+    height, width = read_image(path).shape[:2]  # as read for training (some formats' orientation is past the header)
+    if (width, height) == expected:
+        return None
+    return (f"{path} is {width}x{height} pixels as Detectron2 reads it (upright, if its metadata turns it), but its "
+            f"record says {expected[0]}x{expected[1]}; correct the width and height in the annotations")
 
 
 def _orientation(image: Image.Image) -> Optional[int]:
-    """The orientation Detectron2's read_image turns ``image`` by (Pillow's getexif: EXIF, XMP or TIFF tags), read
-    without decoding: a PNG's EXIF is read only when its header holds it (getexif would decode the pixels to look
-    for EXIF after them)."""
-    if image.format == "PNG" and "exif" not in image.info:
-        return None
+    """The orientation in ``image``'s header (EXIF, XMP; for a PNG read as Pillow's base class reads it, which
+    decodes nothing), that Detectron2's read_image turns the image by; None if none or unreadable."""
     try:
-        return image.getexif().get(EXIF_ORIENTATION)
+        exif = Image.Image.getexif(image) if image.format == "PNG" else image.getexif()
+        return exif.get(EXIF_ORIENTATION)
     except Exception:  # noqa: BLE001 (as Detectron2's read_image: damaged metadata turns nothing)
         return None
 
@@ -244,24 +249,34 @@ def coco_ground_truth_problem(json_file: str, masks: bool) -> Optional[str]:
     if shared := [i for i, n in image_ids.items() if n > 1]:
         return (f"image id {shared[0]!r} is given to {image_ids[shared[0]]} images ({len(shared)} id(s) given twice or "
                 "more), and one image of an id is kept, with the others' annotations; give each image its own id")
-    annotation_ids = Counter(a.get("id") for a in data["annotations"])
-    if not all(isinstance(i, int) and i >= 1 for i in annotation_ids):
-        bad = next(i for i in annotation_ids if not (isinstance(i, int) and i >= 1))
-        return (f"an annotation has id {bad!r}, and pycocotools takes a match to ground truth id 0 for no match (the "
-                "detection then counts as a false positive); number the annotations from 1")
+    annotation_ids = Counter(a["id"] for a in data["annotations"] if "id" in a)  # a missing one: named below
+    for i in annotation_ids:
+        if (number := _as_number(i)) is None:
+            return f"an annotation has id {i!r}, which pycocotools cannot store as a number; give numbers"
+        if number == 0:
+            return ("an annotation has id 0, and pycocotools takes a match to ground truth id 0 for no match (the "
+                    "detection then counts as a false positive); number the annotations from 1")
     if shared := [i for i, n in annotation_ids.items() if n > 1]:
         return f"annotation id {shared[0]} is given to {annotation_ids[shared[0]]} annotations; give each its own id"
     keys = EVALUATED_KEYS + (("segmentation",) if masks else ())
     for annotation in data["annotations"]:
         if missing := [key for key in keys if key not in annotation]:
-            return (f"annotation {annotation['id']} lacks {', '.join(missing)}, which COCO evaluation reads in every "
-                    "annotation; add them (area: the mask's or box's area, iscrowd: 0)")
+            return (f"annotation {annotation.get('id')} lacks {', '.join(missing)}, which COCO evaluation reads in "
+                    "every annotation; add them (area: the mask's or box's area, iscrowd: 0)")
         segmentation = annotation.get("segmentation") if masks else None
         # pycocotools reads a list by its first item: 4 numbers as a box (and then fails), fewer as nothing it knows
         if isinstance(segmentation, list) and (not segmentation or len(segmentation[0]) <= 4):
             return (f"annotation {annotation['id']} has no polygon, or a first polygon of two points or fewer (4 "
                     "numbers or fewer), which pycocotools cannot read; remove that polygon (or the annotation)")
     return None
+
+
+def _as_number(value) -> Optional[float]:
+    """``value`` as the number pycocotools' match arrays hold it (a string of digits too); None if it is none."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def check_num_classes(names: Iterable[str], num_classes: int, key: str = "MODEL.ROI_HEADS.NUM_CLASSES") -> None:

@@ -1,17 +1,20 @@
+import io
 import json
 import logging
 import os
 import re
 import runpy
 import shutil
+import struct
 import sys
+import zlib
 
 import numpy as np
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.data.detection_utils import read_image
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from pycocotools import mask as mask_util
 
 import gn_detection
@@ -161,15 +164,20 @@ def test_annotations_detectron2_cannot_train_on_are_named():
     rle = {"size": [8, 8], "counts": "0`0"}
     crowd = [{"file_name": "a.png", "annotations": [{**box, "segmentation": rle, "iscrowd": 1},
                                                     {**box, "segmentation": [[1, 1, 5, 1, 5, 5]]}]}]
-    check_annotations(crowd, "crowd", masks=True, mask_format="polygon")  # training leaves crowds out, as in COCO
-    rle_masks = [{"file_name": "b.png", "annotations": [{**box, "segmentation": rle}]}]
-    check_annotations(rle_masks, "rle", masks=True, mask_format="bitmask")
+    check_annotations(crowd, "crowd", masks=True, training_format="polygon")  # training leaves crowds out, as COCO's
+    bare_crowd = [{"file_name": "b.png", "annotations": [{"category_id": 0, "iscrowd": 1}, crowd[0]["annotations"][1]]}]
+    check_annotations(bare_crowd, "bare", masks=True, training_format="bitmask")
+    with pytest.raises(ValueError, match=r"^bare: 1 of 1 images have annotations without a box"):  # evaluation reads it
+        check_annotations(bare_crowd, "bare", masks=True)
+    rle_masks = [{"file_name": "c.png", "annotations": [{**box, "segmentation": rle}]}]
+    check_annotations(rle_masks, "rle", masks=True, training_format="bitmask")
+    check_annotations(rle_masks, "rle", masks=True)  # evaluation reads RLE
     with pytest.raises(ValueError, match=r"^rle: 1 of 1 images have masks as RLE \(a dict 'segmentation'\), and "
-                                         r"INPUT.MASK_FORMAT is polygon, e.g. b.png; set INPUT.MASK_FORMAT bitmask$"):
-        check_annotations(rle_masks, "rle", masks=True, mask_format="polygon")
-    check_annotations([{"file_name": "c.png", "annotations": [box]}], "boxes", masks=False)
+                                         r"INPUT.MASK_FORMAT is polygon, e.g. c.png; set INPUT.MASK_FORMAT bitmask$"):
+        check_annotations(rle_masks, "rle", masks=True, training_format="polygon")
+    check_annotations([{"file_name": "d.png", "annotations": [box]}], "boxes", masks=False)
     with pytest.raises(ValueError, match=r"^boxes: 1 of 1 images have annotations without a mask"):
-        check_annotations([{"file_name": "c.png", "annotations": [box]}], "boxes", masks=True)
+        check_annotations([{"file_name": "d.png", "annotations": [box]}], "boxes", True, training_format="polygon")
 
 
 def shapes_ground_truth(tiny_shapes_root):
@@ -216,6 +224,10 @@ def _leave_out_the_annotations(data):  # COCO's test-dev image info: predictions
                                    r"no match .* number the annotations from 1$"),
     (_share_annotation_ids, False, r"^annotation id 1 is given to 2 annotations; give each its own id$"),
     (_drop_area, False, r"^annotation 3 lacks area, iscrowd, which COCO evaluation reads in every annotation"),
+    (lambda data: data["annotations"][0].update(id=-5), True, None),  # pycocotools scores any other number right
+    (lambda data: data["annotations"][0].update(id="7"), True, None),
+    (lambda data: data["annotations"][0].update(id="seven"), True, r"^an annotation has id 'seven', which pycocotools "
+                                                                   r"cannot store as a number; give numbers$"),
     (_lead_with_a_short_polygon, True, r"^annotation 1 has no polygon, or a first polygon of two points or fewer "
                                        r"\(4 numbers or fewer\), which pycocotools cannot read"),
     (_lead_with_a_short_polygon, False, None),  # boxes alone: pycocotools reads no polygon
@@ -256,9 +268,31 @@ def _rotated_photo(path):
 
 def _photo_turned_by_xmp(path):
     """A 64x48 JPEG whose XMP orientation alone (6) has Detectron2 read it upright: 48x64."""
-    Image.new("RGB", (64, 48)).save(path, format="JPEG", xmp=(
-        b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
-        b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'))
+    Image.new("RGB", (64, 48)).save(path, format="JPEG", xmp=XMP_TURNED)
+
+
+XMP_TURNED = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+              b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF>'
+              b'</x:xmpmeta>')
+
+
+def _png_turned_by_xmp(path):
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", XMP_TURNED.decode())
+    Image.new("RGB", (64, 48)).save(path, format="PNG", pnginfo=info)
+
+
+def _png_turned_after_its_pixels(path):
+    """A 64x48 PNG whose eXIf chunk (orientation 6) follows the pixels: only decoding finds it."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = exif.tobytes()[6:]  # without the "Exif\0\0" prefix
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48)).save(buffer, format="PNG")
+    png = buffer.getvalue()
+    chunk = struct.pack(">I", len(data)) + b"eXIf" + data + struct.pack(">I", zlib.crc32(b"eXIf" + data))
+    with open(path, "wb") as f:
+        f.write(png[:-12] + chunk + png[-12:])  # before IEND
 
 
 def _tiff_with_an_orientation(path):
@@ -274,16 +308,22 @@ def _too_many_pixels(path):
     (lambda path: Image.new("RGB", (64, 48)).save(path, format="PNG"), 64, 48, None),
     (lambda path: Image.new("L", (64, 48)).save(path, format="PNG"), None, None, None),  # need not give the size
     (lambda path: Image.new("RGB", (64, 48)).save(path, format="JPEG"), 48, 64,
-     r"a.img is 64x48 pixels, but its record says 48x64; correct the width and height in the annotations$"),
+     r"a.img is 64x48 pixels as Detectron2 reads it \(upright, if its metadata turns it\), but its record says 48x64; "
+     r"correct the width and height in the annotations$"),
     (_rotated_photo, 48, 64, None),
     (_photo_turned_by_xmp, 48, 64, None),
-    (_photo_turned_by_xmp, 64, 48, r"is 48x64 pixels upright"),
+    (_photo_turned_by_xmp, 64, 48, r"is 48x64 pixels as Detectron2 reads it"),
+    (_png_turned_by_xmp, 48, 64, None),
+    (_png_turned_by_xmp, 64, 48, r"is 48x64 pixels as Detectron2 reads it"),
+    (_png_turned_after_its_pixels, 48, 64, None),  # the header disagrees; decoding, as Detectron2 does, agrees
     (_tiff_with_an_orientation, 64, 48, None),
+    (_tiff_with_an_orientation, 48, 64, r"is 64x48 pixels as Detectron2 reads it"),
     (_too_many_pixels, 5000, 5000, r"a.img has more pixels than Pillow opens \(.*\); downscale it, or raise "
                                    r"PIL.Image.MAX_IMAGE_PIXELS$"),
-    (_rotated_photo, 64, 48, r"is 48x64 pixels upright \(its EXIF orientation turns it\), but its record says 64x48"),
-    (lambda path: Image.new("I;16", (64, 48)).save(path, format="PNG"), 64, 48,
-     r"a.img has PIL mode I;16 \(more than 8 bits per channel\), which Detectron2 reads as 8-bit RGB by clipping"),
+    (_rotated_photo, 64, 48, r"is 48x64 pixels as Detectron2 reads it \(upright, .*\), but its record says 64x48"),
+    (lambda path: Image.new("I;16", (64, 48), 1000).save(path, format="PNG"), 64, 48,
+     r"a.img has PIL mode I;16 with values from 1000 to 1000, which Detectron2 reads as 8-bit RGB by clipping"),
+    (lambda path: Image.new("I;16", (64, 48), 200).save(path, format="PNG"), 64, 48, None),  # read as they are
     (lambda path: open(path, "wb").close(), 64, 48, r"a.img cannot be read as an image \(cannot identify"),
 ])
 def test_an_image_that_cannot_be_read_as_annotated_is_named_from_its_header(tmp_path, monkeypatch, make, width,
@@ -303,7 +343,7 @@ def test_images_are_checked_before_evaluation_unless_the_config_says_not_to(tmp_
     record = {"file_name": str(tmp_path / "a.png"), "image_id": 1, "width": 48, "height": 64, "annotations": []}
     DatasetCatalog.register("turned_sizes", lambda: [record])
     MetadataCatalog.get("turned_sizes").thing_classes = ["thing"]
-    with pytest.raises(ValueError, match=r"^Dataset 'turned_sizes' \(DATASETS.TEST\): .*a.png is 64x48 pixels, but "
+    with pytest.raises(ValueError, match=r"^Dataset 'turned_sizes' \(DATASETS.TEST\): .*a.png is 64x48 pixels .* but "
                                          r"its record says 48x64; .* \(DATASETS.CHECK_IMAGES False skips this check\)"):
         check_evaluation_datasets(["turned_sizes"])
     check_evaluation_datasets(["turned_sizes"], images=False)

@@ -70,7 +70,7 @@ def test_readme_config_table_gives_every_added_key_and_its_default():
     added = {key: value for key, value in flat_config(cfg).items() if key not in detectron2_keys}
     assert {"MODEL.GN.NUM_GROUPS", "MODEL.BACKBONE.CHANNELS_LAST", "TEST.VIS_NUM_IMAGES"} <= added.keys()
     documented = {}
-    for key, default, *_ in readme_table_rows(r"(MODEL|TEST|SOLVER|INPUT)\.[A-Z_.]+"):
+    for key, default, *_ in readme_table_rows(r"(MODEL|TEST|SOLVER|INPUT|DATASETS)\.[A-Z_.]+"):
         try:
             documented[key] = ast.literal_eval(default)
         except (ValueError, SyntaxError):  # a word: auto

@@ -197,9 +197,9 @@ def test_training_records_without_boxes_masks_or_readable_images_are_named_befor
                                                       r"annotations without a box \('bbox'\), e.g. .*1.png; give"):
         train_net.Trainer.build_train_loader(load_config(SHAPES_CONFIG, [*opts, "MODEL.MASK_ON", False]))
     box["bbox"] = [1, 1, 4, 4]
-    Image.new("I;16", (8, 8)).save(dicts[2]["file_name"])  # read clipped to 8 bits: all white
+    Image.new("I;16", (8, 8), 4000).save(dicts[2]["file_name"])  # read clipped to 8 bits: all white
     with pytest.raises(train_net.UnusableInput, match=r"^DATASETS.TRAIN \('boxes_and_masks',\): .*2.png has PIL mode "
-                                                      r"I;16 \(more than 8 bits per channel\)"):
+                                                      r"I;16 with values from 4000 to 4000"):
         train_net.Trainer.build_train_loader(load_config(SHAPES_CONFIG, [*opts, "MODEL.MASK_ON", False]))
     assert train_net.Trainer.build_train_loader(load_config(SHAPES_CONFIG, [*opts, "MODEL.MASK_ON", False,
                                                                             "DATASETS.CHECK_IMAGES", False]))
@@ -215,8 +215,8 @@ def test_rle_masks_read_as_polygons_are_named_before_the_first_iteration(tiny_sh
 
 
 @pytest.mark.parametrize("spoil, reason", [
-    (lambda data: data["images"][0].pop("height"), "a record lacks the key 'height', which Detectron2 reads; give it "
-                                                   "in every record of the dataset"),
+    (lambda data: data["images"][0].pop("height"), "KeyError: 'height'; a record without that key? Detectron2's "
+                                                   "loader reads it in every record of the dataset"),
     (lambda data: data["annotations"][0].update(category_id=99), "KeyError: \"Encountered category_id=99 but this id "
                                                                  "does not exist in 'categories' of the json file.\""),
 ])

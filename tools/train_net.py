@@ -92,8 +92,9 @@ def _load_failure(error: Exception) -> str:
     what to do."""
     if isinstance(error, KeyError):
         key = error.args[0] if error.args else None
-        if isinstance(key, str) and " " not in key:
-            return f"a record lacks the key {key!r}, which Detectron2 reads; give it in every record of the dataset"
+        if isinstance(key, str) and " " not in key:  # Detectron2's own KeyErrors are sentences
+            return (f"KeyError: {key!r}; a record without that key? Detectron2's loader reads it in every record of "
+                    "the dataset")
         return f"KeyError: {error}"
     return error.args[0] if error.args else type(error).__name__
 
@@ -204,27 +205,37 @@ def dist_url_problem(dist_url: str, num_machines: int) -> Optional[str]:
         return f"--dist-url {dist_url}: its port is not a number from 1 to 65535; give one, or --dist-url auto"
     if num_machines > 1 or url.scheme != "tcp" or not port:
         return None
-    if _port_in_use(port):
+    if _port_in_use(port, ipv6_host=":" in (url.hostname or "")):
         return (f"--dist-url {dist_url}: port {port} is in use on this machine (another multi-GPU run?); give "
                 "--dist-url auto to use a free port")
     return None
 
 
-def _port_in_use(port: int) -> bool:
-    """Whether something listens on ``port``: bound as torch.distributed's store binds it (every address, IPv6
-    with IPv4 where the machine has IPv6; SO_REUSEADDR, so that a port an ended run left waiting counts as free)."""
-    for family, address in ((socket.AF_INET6, "::"), (socket.AF_INET, "")):
+def _port_in_use(port: int, ipv6_host: bool) -> bool:
+    """Whether torch.distributed's store could not listen on ``port``, or the workers would meet another listener
+    there: the store listens on every IPv6 address (IPv4 too), else on every IPv4 one; workers given an IPv6 host
+    find it only on the first."""
+    ipv6 = _bind_refused(socket.AF_INET6, "::", port)  # None: no IPv6 here
+    if ipv6_host:
+        return bool(ipv6)
+    return ipv6 is not False and bool(_bind_refused(socket.AF_INET, "", port))
+
+
+def _bind_refused(family: socket.AddressFamily, address: str, port: int) -> Optional[bool]:
+    """Whether binding ``address``:``port`` finds it in use, as the store binds (SO_REUSEADDR: a port an ended run
+    left waiting is free; IPv6 with IPv4); None if the machine has no such ``family``."""
+    try:
+        probe = socket.socket(family)
+    except OSError:
+        return None
+    with probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         try:
-            probe = socket.socket(family)
-        except OSError:  # no IPv6 here
-            continue
-        with probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((address, port))
-            except OSError as e:
-                return e.errno == errno.EADDRINUSE
-            return False
+            probe.bind((address, port))
+        except OSError as e:
+            return e.errno == errno.EADDRINUSE
     return False
 
 
