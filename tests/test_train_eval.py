@@ -18,10 +18,11 @@ from PIL import Image
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
+from detectron2.engine import default_argument_parser
 from detectron2.modeling import build_model
 from detectron2.structures import BoxMode
 
-from gn_detection import triton_group_norm
+from gn_detection import run_checks, triton_group_norm
 from gn_detection.config import load_config
 from gn_detection.metrics_log import read_metrics
 from gn_detection.shapes import SHAPE_CLASSES, split_paths
@@ -290,11 +291,11 @@ TINY_DATASETS = ["DATASETS.TRAIN", "('tiny_shapes_train',)", "DATASETS.TEST", "(
 
 
 def checked_config(out, flags, opts):
-    """tools/train_net.py's checks of these flags and overrides, on the tiny shapes datasets."""
-    train_net = load_tool("train_net")
-    args = train_net.default_argument_parser().parse_args(
+    """tools/train_net.py's checks (gn_detection.run_checks) of these flags and overrides, on the tiny shapes
+    datasets."""
+    args = default_argument_parser().parse_args(
         ["--config-file", SHAPES_CONFIG, *flags, *TINY_DATASETS, "OUTPUT_DIR", str(out), *opts])
-    return train_net.checked_config(args)
+    return run_checks.checked_config(args)
 
 
 @pytest.mark.parametrize("flags, opts, message", [
