@@ -31,8 +31,8 @@ from gn_detection.visualize import draw_predictions, plot_loss_curve
 
 
 class UnusableInput(ValueError):
-    """What a training run loads once started (DATASETS.TRAIN, whose class count may be known only then, and
-    MODEL.WEIGHTS given as a URL or gn-zoo:// name) could not be used; the message says which and why."""
+    """What a training run loads once started (DATASETS.TRAIN: its records, images and classes, and MODEL.WEIGHTS
+    given as a URL or gn-zoo:// name) could not be used; the message says which and why."""
 
 
 # the exit status of a worker process that stopped on UnusableInput, having put its message on the launcher's queue
