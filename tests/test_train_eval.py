@@ -236,19 +236,29 @@ def test_training_records_the_loader_finds_a_key_missing_in_are_named(tiny_shape
     assert str(error.value) == f"DATASETS.TRAIN ('{name}',) cannot be trained on: {reason}"
 
 
-def test_unusable_training_data_in_a_run_of_several_processes_is_one_error(tiny_shapes_root, tmp_path, monkeypatch):
+@pytest.mark.parametrize("broken, message", [
+    ("training image", r"^DATASETS.TRAIN \('shapes_train',\) cannot be trained on: .*000003.png"),
+    # the test dataset's classes are known to the launcher alone, as a register_coco_instances dataset's are
+    ("test classes", r"^Dataset 'reversed_in_the_launcher' \(DATASETS.TEST\) and 'shapes_train' \(DATASETS.TRAIN\) "
+                     r"list the same classes in another order"),
+])
+def test_unusable_training_data_in_a_run_of_several_processes_is_one_error(tiny_shapes_root, tmp_path, monkeypatch,
+                                                                           broken, message):
     shutil.copytree(tiny_shapes_root / "shapes", tmp_path / "data" / "shapes")
-    os.remove(tmp_path / "data" / "shapes" / "train" / "000003.png")
+    opts = [*(str(v) for v in TINY_OVERRIDES), "OUTPUT_DIR", str(tmp_path / "out")]
+    if broken == "training image":
+        os.remove(tmp_path / "data" / "shapes" / "train" / "000003.png")
+    else:
+        MetadataCatalog.get("reversed_in_the_launcher").thing_classes = list(reversed(SHAPE_CLASSES))
+        opts += ["DATASETS.TEST", "('reversed_in_the_launcher',)"]
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "data"))  # import gn_detection registers shapes_* there
     monkeypatch.syspath_prepend(os.path.join(REPO, "tools"))  # the spawned workers import train_net by name
     train_net = importlib.import_module("train_net")
     args = train_net.default_argument_parser().parse_args(["--num-gpus", "2", "--dist-url", "auto"])
     # two CPU processes over gloo: checked_config refuses them, as Detectron2's trainer fails on them at
-    # DistributedDataParallel, but the training data is loaded (and fails) before that
-    cfg = load_config(SHAPES_CONFIG, [*(str(v) for v in TINY_OVERRIDES), "OUTPUT_DIR", str(tmp_path / "out")])
-    with pytest.raises(train_net.UnusableInput, match=r"^DATASETS.TRAIN \('shapes_train',\) cannot be trained on: "
-                                                      r".*000003.png"):
-        train_net.run(args, cfg)
+    # DistributedDataParallel, but the training data is loaded and checked (and fails) before that
+    with pytest.raises(train_net.UnusableInput, match=message):
+        train_net.run(args, load_config(SHAPES_CONFIG, opts))
 
 
 def test_ctrl_c_in_training_says_which_checkpoint_resume_continues_from(tiny_shapes_root, tmp_path):

@@ -13,10 +13,10 @@ import multiprocessing.queues
 import os
 import pickle
 import sys
-from typing import Optional
+from typing import Dict, List, Optional
 
 from torch.multiprocessing import ProcessExitedException
-from detectron2.data import build_detection_train_loader
+from detectron2.data import MetadataCatalog, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -167,9 +167,13 @@ def interrupted_note(output_dir: Optional[str], eval_only: bool) -> str:
     return f"interrupted; {tag} names {saved}: add --resume to the command to continue from it"
 
 
-def worker(args, cfg, errors: multiprocessing.queues.SimpleQueue) -> Optional[dict]:
-    """:func:`main` in one process of the job. In a job of several processes, UnusableInput is put on ``errors`` for
-    :func:`run` to raise in the launching process, rather than printed as each worker's traceback."""
+def worker(args, cfg, errors: multiprocessing.queues.SimpleQueue, test_classes: Dict[str, List[str]]) -> Optional[dict]:
+    """:func:`main` in one process of the job, knowing the ``test_classes`` the launcher's checks loaded (a worker
+    loads a register_coco_instances test dataset only to evaluate, and compares the training classes with it before
+    training). In a job of several processes, UnusableInput is put on ``errors`` for :func:`run` to raise in the
+    launching process, rather than printed as each worker's traceback."""
+    for name, classes in test_classes.items():  # as loading the dataset will set them
+        MetadataCatalog.get(name).thing_classes = classes
     try:
         return main(args, cfg)
     except UnusableInput as e:
@@ -186,10 +190,12 @@ def run(args, cfg) -> None:
         UnusableInput: when the training data or the weights loaded once started cannot be used, in any process.
     """
     errors = multiprocessing.get_context("spawn").SimpleQueue()  # the context Detectron2's launch spawns with
+    test_classes = {name: classes for name in cfg.DATASETS.TEST
+                    if (classes := MetadataCatalog.get(name).get("thing_classes")) is not None}
     try:
         # each worker takes the checked config, rather than loading and checking it again
         launch(worker, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-               dist_url=args.dist_url, args=(args, cfg, errors))
+               dist_url=args.dist_url, args=(args, cfg, errors, test_classes))
     except ProcessExitedException as e:  # the other workers are stopped by now
         if e.exit_code == UNUSABLE_INPUT_EXIT and not errors.empty():
             raise UnusableInput(errors.get()) from None
