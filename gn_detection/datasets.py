@@ -149,27 +149,24 @@ def image_problem(record: Dict) -> Optional[str]:
     if "://" in path:
         return None
     try:
-        with PathManager.open(path, "rb") as f, Image.open(f) as image:  # reads the header, decodes nothing
+        with PathManager.open(path, "rb") as f, Image.open(f) as image:  # the header; the pixels only where needed
             mode, size, orientation = image.mode, image.size, _orientation(image)
+            extrema = image.getextrema() if mode in WIDE_MODES else None  # decodes: such images alone
+        width, height = size[::-1] if orientation in ROTATED_BY_90 else size
+        expected = (record.get("width", width), record.get("height", height))
+        if (width, height) != expected:  # as read for training (some formats' orientation is past the header)
+            height, width = read_image(path).shape[:2]
     except Image.DecompressionBombError as e:
         return f"{path} has more pixels than Pillow opens ({e}); downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS"
     except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
         return f"{path} cannot be read as an image ({e}); replace it"
-    width, height = size[::-1] if orientation in ROTATED_BY_90 else size
-    expected = (record.get("width", width), record.get("height", height))
-    if mode in WIDE_MODES:
-        with PathManager.open(path, "rb") as f, Image.open(f) as image:
-            low, high = image.getextrema()
-        if low < 0 or high > 255:
-            return (f"{path} has PIL mode {mode} with values from {low} to {high}, which Detectron2 reads as 8-bit "
-                    "RGB by clipping to 0-255 (e.g. all white); convert the images to 8 bits")
-    if (width, height) == expected:
-        return None
-    height, width = read_image(path).shape[:2]  # as read for training (some formats' orientation is past the header)
-    if (width, height) == expected:
-        return None
-    return (f"{path} is {width}x{height} pixels as Detectron2 reads it (upright, if its metadata turns it), but its "
-            f"record says {expected[0]}x{expected[1]}; correct the width and height in the annotations")
+    if extrema and (extrema[0] < 0 or extrema[1] > 255):
+        return (f"{path} has PIL mode {mode} with values from {extrema[0]} to {extrema[1]}, which Detectron2 reads "
+                "as 8-bit RGB by clipping to 0-255 (e.g. all white); convert the images to 8 bits")
+    if (width, height) != expected:
+        return (f"{path} is {width}x{height} pixels as Detectron2 reads it (upright, if its metadata turns it), but "
+                f"its record says {expected[0]}x{expected[1]}; correct the width and height in the annotations")
+    return None
 
 
 def _orientation(image: Image.Image) -> Optional[int]:
