@@ -242,10 +242,8 @@ def coco_ground_truth_problem(json_file: str, masks: bool) -> Optional[str]:
     data = read_coco_json(json_file, keys=("images",))
     if "annotations" not in data:
         return None
-    image_ids = Counter(image.get("id") for image in data["images"])
-    if shared := [i for i, n in image_ids.items() if n > 1]:
-        return (f"image id {shared[0]!r} is given to {image_ids[shared[0]]} images ({len(shared)} id(s) given twice or "
-                "more), and one image of an id is kept, with the others' annotations; give each image its own id")
+    if problem := shared_image_id_problem(data["images"]):
+        return problem
     annotation_ids = Counter(a["id"] for a in data["annotations"] if "id" in a)  # a missing one: named below
     for i in annotation_ids:
         if (number := _as_number(i)) is None:
@@ -266,6 +264,33 @@ def coco_ground_truth_problem(json_file: str, masks: bool) -> Optional[str]:
             return (f"annotation {annotation['id']} has no polygon, or a first polygon of two points or fewer (4 "
                     "numbers or fewer), which pycocotools cannot read; remove that polygon (or the annotation)")
     return None
+
+
+def shared_image_id_problem(images: List[Dict]) -> Optional[str]:
+    """That an id is given to more than one of a COCO file's ``images``, and what comes of it; None if none is.
+    pycocotools (and Detectron2's loader, which reads the file with it) keeps one image of an id, with the others'
+    annotations."""
+    image_ids = Counter(image.get("id") for image in images)
+    if shared := [i for i, n in image_ids.items() if n > 1]:
+        return (f"image id {shared[0]!r} is given to {image_ids[shared[0]]} images ({len(shared)} id(s) given twice or "
+                "more), and one image of an id is kept, with the others' annotations; give each image its own id")
+    return None
+
+
+def check_training_image_ids(names: Iterable[str]) -> None:
+    """That no dataset of ``names`` (DATASETS.TRAIN) registered with a ``json_file`` gives an image id to two images
+    (:func:`shared_image_id_problem`): the model would be trained on boxes and masks of one image drawn on another,
+    without a word.
+
+    Raises:
+        ValueError: naming the dataset, its file, the id and what to do.
+    """
+    for name in names:
+        if json_file := MetadataCatalog.get(name).get("json_file"):
+            if problem := shared_image_id_problem(read_coco_json(json_file, keys=("images",))["images"]):
+                raise ValueError(f"Dataset '{name}' (DATASETS.TRAIN): {json_file}: {problem}. Detectron2's loader "
+                                 "reads the file with pycocotools, so training would see those annotations on the "
+                                 "wrong image")
 
 
 def _as_number(value) -> Optional[float]:

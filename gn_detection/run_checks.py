@@ -18,7 +18,8 @@ from . import model_zoo
 from .atomic_write import not_writable
 from .checkpoint import AtomicCheckpointer, LoadCounts
 from .config import check_model_builds, load_config
-from .datasets import check_dataset_files, check_evaluation_datasets, check_num_classes, check_same_classes
+from .datasets import (check_dataset_files, check_evaluation_datasets, check_num_classes, check_same_classes,
+                       check_training_image_ids)
 from .download import DownloadError
 
 
@@ -62,6 +63,7 @@ def checked_config(args: argparse.Namespace) -> CfgNode:
     check_class_count(cfg, datasets)
     if not args.eval_only:
         check_same_classes(cfg.DATASETS.TRAIN, cfg.DATASETS.TEST)
+        check_training_image_ids(cfg.DATASETS.TRAIN)  # the rest of the training data is checked once loaded
     resumed = resumed_checkpoint(meta_model, cfg.OUTPUT_DIR, args.resume)
     if not resumed:
         check_weights(cfg.MODEL.WEIGHTS)

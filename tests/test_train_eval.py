@@ -236,6 +236,22 @@ def test_training_records_the_loader_finds_a_key_missing_in_are_named(tiny_shape
     assert str(error.value) == f"DATASETS.TRAIN ('{name}',) cannot be trained on: {reason}"
 
 
+def test_training_images_sharing_an_id_are_named_before_any_work(tiny_shapes_root, tmp_path):
+    json_file, image_root = split_paths(str(tiny_shapes_root / "shapes"), "train")
+    with open(json_file) as f:
+        data = json.load(f)
+    data["images"][1]["id"] = data["images"][0]["id"]  # two images, one id: their annotations go to one of them
+    (tmp_path / "shared_ids.json").write_text(json.dumps(data))
+    name = f"shared_ids_{len(DatasetCatalog.list())}"
+    register_coco_instances(name, {}, str(tmp_path / "shared_ids.json"), image_root)
+    assert len(DatasetCatalog.get(name)) == len(data["images"]) - 1  # what Detectron2 would train on
+    with pytest.raises(ValueError) as error:
+        checked_config(tmp_path / "out", [], ["DATASETS.TRAIN", f"('{name}',)"])
+    assert str(error.value).startswith(f"Dataset '{name}' (DATASETS.TRAIN): {tmp_path / 'shared_ids.json'}: image id "
+                                       f"{data['images'][0]['id']} is given to 2 images")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("broken, message", [
     ("training image", r"^DATASETS.TRAIN \('shapes_train',\) cannot be trained on: .*000003.png"),
     # the test dataset's classes are known to the launcher alone, as a register_coco_instances dataset's are
