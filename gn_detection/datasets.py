@@ -8,7 +8,7 @@ import time
 from collections import Counter
 from typing import Dict, Iterable, List, Optional, Sequence
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 from detectron2.data.detection_utils import read_image
 from detectron2.utils.file_io import PathManager
@@ -196,6 +196,28 @@ def check_images(dicts: List[Dict], datasets: str, progress_every_s: float = 10.
             logger.info("Checked %d of %d images of %s (DATASETS.CHECK_IMAGES False skips this)", index + 1,
                         len(dicts), datasets)
     logger.info("Checked the %d images of %s in %.1f s", len(dicts), datasets, time.perf_counter() - started)
+
+
+class UnusableRecord(ValueError):
+    """Detectron2's DatasetMapper failed on a record once the run was under way (an image damaged past its header,
+    say); the message names the record's image. A DataLoader worker's failure is raised again in the training
+    process with the worker's traceback around the message: :meth:`reason` is the message as raised."""
+
+    def reason(self) -> str:
+        """The message as :class:`NamingDatasetMapper` raised it, without a DataLoader worker's traceback."""
+        return str(self).rpartition(f"{type(self).__name__}: ")[2].strip()
+
+
+class NamingDatasetMapper(DatasetMapper):
+    """Detectron2's DatasetMapper, whose failure on a record names the record's image: an image that fails only
+    when decoded (Pillow's "image file is truncated") otherwise stops a run mid-way without saying which it is."""
+
+    def __call__(self, dataset_dict: Dict) -> Dict:
+        try:
+            return super().__call__(dataset_dict)
+        except (OSError, SyntaxError, ValueError, KeyError, IndexError) as e:  # what a record's data can cause
+            raise UnusableRecord(f"{'training' if self.is_train else 'test'} image {dataset_dict.get('file_name')} "
+                                 f"cannot be used ({type(e).__name__}: {e})") from e
 
 
 def check_evaluation_datasets(names: Iterable[str], masks: bool = False, images: bool = True) -> None:

@@ -11,16 +11,17 @@ import zlib
 
 import numpy as np
 import pytest
-from detectron2.data import DatasetCatalog, MetadataCatalog
+import torch
+from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.data.detection_utils import read_image
 from PIL import Image, PngImagePlugin
 from pycocotools import mask as mask_util
 
 import gn_detection
-from gn_detection.datasets import (check_annotations, check_dataset_files, check_evaluation_datasets, check_images,
-                                   check_num_classes, check_same_classes, coco_ground_truth_problem, image_problem,
-                                   load_checked_coco_json)
+from gn_detection.datasets import (NamingDatasetMapper, UnusableRecord, check_annotations, check_dataset_files,
+                                   check_evaluation_datasets, check_images, check_num_classes, check_same_classes,
+                                   coco_ground_truth_problem, image_problem, load_checked_coco_json)
 from gn_detection.shapes import SHAPE_CLASSES, ShapesSplitSpec, draw_image, generate_split, split_paths
 
 from .conftest import REPO
@@ -357,6 +358,29 @@ def test_checking_many_images_says_how_far_it_got(tmp_path, caplog):
     assert [r.getMessage() for r in caplog.records][:3] == [
         f"Checked {n} of 3 images of three_images (DATASETS.CHECK_IMAGES False skips this)" for n in (1, 2, 3)]
     assert caplog.records[-1].getMessage().startswith("Checked the 3 images of three_images in ")
+
+
+def test_a_record_the_mapper_fails_on_mid_run_is_named_also_from_a_dataloader_worker(tmp_path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), np.uint8)).save(tmp_path / "a.png")
+    box = {"bbox": [1, 1, 20, 20], "bbox_mode": 1, "category_id": 0, "segmentation": [[1, 1, 20, 1, 20, 20]]}
+    record = {"file_name": str(tmp_path / "a.png"), "image_id": 1, "width": 64, "height": 48, "annotations": [box]}
+    settings = dict(augmentations=[], image_format="BGR", use_instance_mask=True)
+    mapped, expected = (mapper(True, **settings)(dict(record)) for mapper in (NamingDatasetMapper, DatasetMapper))
+    assert torch.equal(mapped["image"], expected["image"])
+    assert torch.equal(mapped["instances"].gt_boxes.tensor, expected["instances"].gt_boxes.tensor)
+    data = (tmp_path / "a.png").read_bytes()
+    (tmp_path / "a.png").write_bytes(data[:len(data) * 3 // 4])  # the header is whole: found only when decoded
+    assert image_problem(record) is None
+    message = f"training image {tmp_path / 'a.png'} cannot be used (OSError: image file is truncated"
+    with pytest.raises(UnusableRecord) as error:
+        NamingDatasetMapper(True, **settings)(dict(record))
+    assert error.value.reason().startswith(message)
+    loader = torch.utils.data.DataLoader([record], batch_size=None, num_workers=1,
+                                         collate_fn=NamingDatasetMapper(True, **settings))
+    with pytest.raises(UnusableRecord) as error:  # raised again here, with the worker's traceback around it
+        next(iter(loader))
+    assert "Traceback" in str(error.value)
+    assert error.value.reason().startswith(message) and "\n" not in error.value.reason()
 
 
 ONE_IMAGE = [{"file_name": "a.png", "image_id": 1, "height": 8, "width": 8, "annotations": []}]

@@ -277,6 +277,31 @@ def test_unusable_training_data_in_a_run_of_several_processes_is_one_error(tiny_
         train_net.run(args, load_config(SHAPES_CONFIG, opts))
 
 
+def test_a_test_image_found_damaged_after_training_is_named_and_resume_evaluates_again(tiny_shapes_root, tmp_path):
+    shutil.copytree(tiny_shapes_root / "shapes", tmp_path / "data" / "shapes")
+    image = tmp_path / "data" / "shapes" / "val" / "000002.png"
+    whole = image.read_bytes()
+    image.write_bytes(whole[:len(whole) * 3 // 4])  # its header passes the check before training
+    out = tmp_path / "out"
+    result = train_net(tmp_path / "data", out, max_iter=2)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: the run stopped: test image {image} cannot be used (OSError: image file is truncated); "
+        f"replace it (or leave out its record); {out}/last_checkpoint names model_final.pth: add --resume to the "
+        "command to continue from it")
+    result = train_net(tmp_path / "data", tmp_path / "eval", "--eval-only", "MODEL.WEIGHTS",
+                       str(out / "model_final.pth"))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: test image {image} cannot be used (OSError: image file is truncated); replace it (or leave out its "
+        "record) and evaluate again")
+    image.write_bytes(whole)
+    result = train_net(tmp_path / "data", out, "--resume", max_iter=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Evaluation results for segm" in result.stdout + result.stderr  # of the model trained before
+    assert "bbox/AP" in read_output_metrics(out)[-1]
+
+
 def test_ctrl_c_in_training_says_which_checkpoint_resume_continues_from(tiny_shapes_root, tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "tools/train_net.py", "--config-file", SHAPES_CONFIG, *(str(v) for v in TINY_OVERRIDES),
@@ -295,7 +320,7 @@ def test_ctrl_c_in_training_says_which_checkpoint_resume_continues_from(tiny_sha
                                                 "the command to continue from it")
     train_net = load_tool("train_net")
     assert train_net.interrupted_note(str(tmp_path), eval_only=False).startswith(
-        f"interrupted before the first checkpoint in {tmp_path} (every SOLVER.CHECKPOINT_PERIOD iterations)")
+        f"interrupted; no checkpoint in {tmp_path} yet (one is saved every SOLVER.CHECKPOINT_PERIOD iterations)")
     assert train_net.interrupted_note(None, eval_only=False) == ("interrupted while checking the settings and data; "
                                                                  "nothing was started")
 

@@ -16,13 +16,14 @@ import sys
 from typing import Dict, List, Optional
 
 from torch.multiprocessing import ProcessExitedException
-from detectron2.data import MetadataCatalog, build_detection_train_loader
+from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from gn_detection.checkpoint import AtomicCheckpointer
-from gn_detection.datasets import check_annotations, check_images, check_same_classes
+from gn_detection.datasets import (NamingDatasetMapper, UnusableRecord, check_annotations, check_images,
+                                   check_same_classes)
 from gn_detection.download import DownloadError
 from gn_detection.evaluator import AtomicCOCOEvaluator
 from gn_detection.metrics_log import fresh_run_start
@@ -31,8 +32,9 @@ from gn_detection.visualize import draw_predictions, plot_loss_curve
 
 
 class UnusableInput(ValueError):
-    """What a training run loads once started (DATASETS.TRAIN: its records, images and classes, and MODEL.WEIGHTS
-    given as a URL or gn-zoo:// name) could not be used; the message says which and why."""
+    """What a run loads once started (DATASETS.TRAIN: its records, images and classes, MODEL.WEIGHTS given as a URL or
+    gn-zoo:// name, and an image of either dataset that fails only when decoded) could not be used; the message says
+    which and why."""
 
 
 # the exit status of a worker process that stopped on UnusableInput, having put its message on the launcher's queue
@@ -48,7 +50,8 @@ class Trainer(DefaultTrainer):
         # cost COCO's 20-odd seconds twice): what fails is said as the user's data, not as a crash
         named = f"DATASETS.TRAIN {cfg.DATASETS.TRAIN}"
         try:
-            loader_args = build_detection_train_loader.from_config(cfg)  # as Detectron2's trainer builds it
+            # as Detectron2's trainer builds it, with a mapper that names an image it cannot use
+            loader_args = build_detection_train_loader.from_config(cfg, NamingDatasetMapper(cfg, True))
         except (ValueError, OSError, AssertionError, KeyError) as e:  # a broken file, a missing image, no images
             raise UnusableInput(f"{named} cannot be trained on: {_load_failure(e)}") from e
         records = loader_args["dataset"]
@@ -61,6 +64,10 @@ class Trainer(DefaultTrainer):
         except ValueError as e:
             raise UnusableInput(e.args[0]) from None
         return build_detection_train_loader(**loader_args)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, mapper=NamingDatasetMapper(cfg, False))
 
     def build_hooks(self):
         # Swap in the atomic checkpointer before the checkpoint hooks capture it.
@@ -130,7 +137,10 @@ def main(args, cfg):
         model = Trainer.build_model(cfg)
         # ours, as training's: .pth read with weights_only, and the load's counts logged
         AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
-        results = Trainer.test(cfg, model)
+        try:
+            results = Trainer.test(cfg, model)
+        except UnusableRecord as e:
+            raise UnusableInput(f"{e.reason()}; replace it (or leave out its record) and evaluate again") from e
     else:
         trainer = Trainer(cfg)
         resumes = args.resume and trainer.checkpointer.has_checkpoint()  # that checkpoint was read before launch
@@ -142,7 +152,11 @@ def main(args, cfg):
                 raise
             raise UnusableInput(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}: {e}") from e
         metrics_start = fresh_run_start(os.path.join(cfg.OUTPUT_DIR, "metrics.json"), trainer.start_iter)
-        results = trainer.train()
+        try:
+            results = trainer.train()
+        except UnusableRecord as e:  # the checkpoints saved so far stay
+            raise UnusableInput(f"the run stopped: {e.reason()}; replace it (or leave out its record); "
+                                f"{resume_note(cfg.OUTPUT_DIR)}") from e
         model = trainer.model
     if comm.is_main_process():
         save_pictures(cfg, getattr(model, "module", model), metrics_start)  # unwrap DDP
@@ -150,21 +164,26 @@ def main(args, cfg):
 
 
 def interrupted_note(output_dir: Optional[str], eval_only: bool) -> str:
-    """What a run stopped by Ctrl-C leaves to go on from: for training, the checkpoint ``--resume`` continues from
-    (``output_dir/last_checkpoint`` names it), if one was saved; ``output_dir`` None: stopped while its settings were
-    being checked, before anything was written."""
+    """What a run stopped by Ctrl-C leaves to go on from: for training, :func:`resume_note`; ``output_dir`` None:
+    stopped while its settings were being checked, before anything was written."""
     if output_dir is None:
         return "interrupted while checking the settings and data; nothing was started"
     if eval_only:
         return "interrupted; evaluation writes its result files whole, so none were written"
+    return f"interrupted; {resume_note(output_dir)}"
+
+
+def resume_note(output_dir: str) -> str:
+    """The checkpoint ``--resume`` continues a stopped training run from (``output_dir/last_checkpoint`` names it),
+    or that none was saved yet."""
     tag = os.path.join(output_dir, "last_checkpoint")
     try:
         with open(tag) as f:
             saved = f.read().strip()
     except OSError:  # none (or unreadable: --resume would say so)
-        return (f"interrupted before the first checkpoint in {output_dir} (every SOLVER.CHECKPOINT_PERIOD "
-                "iterations); running the command again starts anew")
-    return f"interrupted; {tag} names {saved}: add --resume to the command to continue from it"
+        return (f"no checkpoint in {output_dir} yet (one is saved every SOLVER.CHECKPOINT_PERIOD iterations); "
+                "running the command again starts anew")
+    return f"{tag} names {saved}: add --resume to the command to continue from it"
 
 
 def worker(args, cfg, errors: multiprocessing.queues.SimpleQueue, test_classes: Dict[str, List[str]]) -> Optional[dict]:
