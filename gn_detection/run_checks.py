@@ -212,7 +212,10 @@ def resumed_checkpoint(meta_model: torch.nn.Module, output_dir: str, resume: boo
         ValueError: if last_checkpoint names a file that is not there.
     """
     checkpointer = AtomicCheckpointer(meta_model, save_dir=output_dir)
-    if not (resume and checkpointer.has_checkpoint()):
+    if not resume:
+        return None
+    if not checkpointer.has_checkpoint():
+        check_untagged_checkpoints(output_dir)
         return None
     try:
         path = checkpointer.get_checkpoint_file()  # "" for a tag it cannot open (a folder)
@@ -223,9 +226,27 @@ def resumed_checkpoint(meta_model: torch.nn.Module, output_dir: str, resume: boo
         names_one = path and os.path.normpath(path) != os.path.normpath(output_dir)  # an empty tag names the folder
         named = (f"names {path}, which does not exist" if names_one
                  else "names no checkpoint (empty, a folder or not text)")
-        raise ValueError(f"--resume: {tag} {named}; restore that checkpoint, or delete {tag} to start from "
-                         "MODEL.WEIGHTS")
+        raise ValueError(f"--resume: {tag} {named}; restore that checkpoint, write the file name of another one "
+                         "into it, or give a new OUTPUT_DIR to start anew")
     return path
+
+
+def check_untagged_checkpoints(output_dir: str) -> None:
+    """For ``--resume`` in an ``output_dir`` without ``last_checkpoint``: that it holds no checkpoint of a run
+    (``model_*.pth``), which Detectron2 would leave for MODEL.WEIGHTS and then overwrite.
+
+    Raises:
+        ValueError: naming the checkpoints, the missing tag and what to do.
+    """
+    try:
+        saved = sorted(name for name in os.listdir(output_dir) if name.startswith("model_") and name.endswith(".pth"))
+    except OSError:  # no such folder (yet): nothing to lose
+        return
+    if saved:
+        tag = os.path.join(output_dir, "last_checkpoint")
+        raise ValueError(f"--resume: {output_dir} holds checkpoints ({', '.join(saved[-3:])}) but no {tag} naming the "
+                         "one to continue from, so Detectron2 would start from MODEL.WEIGHTS and overwrite them; write "
+                         f"that checkpoint's file name into {tag}, or give a new OUTPUT_DIR to start anew")
 
 
 def check_weights_read(meta_model: torch.nn.Module, weights: str, eval_only: bool, resumed: bool,

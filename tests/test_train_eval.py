@@ -497,8 +497,22 @@ def test_eval_only_refuses_weights_that_leave_tensors_at_random(tiny_shapes_root
         checked_config(out, ["--eval-only", "--resume"], ["MODEL.WEIGHTS", str(same)])
     (out / "last_checkpoint").write_text("model_gone.pth")
     with pytest.raises(ValueError, match=f"--resume: {out}/last_checkpoint names {out}/model_gone.pth, which does "
-                                         "not exist; restore that checkpoint, or delete"):
+                                         "not exist; restore that checkpoint, write the file name of another one "
+                                         "into it, or give a new OUTPUT_DIR"):
         checked_config(out, ["--resume"], [])
+
+
+def test_resume_refuses_checkpoints_without_a_last_checkpoint_rather_than_overwrite_them(tiny_shapes_root, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    checked_config(out, ["--resume"], [])  # nothing saved yet: starts from MODEL.WEIGHTS
+    save_tiny_checkpoint(out / "model_final.pth")
+    with pytest.raises(ValueError, match=f"^--resume: {out} holds checkpoints \\(model_final.pth\\) but no "
+                                         f"{out}/last_checkpoint naming the one to continue from, so Detectron2 would "
+                                         "start from MODEL.WEIGHTS and overwrite them; write"):
+        checked_config(out, ["--resume"], [])
+    (out / "last_checkpoint").write_text("model_final.pth")
+    assert checked_config(out, ["--resume"], [])
 
 
 @pytest.mark.parametrize("tag", ["", b"\xff\xfe\x00", "folder"])
@@ -510,7 +524,8 @@ def test_a_last_checkpoint_that_names_no_checkpoint_is_named(tiny_shapes_root, t
     else:
         (out / "last_checkpoint").write_bytes(tag.encode() if isinstance(tag, str) else tag)
     with pytest.raises(ValueError, match=f"^--resume: {out}/last_checkpoint names no checkpoint \\(empty, a folder or "
-                                         f"not text\\); restore that checkpoint, or delete {out}/last_checkpoint"):
+                                         f"not text\\); restore that checkpoint, write the file name of another "
+                                         "one into it"):
         checked_config(out, ["--resume"], [])
 
 
