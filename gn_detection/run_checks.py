@@ -67,6 +67,8 @@ def checked_config(args: argparse.Namespace) -> CfgNode:
     resumed = resumed_checkpoint(meta_model, cfg.OUTPUT_DIR, args.resume)
     if not resumed:
         check_weights(cfg.MODEL.WEIGHTS)
+    if args.eval_only and not resumed:
+        check_zoo_inference_settings(cfg)
     if args.eval_only and not resumed and not cfg.MODEL.WEIGHTS:
         raise ValueError("--eval-only needs MODEL.WEIGHTS (a checkpoint file, URL or gn-zoo:// name), or --resume "
                          f"with a checkpoint in OUTPUT_DIR {cfg.OUTPUT_DIR}; it would evaluate a random model")
@@ -201,6 +203,25 @@ def check_weights(weights: str) -> None:
     if not os.path.isfile(local_file):
         raise FileNotFoundError(f"MODEL.WEIGHTS {weights} does not exist; give a checkpoint file, a URL or a "
                                 "gn-zoo:// name (tools/model_zoo.py list)")
+
+
+def check_zoo_inference_settings(cfg: CfgNode) -> None:
+    """For evaluating a ``gn-zoo://`` entry (MODEL.WEIGHTS): that the config has the overrides its weights need at
+    inference (the entry's ``opts``: Detectron's unaligned ROIAlign for its e2e models), which a config file does not
+    give and without which the AP is wrong, silently.
+
+    Raises:
+        ValueError: naming the entry and the overrides to add.
+    """
+    if not cfg.MODEL.WEIGHTS.startswith(model_zoo.SCHEME):
+        return
+    opts = list(model_zoo.lookup(cfg.MODEL.WEIGHTS).opts)
+    expected = cfg.clone()
+    expected.defrost()
+    expected.merge_from_list(opts)
+    if expected != cfg:
+        raise ValueError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS} is evaluated with {' '.join(map(str, opts))}, as it was "
+                         "trained (another setting gives another AP); add those overrides to the command")
 
 
 def resumed_checkpoint(meta_model: torch.nn.Module, output_dir: str, resume: bool) -> Optional[str]:

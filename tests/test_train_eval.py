@@ -22,7 +22,7 @@ from detectron2.engine import default_argument_parser
 from detectron2.modeling import build_model
 from detectron2.structures import BoxMode
 
-from gn_detection import run_checks, triton_group_norm
+from gn_detection import model_zoo, run_checks, triton_group_norm
 from gn_detection.config import load_config
 from gn_detection.metrics_log import read_metrics
 from gn_detection.shapes import SHAPE_CLASSES, split_paths
@@ -500,6 +500,17 @@ def test_eval_only_refuses_weights_that_leave_tensors_at_random(tiny_shapes_root
                                          "not exist; restore that checkpoint, write the file name of another one "
                                          "into it, or give a new OUTPUT_DIR"):
         checked_config(out, ["--resume"], [])
+
+
+def test_evaluating_a_zoo_entry_needs_the_settings_it_was_trained_with(tiny_shapes_root, tmp_path):
+    weights = "gn-zoo://Detectron/e2e_mask_rcnn_R-50-FPN_2x_gn"  # Detectron's RoIAlign, unaligned
+    with pytest.raises(ValueError, match=f"^MODEL.WEIGHTS {weights} is evaluated with MODEL.ROI_BOX_HEAD.POOLER_TYPE "
+                                         "ROIAlign MODEL.ROI_MASK_HEAD.POOLER_TYPE ROIAlign, as it was trained"):
+        checked_config(tmp_path / "out", ["--eval-only"], ["MODEL.WEIGHTS", weights])
+    cfg = load_config(SHAPES_CONFIG, ["MODEL.WEIGHTS", weights, *model_zoo.lookup(weights).opts])
+    run_checks.check_zoo_inference_settings(cfg)  # as model_zoo.get_config gives it
+    run_checks.check_zoo_inference_settings(load_config(SHAPES_CONFIG, ["MODEL.WEIGHTS",
+                                                                        "gn-zoo://ImageNetPretrained/R-50-GN"]))
 
 
 def test_resume_refuses_checkpoints_without_a_last_checkpoint_rather_than_overwrite_them(tiny_shapes_root, tmp_path):
