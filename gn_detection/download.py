@@ -28,7 +28,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 from tqdm import tqdm
 
@@ -126,23 +126,31 @@ def mirrored(url: str) -> str:
     return url
 
 
-def cache_path(url: str) -> str:
-    """Where ``url`` is cached: its path under the cache directory (the public host's files, which mirrors
-    serve too, at the top; any other host's in a folder of its own, so two hosts' same paths never meet)."""
+def cache_segments(url: str) -> List[str]:
+    """The folders and file name ``url`` is cached under, inside the cache directory: its path (the public host's
+    files, which mirrors serve too, at the top; any other host's in a folder of its own, so two hosts' same paths
+    never meet)."""
     parsed = urllib.parse.urlparse(url)
     parts = parsed.path.lstrip("/").split("/")  # kept quoted: no ':' in local file names
     if not url.startswith(PUBLIC_HOST + "/"):
         parts.insert(0, parsed.netloc.replace(":", "_"))
-    return os.path.join(cache_dir(), *parts)
+    return parts
+
+
+def cache_path(url: str) -> str:
+    """Where ``url`` is cached: :func:`cache_segments` joined under the cache directory."""
+    return os.path.join(cache_dir(), *cache_segments(url))
 
 
 def download(url: str, checksums: Checksums = Checksums(), retry: Optional[RetryPolicy] = None,
-             progress: bool = True) -> str:
+             progress: bool = True, again: bool = False) -> str:
     """Return the local path of ``url`` (mirrored), downloading it into the cache unless a verified copy
-    is there. Raises :class:`DownloadError` (or :class:`IntegrityError`) with the URL and the cause."""
+    is there; with ``again``, downloading it anyway (a cached copy damaged since, say), which replaces the cached
+    copy only once the new one has arrived whole and passed its checks: a failed try leaves it as it was.
+    Raises :class:`DownloadError` (or :class:`IntegrityError`) with the URL and the cause."""
     dest = cache_path(url)
-    if os.path.isfile(dest):  # only verified files get this name: no network, no lock, read-only caches work
-        return dest
+    if os.path.isfile(dest) and not again:  # only verified files get this name: no network, no lock,
+        return dest  # so read-only caches work
     if os.path.isdir(dest):  # the download could never be renamed into place
         raise DownloadError(f"cannot cache {url}: {dest} is a folder; remove it or point {ENV_CACHE} elsewhere.")
     retry = retry or RetryPolicy.from_env()
@@ -155,7 +163,7 @@ def download(url: str, checksums: Checksums = Checksums(), retry: Optional[Retry
                             f"make it writable or point {ENV_CACHE} elsewhere.") from e
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # several processes (ranks of one job) may ask for the same file
-        if not os.path.isfile(dest):  # another process may have finished it while we waited
+        if again or not os.path.isfile(dest):  # another process may have finished it while we waited
             _fetch_with_retries(url, dest + PART, retry, progress)
             _verify(url, dest, checksums)
             replace_durably(dest + PART, dest)

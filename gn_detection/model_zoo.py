@@ -27,7 +27,7 @@ from torch import nn
 
 from .checkpoint import load_weights
 from .config import load_config
-from .download import PUBLIC_HOST, Checksums, DownloadError, cache_path, download
+from .download import PUBLIC_HOST, Checksums, DownloadError, cache_segments, download
 
 SCHEME = "gn-zoo://"
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -106,6 +106,11 @@ def _entry_problem(model: ZooModel) -> Optional[str]:
         return f"file_format must be model_zoo.DETECTRON2_FORMAT or DETECTRON_FORMAT, got {model.file_format!r}"
     if model.url and not model.url.startswith(("https://", "http://")):
         return f"url must be an http(s) URL (or empty for results published without a file), got {model.url!r}"
+    if model.url and ".." in cache_segments(model.url):
+        return f"url must not hold '..' path segments (its file would be cached outside the cache), got {model.url!r}"
+    if not isinstance(model.sha256, str) or (model.sha256 and not re.fullmatch(r"[0-9a-fA-F]{64}", model.sha256)):
+        return ("sha256 must be the file's SHA-256 as 64 hex digits (or empty when not recorded), "
+                f"got {model.sha256!r}")
     if not isinstance(model.opts, (tuple, list)) or len(model.opts) % 2:
         return f"opts must be a tuple of KEY, VALUE items, e.g. ('MODEL.GN.NUM_GROUPS', 16), got {model.opts!r}"
     return None
@@ -159,12 +164,10 @@ def downloadable(name: str) -> ZooModel:
 
 
 def fetch(name: str, progress: bool = True, again: bool = False) -> str:
-    """The local path of a catalog checkpoint, downloaded and verified on first use; with ``again``, a cached copy
-    (damaged since, say) is deleted and downloaded anew."""
+    """The local path of a catalog checkpoint, downloaded and verified on first use; with ``again``, downloaded
+    anew (a cached copy damaged since, say), the cached copy replaced only once the new one is whole and verified."""
     model = downloadable(name)
-    if again and os.path.isfile(cache_path(model.url)):
-        os.remove(cache_path(model.url))
-    return download(model.url, model.checksums, progress=progress)
+    return download(model.url, model.checksums, progress=progress, again=again)
 
 
 def get_config(name: str, trained: bool = True) -> CfgNode:

@@ -1,5 +1,6 @@
 """The model zoo, offline: fabricated checkpoints in the published formats served from a loopback HTTP
 server that the mirror variable points to."""
+import errno
 import hashlib
 import io
 import os
@@ -56,6 +57,25 @@ def register():
     yield add
     for name in added:
         model_zoo.CATALOG.pop(name)
+
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """``read_only(folder)`` makes writing under ``folder`` fail as on a read-only mount (EROFS), even for root, whom
+    file modes do not stop: opening a file to write, removing or renaming a file, making a folder."""
+    folders = []
+
+    def refusing(real, writes=lambda *args, **kwargs: True):
+        def guarded(path, *args, **kwargs):
+            if writes(*args, **kwargs) and any(os.path.abspath(path).startswith(f + os.sep) for f in folders):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+            return real(path, *args, **kwargs)
+        return guarded
+
+    monkeypatch.setattr("builtins.open", refusing(open, lambda mode="r", *_, **__: bool(set(mode) & set("wax+"))))
+    for name in ("remove", "unlink", "replace", "rename", "mkdir"):
+        monkeypatch.setattr(os, name, refusing(getattr(os, name)))
+    return lambda folder: folders.append(os.path.abspath(folder))
 
 
 def serve(server, url: str, body: bytes, behaviour: str = OK) -> None:
@@ -517,6 +537,44 @@ def test_a_damaged_cached_checkpoint_says_how_to_fetch_it_again_and_download_aga
     assert capsys.readouterr().out.strip() == local and open(local, "rb").read() == good
 
 
+@pytest.mark.parametrize("failure, message", [("mirror down", "connection refused"),
+                                              ("tampered copy", "failed verification")])
+def test_download_again_keeps_the_cached_copy_until_a_new_one_is_verified(server, register, capsys, failure,
+                                                                           message):
+    url = f"{model_zoo.DETECTRON2}/Misc/again/1/model_final_{hashlib.md5(BODY).hexdigest()[:6]}.pkl"
+    entry = register(model_zoo.ZooModel("Test/again", "mask_rcnn_R50_FPN_gn_3x.yaml", model_zoo.DETECTRON2_FORMAT, url,
+                                        sha256=hashlib.sha256(BODY).hexdigest().upper()))  # either case is accepted
+    serve(server, url, BODY)
+    local = model_zoo.fetch(entry.name, progress=False)
+    if failure == "mirror down":
+        server.stop()
+    else:
+        serve(server, url, BODY[::-1])
+
+    assert load_tool("model_zoo").main(["download", "--again", entry.name]) == 1
+
+    error = capsys.readouterr().err.split("\r")[-1]  # after the progress bar, erased
+    assert error.startswith("error: ") and message in error and error.count("\n") == 1
+    assert open(local, "rb").read() == BODY and cache_files(url) == [os.path.basename(url)]
+
+
+def test_download_again_into_a_read_only_cache_is_one_line_and_leaves_it_alone(server, read_only, capsys):
+    backbone = model_zoo.lookup("ImageNetPretrained/R-50-GN")
+    serve(server, backbone.url, BODY)
+    local = cache_path(backbone.url)
+    os.makedirs(os.path.dirname(local))
+    with open(local, "wb") as f:
+        f.write(BODY[:50])  # truncated, in a shared cache the user cannot write
+    read_only(os.environ["GN_DETECTION_CACHE"])
+
+    assert load_tool("model_zoo").main(["download", "--again", backbone.name]) == 1
+
+    error, cache = capsys.readouterr().err, os.environ["GN_DETECTION_CACHE"]
+    assert error.count("\n") == 1 and error.startswith(f"error: cannot write to the cache {cache} ")
+    assert "Read-only file system" in error and "point GN_DETECTION_CACHE elsewhere" in error
+    assert open(local, "rb").read() == BODY[:50] and server.requests == []
+
+
 def test_ctrl_c_during_a_download_is_one_line_and_exit_status_130(monkeypatch, capsys):
     def interrupted(name, again=False):
         raise KeyboardInterrupt
@@ -548,6 +606,11 @@ def test_two_hosts_files_of_the_same_path_are_cached_apart(monkeypatch, tmp_path
     ({"name": "gn-zoo://Mine/model"}, "name must be a non-empty string"),
     ({"file_format": "pth"}, "file_format must be model_zoo.DETECTRON2_FORMAT or DETECTRON_FORMAT, got 'pth'"),
     ({"url": "host/model.pkl"}, "url must be an http(s) URL"),
+    ({"url": "https://host/a/../../../model_final_1a2b3c.pkl"}, "url must not hold '..' path segments"),
+    ({"url": "http://../model_final_1a2b3c.pkl"}, "url must not hold '..' path segments"),  # the host's folder
+    ({"sha256": "1a2b3c"}, "sha256 must be the file's SHA-256 as 64 hex digits (or empty when not recorded), got '1a"),
+    ({"sha256": "g" * 64}, "sha256 must be the file's SHA-256 as 64 hex digits"),
+    ({"sha256": None}, "sha256 must be the file's SHA-256 as 64 hex digits"),
     ({"opts": "MODEL.GN.NUM_GROUPS 16"}, "opts must be a tuple of KEY, VALUE items"),
     ({"opts": ("MODEL.GN.NUM_GROUPS",)}, "opts must be a tuple of KEY, VALUE items"),
 ])

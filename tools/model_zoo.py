@@ -3,7 +3,8 @@
 
     python tools/model_zoo.py list [--remote]     # every checkpoint: format, published AP, size, config
     python tools/model_zoo.py download NAME ...   # download + verify into the cache, print the local path
-    python tools/model_zoo.py download --again NAME   # delete a cached copy (damaged, say) and download it anew
+    python tools/model_zoo.py download --again NAME   # download anew, replacing a cached copy (damaged, say)
+                                                      # only once the new one is whole and verified
 
 The cache is $GN_DETECTION_CACHE (default $XDG_CACHE_HOME/gn_detection, else ~/.cache/gn_detection);
 $GN_DETECTION_MIRROR replaces https://dl.fbaipublicfiles.com. Exit status 1 with a one-line reason when a name
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
     listing.add_argument("--remote", action="store_true", help="ask the server for the size of files not cached")
     fetching = commands.add_parser("download", help="download and verify checkpoints, print their local paths")
     fetching.add_argument("names", nargs="+", metavar="NAME")
-    fetching.add_argument("--again", action="store_true", help="delete cached copies first and download them anew")
+    fetching.add_argument("--again", action="store_true", help="download anew, replacing cached copies once verified")
     args = parser.parse_args(argv)
     try:
         if args.command == "list":
