@@ -6,6 +6,7 @@ import argparse
 import errno
 import logging
 import os
+import pickle
 import socket
 import urllib.parse
 import warnings
@@ -13,6 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 from detectron2.config import CfgNode
+from detectron2.utils.file_io import PathManager
 
 from . import model_zoo
 from .atomic_write import not_writable
@@ -194,6 +196,11 @@ def check_weights(weights: str) -> None:
             model_zoo.downloadable(weights)
         except (KeyError, DownloadError) as e:
             raise ValueError(f"MODEL.WEIGHTS {weights}: {e.args[0]}") from e
+    if "://" in weights and not _path_handled(weights):
+        scheme = weights.split("://")[0]
+        raise ValueError(f"MODEL.WEIGHTS {weights}: no file there that Detectron2's PathManager can read (no handler "
+                         f"for {scheme}://, or no such file); give a checkpoint file, an http(s):// URL or a gn-zoo:// "
+                         "name (tools/model_zoo.py list), or register a PathHandler for the scheme")
     if not weights or "://" in weights:  # none, or a URL: read when training loads it
         return
     local_file = urllib.parse.urlparse(weights)._replace(query="").geturl()  # Detectron2 drops a ?query
@@ -203,6 +210,15 @@ def check_weights(weights: str) -> None:
     if not os.path.isfile(local_file):
         raise FileNotFoundError(f"MODEL.WEIGHTS {weights} does not exist; give a checkpoint file, a URL or a "
                                 "gn-zoo:// name (tools/model_zoo.py list)")
+
+
+def _path_handled(path: str) -> bool:
+    """Whether a ``scheme://`` ``path`` is a file to Detectron2's PathManager: the native handler, which takes the
+    schemes no handler registered, finds no such file; a URL's handler cannot tell without fetching it."""
+    try:
+        return PathManager.isfile(path)
+    except NotImplementedError:
+        return True
 
 
 def check_zoo_inference_settings(cfg: CfgNode) -> None:
@@ -272,16 +288,30 @@ def check_untagged_checkpoints(output_dir: str) -> None:
 
 def check_weights_read(meta_model: torch.nn.Module, weights: str, eval_only: bool, resumed: bool,
                        allow_partial: bool) -> None:
-    """That the weights the run starts from can be read (a truncated or foreign file otherwise fails after setup),
-    and, for ``--eval-only`` (unless ``allow_partial``) and a training ``--resume``, that they set every tensor of
-    the model: see :func:`check_weights_fit`. For training from MODEL.WEIGHTS (ImageNet weights set the backbone
-    alone) only a local file is read here; a URL or gn-zoo:// name downloads when training loads it."""
-    if eval_only and not allow_partial:
-        check_weights_fit(meta_model, weights, "--eval-only")
-    elif resumed and not eval_only:
-        check_weights_fit(meta_model, weights, "--resume")
-    elif weights and (eval_only or "://" not in weights):
-        load_into_meta_model(meta_model, weights)
+    """That the weights the run starts from (``resumed``: the checkpoint ``--resume`` continues from) can be read (a
+    truncated or foreign file otherwise fails after setup), and, for ``--eval-only`` (unless ``allow_partial``) and a
+    training ``--resume``, that they set every tensor of the model: a model left partly at its random initialization
+    would be evaluated or trained on without a word otherwise (or, resumed, fail in the optimizer); BatchNorm's
+    ``num_batches_tracked`` counters, unused at evaluation, may be absent. For training from MODEL.WEIGHTS (ImageNet
+    weights set the backbone alone) only a local file is read here; a URL or gn-zoo:// name downloads when training
+    loads it.
+
+    Raises:
+        ValueError: naming the flag or key, the weights, what is wrong and what to do.
+    """
+    fit_flag = "--eval-only" if eval_only and not allow_partial else "--resume" if resumed and not eval_only else None
+    if not weights or not (fit_flag or eval_only or "://" not in weights):
+        return
+    try:
+        counts = load_into_meta_model(meta_model, weights)
+    except (ValueError, OSError, DownloadError, pickle.UnpicklingError) as e:
+        message = str(e.args[0]) if e.args else type(e).__name__
+        if resumed:
+            raise ValueError(f"--resume: {message}; to continue from an earlier checkpoint, write its file name into "
+                             "last_checkpoint") from e
+        raise ValueError(message if message.startswith(weights) else f"MODEL.WEIGHTS {weights}: {message}") from e
+    if fit_flag and counts.unset_names:
+        raise ValueError(f"{fit_flag}: {counts.unset_summary(weights)}, {FIT_ADVICE[fit_flag]}")
 
 
 def load_into_meta_model(meta_model: torch.nn.Module, path: str) -> LoadCounts:
@@ -309,17 +339,3 @@ FIT_ADVICE = {
                  "width or NUM_CLASSES). Resume with the settings it was trained with, or give a new OUTPUT_DIR to "
                  "start anew"),
 }
-
-
-def check_weights_fit(meta_model: torch.nn.Module, path: str, flag: str) -> None:
-    """For ``--eval-only`` and ``--resume`` (``flag``): that the checkpoint at ``path`` sets every tensor of the
-    model (:func:`load_into_meta_model`). A model left partly at its random initialization would be evaluated or
-    trained on without a word otherwise (or, resumed, fail in the optimizer). BatchNorm's ``num_batches_tracked``
-    counters, unused at evaluation, may be absent.
-
-    Raises:
-        ValueError: naming the flag, the checkpoint, the counts, the first tensors it leaves unset and what to do.
-    """
-    counts = load_into_meta_model(meta_model, path)
-    if counts.unset_names:
-        raise ValueError(f"{flag}: {counts.unset_summary(path)}, {FIT_ADVICE[flag]}")

@@ -4,6 +4,7 @@ import importlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -357,6 +359,10 @@ def checked_config(out, flags, opts):
     ([], ["DATASETS.TEST", "('tiny_shapes_vla',)"], "Dataset 'tiny_shapes_vla' (DATASETS.TRAIN / DATASETS.TEST) is "
                                                     "not registered; did you mean tiny_shapes_val"),
     ([], ["MODEL.WEIGHTS", "missing.pth"], "MODEL.WEIGHTS missing.pth does not exist"),
+    ([], ["MODEL.WEIGHTS", "s3://bucket/model.pth"], "MODEL.WEIGHTS s3://bucket/model.pth: no file there that "
+                                                     "Detectron2's PathManager can read (no handler for s3://"),
+    (["--eval-only"], ["MODEL.WEIGHTS", "http://127.0.0.1:9/model.pth"],  # nothing listens there
+     "MODEL.WEIGHTS http://127.0.0.1:9/model.pth: "),
     ([], ["MODEL.WEIGHTS", "gn-zoo://ImageNetPretrained/R-50-G"], "'ImageNetPretrained/R-50-G' is not in the GN "
                                                                   "model zoo. Did you mean ImageNetPretrained/R-50-GN"),
     ([], ["MODEL.WEIGHTS", "gn-zoo://Detectron/scratch_e2e_mask_rcnn_R-50-FPN_3x_gn"], "published as results only"),
@@ -563,7 +569,25 @@ def test_weights_that_cannot_be_read_are_named_before_training(tiny_shapes_root,
     weights.write_text("hello\n")  # e.g. an HTML error page saved under the checkpoint's name
     with pytest.raises(ValueError, match=f"^{weights}: not a readable checkpoint"):
         checked_config(tmp_path / "out", flags[:1], [*flags[1:], "MODEL.WEIGHTS", str(weights)])
+    weights = tmp_path / "model.pkl"
+    with open(weights, "wb") as f:  # Detectron2's .pkl format without its "__author__": read as another kind
+        pickle.dump({"model": {"backbone.stem.conv1.weight": np.zeros(3)}}, f)
+    with pytest.raises(ValueError, match=f"^MODEL.WEIGHTS {weights}: Unsupported type found in checkpoint"):
+        checked_config(tmp_path / "out", flags[:1], [*flags[1:], "MODEL.WEIGHTS", str(weights)])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_resume_cannot_read_is_named_with_how_to_continue_from_another(tiny_shapes_root, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    save_tiny_checkpoint(out / "model_0000009.pth")
+    (out / "model_final.pth").write_bytes((out / "model_0000009.pth").read_bytes()[:1000])  # the last save, damaged
+    (out / "last_checkpoint").write_text("model_final.pth")
+    with pytest.raises(ValueError, match=f"^--resume: {out}/model_final.pth: not a readable checkpoint .* to continue "
+                                         "from an earlier checkpoint, write its file name into last_checkpoint$"):
+        checked_config(out, ["--resume"], [])
+    (out / "last_checkpoint").write_text("model_0000009.pth")
+    assert checked_config(out, ["--resume"], [])
 
 
 def test_eval_only_accepts_weights_without_batchnorm_counters(tiny_shapes_root, tmp_path):
