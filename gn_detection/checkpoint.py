@@ -118,9 +118,12 @@ def _unreadable(path: str, error: BaseException) -> ValueError:
         reason = "not a complete pickle"
     else:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if path.endswith(".pkl") and zipfile.is_zipfile(path):  # Detectron2 unpickles .pkl files as they are
+        return ValueError(f"{path}: not a readable .pkl checkpoint: it is a torch.save archive, which Detectron2 "
+                          "loads from a .pth file; rename it to .pth")
     cached = os.path.abspath(path).startswith(os.path.join(os.path.abspath(cache_dir()), ""))
-    what_to_do = ("it is a cached download: `python tools/model_zoo.py download --again NAME` fetches a gn-zoo:// "
-                  "name anew, or delete the file and run again" if cached else "download or save it again")
+    what_to_do = ("it is a cached download: `python tools/model_zoo.py download --again` with its gn-zoo:// name "
+                  "fetches it anew, or delete the file and run again" if cached else "download or save it again")
     return ValueError(f"{path}: not a readable checkpoint ({reason}); the file is truncated or of another kind: "
                       f"{what_to_do}")
 

@@ -224,6 +224,15 @@ def test_an_unreadable_checkpoint_is_named_and_not_called_unsafe(tmp_path, name,
         load_weights(torch.nn.Linear(2, 2), str(path))
 
 
+def test_a_torch_archive_named_pkl_is_named_with_the_suffix_detectron2_loads_it_by(tmp_path):
+    (tmp_path / "model.pkl").write_bytes(torch_bytes())  # whole, but Detectron2 unpickles a .pkl as it is
+    with pytest.raises(ValueError, match=r"model.pkl: not a readable .pkl checkpoint: it is a torch.save archive, "
+                                         r"which Detectron2 loads from a .pth file; rename it to .pth$"):
+        load_weights(torch.nn.Linear(2, 2), str(tmp_path / "model.pkl"))
+    (tmp_path / "model.pkl").rename(tmp_path / "model.pth")
+    assert load_weights(torch.nn.Linear(100, 100, bias=False), str(tmp_path / "model.pth")).loaded == 1
+
+
 def torch_bytes():
     buffer = io.BytesIO()
     torch.save({"model": {"weight": torch.ones(100, 100)}}, buffer)
@@ -508,6 +517,9 @@ def test_command_line_list_and_download(server):
     listing = run_tool(["tools/model_zoo.py", "list"], env)
     row = next(line for line in listing.stdout.splitlines() if line.startswith(e2e.name))
     assert "42.3" in row and "37.2" in row and "293.0 KiB (cached)" in row
+    # the overrides its weights are evaluated with, which train_net --eval-only asks for
+    assert ("mask_rcnn_R101_FPN_gn_3x.yaml MODEL.ROI_BOX_HEAD.POOLER_TYPE ROIAlign MODEL.ROI_MASK_HEAD.POOLER_TYPE "
+            "ROIAlign") in row
     remote_listing = run_tool(["tools/model_zoo.py", "list", "--remote"], env)
     assert "Asking the server for the size of 8 files" in remote_listing.stderr  # not of the cached one
     remote = remote_listing.stdout.splitlines()
@@ -530,7 +542,8 @@ def test_a_damaged_cached_checkpoint_says_how_to_fetch_it_again_and_download_aga
     local = model_zoo.fetch(e2e.name, progress=False)
     with open(local, "wb") as f:
         f.write(good[:50])  # damaged in the cache after it was verified
-    with pytest.raises(ValueError, match="it is a cached download: `python tools/model_zoo.py download --again NAME`"):
+    with pytest.raises(ValueError, match="it is a cached download: `python tools/model_zoo.py download --again` "
+                                         "with its gn-zoo:// name"):
         load_weights(torch.nn.Linear(2, 2), local)
     assert model_zoo.fetch(e2e.name, progress=False) == local and open(local, "rb").read() == good[:50]  # as cached
     assert load_tool("model_zoo").main(["download", "--again", e2e.name]) == 0

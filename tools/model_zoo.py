@@ -62,9 +62,9 @@ def list_models(remote: bool) -> None:
         print(f"Asking the server for the size of {len(asked)} files ...", file=sys.stderr)
     with ThreadPoolExecutor(max_workers=8) as pool:  # HEAD requests wait on the network, not the CPU
         sizes = list(pool.map(lambda m: model_size(m, m in asked), models))
-    rows = [[m.name, m.file_format if m.url else "- (no file)", ap(m.box_ap), ap(m.mask_ap), size, m.config, m.note]
-            for m, size in zip(models, sizes)]
-    print(tabulate(rows, headers=["name", "format", "box AP", "mask AP", "size", "config", "note"]))
+    rows = [[m.name, m.file_format if m.url else "- (no file)", ap(m.box_ap), ap(m.mask_ap), size,
+             " ".join([m.config, *map(str, m.opts)]), m.note] for m, size in zip(models, sizes)]
+    print(tabulate(rows, headers=["name", "format", "box AP", "mask AP", "size", "config (and overrides)", "note"]))
 
 
 def main(argv=None) -> int:
