@@ -126,6 +126,9 @@ def load_config(config_file: str, opts: Sequence = ()) -> CN:
     except (TypeError, AttributeError) as e:  # yacs met a value where it expects a mapping or a file name
         raise ValueError(f"{config_file}: {_structure_problem(config_file)} ({e})") from e
     _check_no_nulls(cfg, defaults, config_file)
+    if flags := [key for key in list(opts)[::2] if isinstance(key, str) and key.startswith("--")]:
+        raise ValueError(f"overrides: {flags[0]} comes after the KEY VALUE pairs, which take it for a key; give the "
+                         "flags (--eval-only, --resume, --num-gpus N, ...) before them")
     try:
         cfg.merge_from_list(list(opts))
     except ValueError as e:

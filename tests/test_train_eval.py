@@ -354,6 +354,8 @@ def checked_config(out, flags, opts):
 @pytest.mark.parametrize("flags, opts, message", [
     ([], ["MODEL.GN.NUM_GROUP", "16"], "Non-existent key: MODEL.GN.NUM_GROUP; give KEY VALUE pairs"),
     ([], ["MODEL.GN.NUM_GROUPS"], "Override list has odd length"),
+    ([], ["MODEL.GN.NUM_GROUPS", "16", "--eval-only"], "overrides: --eval-only comes after the KEY VALUE pairs, "
+                                                       "which take it for a key; give the flags"),
     ([], ["MODEL.GN.IMPL", "fast"], "MODEL.GN.IMPL must be one of ('auto', 'triton', 'torch'), got 'fast'"),
     ([], ["TEST.VIS_NUM_IMAGES", "-1"], "TEST.VIS_NUM_IMAGES must be >= 0"),
     ([], ["DATASETS.TEST", "('tiny_shapes_vla',)"], "Dataset 'tiny_shapes_vla' (DATASETS.TRAIN / DATASETS.TEST) is "
