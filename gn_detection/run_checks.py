@@ -193,7 +193,7 @@ def check_weights(weights: str) -> None:
     """
     if weights.startswith(model_zoo.SCHEME):
         try:
-            model_zoo.downloadable(weights)
+            model_zoo.downloadable(_without_query(weights))
         except (KeyError, DownloadError) as e:
             raise ValueError(f"MODEL.WEIGHTS {weights}: {e.args[0]}") from e
     if "://" in weights and not _path_handled(weights):
@@ -203,13 +203,18 @@ def check_weights(weights: str) -> None:
                          "name (tools/model_zoo.py list), or register a PathHandler for the scheme")
     if not weights or "://" in weights:  # none, or a URL: read when training loads it
         return
-    local_file = urllib.parse.urlparse(weights)._replace(query="").geturl()  # Detectron2 drops a ?query
+    local_file = _without_query(weights)
     if os.path.isdir(local_file):
         raise ValueError(f"MODEL.WEIGHTS {weights} is a folder; give a checkpoint file in it, e.g. "
                          f"{os.path.join(weights, 'model_final.pth')}")
     if not os.path.isfile(local_file):
         raise FileNotFoundError(f"MODEL.WEIGHTS {weights} does not exist; give a checkpoint file, a URL or a "
                                 "gn-zoo:// name (tools/model_zoo.py list)")
+
+
+def _without_query(weights: str) -> str:
+    """MODEL.WEIGHTS as Detectron2's checkpointer loads it: without a ``?query`` (``?matching_heuristics=True``)."""
+    return urllib.parse.urlparse(weights)._replace(query="").geturl()
 
 
 def _path_handled(path: str) -> bool:
@@ -231,7 +236,7 @@ def check_zoo_inference_settings(cfg: CfgNode) -> None:
     """
     if not cfg.MODEL.WEIGHTS.startswith(model_zoo.SCHEME):
         return
-    opts = list(model_zoo.lookup(cfg.MODEL.WEIGHTS).opts)
+    opts = list(model_zoo.lookup(_without_query(cfg.MODEL.WEIGHTS)).opts)
     expected = cfg.clone()
     expected.defrost()
     expected.merge_from_list(opts)

@@ -417,6 +417,7 @@ def test_a_mistake_in_the_settings_is_named_before_any_work(tiny_shapes_root, tm
 
 @pytest.mark.parametrize("flags, opts", [
     ([], ["MODEL.WEIGHTS", "gn-zoo://ImageNetPretrained/R-50-GN"]),
+    ([], ["MODEL.WEIGHTS", "gn-zoo://ImageNetPretrained/R-50-GN?matching_heuristics=True"]),  # as Detectron2 reads
     ([], ["MODEL.WEIGHTS", "https://example.com/model_final.pth"]),
     ([], ["MODEL.WEIGHTS", "catalog://ImageNetPretrained/FAIR/R-50-GN"]),
     ([], ["MODEL.WEIGHTS", "{out}/model.pth"]),
