@@ -191,7 +191,8 @@ def _check_url(url: str) -> None:
         raise DownloadError(f"refusing to download {url} over plain HTTP (it could be altered in transit); "
                             f"use an https:// mirror or set {ENV_ALLOW_HTTP}=1 to allow it.")
     if parsed.scheme not in ("http", "https"):
-        raise DownloadError(f"cannot download {url}: only https:// URLs are supported (check {ENV_MIRROR}).")
+        allowed = "https:// and http:// URLs" if os.environ.get(ENV_ALLOW_HTTP) == "1" else "https:// URLs"
+        raise DownloadError(f"cannot download {url}: only {allowed} are supported (check {ENV_MIRROR}).")
     if not parsed.hostname:
         raise DownloadError(f"cannot download {url}: the URL names no host (check {ENV_MIRROR}).")
 
@@ -219,10 +220,14 @@ def _fetch_with_retries(url: str, part: str, retry: RetryPolicy, progress: bool)
 
 
 def _raise_if_final(url: str, error: BaseException) -> None:
-    """Errors another attempt cannot fix: a malformed URL, a certificate that does not verify."""
+    """Errors another attempt cannot fix: a malformed URL, a server that speaks no TLS, a certificate that does not
+    verify."""
     reason = getattr(error, "reason", error)
     if isinstance(error, http.client.InvalidURL):
         raise DownloadError(f"cannot download {url}: {error} (check {ENV_MIRROR}).") from error
+    if isinstance(reason, ssl.SSLError) and reason.reason == "WRONG_VERSION_NUMBER":  # the server spoke no TLS
+        raise DownloadError(f"cannot download {url}: the server does not speak TLS (HTTPS); is it a plain http:// "
+                            f"mirror? (check {ENV_MIRROR})") from error
     if isinstance(reason, ssl.SSLCertVerificationError):
         raise DownloadError(f"cannot download {url}: its TLS certificate does not verify ({reason.verify_message}). "
                             "For a mirror with a private CA, point SSL_CERT_FILE at its certificate.") from error

@@ -435,9 +435,11 @@ def test_a_folder_at_the_cache_path_is_named_before_downloading(server):
 @pytest.mark.parametrize("mirror, message", [("https://", "names no host"), ("ftp://127.0.0.1", "only https://"),
                                              ("https://127.0.0.1:port", "Port could not be cast"),
                                              ("https://127.0.0.1:99999", "Port out of range"),
-                                             ("https://[::1", "Invalid IPv6 URL")])
+                                             ("https://[::1", "Invalid IPv6 URL"),
+                                             ("127.0.0.1", r"only https:// and http:// URLs are supported"),
+                                             ("https + the loopback server", "the server does not speak TLS")])
 def test_malformed_mirrors_fail_at_once(server, monkeypatch, mirror, message):
-    monkeypatch.setenv("GN_DETECTION_MIRROR", mirror)
+    monkeypatch.setenv("GN_DETECTION_MIRROR", server.url.replace("http:", "https:") if "+" in mirror else mirror)
     monkeypatch.setenv("GN_DETECTION_BACKOFF", "5")  # a retry would make this test slow
     with pytest.raises(DownloadError, match=message):
         download(URL, progress=False)
