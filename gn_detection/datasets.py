@@ -100,7 +100,10 @@ def check_dataset_files(names: Iterable[str], named_by: str = "DATASETS.TRAIN / 
         files = (("annotation file", metadata.get("json_file")), ("image directory", metadata.get("image_root")))
         for what, path in files:
             if path and not os.path.exists(path):
-                raise FileNotFoundError(f"Dataset '{name}': its {what} {path} does not exist. {hint}")
+                where = "" if os.path.isabs(path) else (f" under the working directory {os.getcwd()} (a relative "
+                                                         "path: run from the folder it is relative to, or set "
+                                                         "DETECTRON2_DATASETS to the datasets folder)")
+                raise FileNotFoundError(f"Dataset '{name}': its {what} {path} does not exist{where}. {hint}")
 
 
 def check_annotations(dicts: List[Dict], datasets: str, masks: bool,

@@ -421,6 +421,17 @@ def test_missing_shapes_error_says_how_to_generate(tmp_path):
         check_dataset_files(["absent_shapes_train"])
 
 
+def test_a_relative_dataset_path_that_is_missing_names_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # as when a tool runs from another folder than the one holding datasets/
+    gn_detection.register_shapes("datasets/shapes", prefix="relative_shapes")
+    with pytest.raises(FileNotFoundError) as error:
+        check_dataset_files(["relative_shapes_train"])
+    assert str(error.value).startswith(
+        f"Dataset 'relative_shapes_train': its annotation file datasets/shapes/annotations/instances_train.json does "
+        f"not exist under the working directory {tmp_path} (a relative path: run from the folder it is relative to, "
+        "or set DETECTRON2_DATASETS to the datasets folder)")
+
+
 def test_a_regeneration_that_fails_while_drawing_leaves_the_split_that_was_there(tmp_path, monkeypatch):
     import gn_detection.shapes as shapes
 
