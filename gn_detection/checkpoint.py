@@ -2,6 +2,7 @@
 import os
 import pickle
 import pickletools
+import shutil
 import zipfile
 from dataclasses import dataclass
 from typing import Tuple
@@ -47,6 +48,10 @@ class LoadCounts:
         return f"loaded {self.loaded}, missing {self.missing}, unused {self.unused}"
 
 
+class CheckpointNotSaved(OSError):
+    """A checkpoint could not be written (a full disk, say); the message names it and the space left."""
+
+
 class AtomicCheckpointer(DetectionCheckpointer):
     """Detectron2's DetectionCheckpointer, but each checkpoint and the ``last_checkpoint`` tag are written
     under a temporary name and renamed into place once complete. A run killed while saving leaves the
@@ -65,10 +70,16 @@ class AtomicCheckpointer(DetectionCheckpointer):
         try:
             super().save(f"{name}{PARTIAL}", **kwargs)  # tag_last_checkpoint below ignores this name
             replace_durably(partial, final)
-        except BaseException:
+        except BaseException as e:
             if os.path.exists(partial):
                 os.remove(partial)
-            raise
+            if not isinstance(e, Exception):  # Ctrl-C, say: as it is
+                raise
+            # torch says "unexpected pos 3021312 vs 3021200" for a full disk: the free space tells
+            free_mb = shutil.disk_usage(self.save_dir).free / 2**20
+            raise CheckpointNotSaved(f"cannot save the checkpoint {final} ({type(e).__name__}: {_first_line(e)}; "
+                                     f"{free_mb:.0f} MB free on its file system); the checkpoints saved before, and "
+                                     "last_checkpoint, are as they were") from e
         self.logger.info("Checkpoint complete: %s", final)
         self.tag_last_checkpoint(f"{name}.pth")
 
@@ -117,7 +128,7 @@ def _unreadable(path: str, error: BaseException) -> ValueError:
     if isinstance(error, (pickle.UnpicklingError, KeyError)):  # torch's text suggests weights_only=False: no use
         reason = "not a complete pickle"
     else:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        reason = _first_line(error)
     if path.endswith(".pkl") and zipfile.is_zipfile(path):  # Detectron2 unpickles .pkl files as they are
         return ValueError(f"{path}: not a readable .pkl checkpoint: it is a torch.save archive, which Detectron2 "
                           "loads from a .pth file; rename it to .pth")
@@ -126,6 +137,11 @@ def _unreadable(path: str, error: BaseException) -> ValueError:
                   "fetches it anew, or delete the file and run again" if cached else "download or save it again")
     return ValueError(f"{path}: not a readable checkpoint ({reason}); the file is truncated or of another kind: "
                       f"{what_to_do}")
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message (torch's carry C++ backtraces), or its type's name."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _is_whole_pickle(path: str) -> bool:

@@ -54,7 +54,24 @@ def test_a_save_whose_rename_fails_leaves_no_partial_file(tmp_path, monkeypatch)
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(checkpoint, "replace_durably", full_disk)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(checkpoint.CheckpointNotSaved, match=f"^cannot save the checkpoint {tmp_path}/model_final.pth "
+                                                            r"\(OSError: \[Errno 28\] No space left on device; \d+ MB "
+                                                            "free on its file system\); the checkpoints saved before"):
         checkpointer.save("model_final", iteration=20)
     assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_final.pth"]
     assert (tmp_path / "model_final.pth").read_bytes() == good
+
+
+def test_a_save_torch_fails_on_names_the_checkpoint_and_the_space_left(tmp_path, monkeypatch):
+    checkpointer = AtomicCheckpointer(torch.nn.Linear(4, 3), str(tmp_path))
+
+    def full_disk(obj, f, *args, **kwargs):  # what torch raises when the disk fills mid-write
+        f.write(b"part")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3021312 vs 3021200\nframe #0")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError) as error:
+        checkpointer.save("model_0000009", iteration=9)
+    assert str(error.value).startswith(f"cannot save the checkpoint {tmp_path}/model_0000009.pth (RuntimeError: "
+                                       "[enforce fail at inline_container.cc:672] . unexpected pos 3021312 vs 3021200; ")
+    assert os.listdir(tmp_path) == []

@@ -153,7 +153,7 @@ def test_training_data_without_images_is_named_as_such(dicts, reason):
     DatasetCatalog.register(name, lambda: dicts)
     train_net = load_tool("train_net")
     cfg = load_config(SHAPES_CONFIG, ["DATASETS.TRAIN", f"('{name}',)", "DATALOADER.NUM_WORKERS", 0])
-    with pytest.raises(train_net.UnusableInput, match=rf"^DATASETS.TRAIN \('{name}',\) cannot be trained on: "
+    with pytest.raises(train_net.RunStopped, match=rf"^DATASETS.TRAIN \('{name}',\) cannot be trained on: "
                                                           + re.escape(reason)):
         train_net.Trainer.build_train_loader(cfg)
 
@@ -164,16 +164,16 @@ def test_training_classes_known_once_loaded_are_counted_before_the_first_iterati
     train_net = load_tool("train_net")
     cfg = load_config(SHAPES_CONFIG, ["DATASETS.TRAIN", "('shapes_as_coco_instances',)", "DATALOADER.NUM_WORKERS", 0,
                                       "MODEL.ROI_HEADS.NUM_CLASSES", 3])
-    with pytest.raises(train_net.UnusableInput, match=r"^Dataset 'shapes_as_coco_instances' has 4 classes \(circle, "
-                                                      r"square, triangle, star\) but MODEL.ROI_HEADS.NUM_CLASSES is 3"):
+    with pytest.raises(train_net.RunStopped, match=r"^Dataset 'shapes_as_coco_instances' has 4 classes \(circle, "
+                                                   r"square, triangle, star\) but MODEL.ROI_HEADS.NUM_CLASSES is 3"):
         train_net.Trainer.build_train_loader(cfg)
     DatasetCatalog.register("shapes_reversed", list)  # a test dataset, its classes known in this process
     MetadataCatalog.get("shapes_reversed").thing_classes = list(reversed(SHAPE_CLASSES))
     cfg = load_config(SHAPES_CONFIG, ["DATASETS.TRAIN", "('shapes_as_coco_instances',)", "DATASETS.TEST",
                                       "('shapes_reversed',)", "DATALOADER.NUM_WORKERS", 0])
-    with pytest.raises(train_net.UnusableInput, match=r"^Dataset 'shapes_reversed' \(DATASETS.TEST\) and "
-                                                      r"'shapes_as_coco_instances' \(DATASETS.TRAIN\) list the same "
-                                                      r"classes in another order"):
+    with pytest.raises(train_net.RunStopped, match=r"^Dataset 'shapes_reversed' \(DATASETS.TEST\) and "
+                                                   r"'shapes_as_coco_instances' \(DATASETS.TRAIN\) list the same "
+                                                   r"classes in another order"):
         train_net.Trainer.build_train_loader(cfg)
 
 
@@ -189,20 +189,20 @@ def test_training_records_without_boxes_masks_or_readable_images_are_named_befor
     train_net = load_tool("train_net")
     opts = ["DATASETS.TRAIN", "('boxes_and_masks',)", "DATASETS.TEST", "()", "DATALOADER.NUM_WORKERS", 0,
             "MODEL.ROI_HEADS.NUM_CLASSES", 1]
-    with pytest.raises(train_net.UnusableInput, match=r"^DATASETS.TRAIN \('boxes_and_masks',\): 2 of 3 images have "
-                                                      r"annotations without a mask \(no or an empty 'segmentation'\), "
-                                                      r"and MODEL.MASK_ON is True, e.g. .*1.png; .* or set "
-                                                      r"MODEL.MASK_ON False"):
+    with pytest.raises(train_net.RunStopped, match=r"^DATASETS.TRAIN \('boxes_and_masks',\): 2 of 3 images have "
+                                                   r"annotations without a mask \(no or an empty 'segmentation'\), "
+                                                   r"and MODEL.MASK_ON is True, e.g. .*1.png; .* or set "
+                                                   r"MODEL.MASK_ON False"):
         train_net.Trainer.build_train_loader(load_config(SHAPES_CONFIG, opts))
     assert train_net.Trainer.build_train_loader(load_config(SHAPES_CONFIG, [*opts, "MODEL.MASK_ON", False]))
     del box["bbox"]  # in images 1 and 2; Detectron2's mapper reads it: a KeyError at such an image's iteration
-    with pytest.raises(train_net.UnusableInput, match=r"^DATASETS.TRAIN \('boxes_and_masks',\): 2 of 3 images have "
-                                                      r"annotations without a box \('bbox'\), e.g. .*1.png; give"):
+    with pytest.raises(train_net.RunStopped, match=r"^DATASETS.TRAIN \('boxes_and_masks',\): 2 of 3 images have "
+                                                   r"annotations without a box \('bbox'\), e.g. .*1.png; give"):
         train_net.Trainer.build_train_loader(load_config(SHAPES_CONFIG, [*opts, "MODEL.MASK_ON", False]))
     box["bbox"] = [1, 1, 4, 4]
     Image.new("I;16", (8, 8), 4000).save(dicts[2]["file_name"])  # read clipped to 8 bits: all white
-    with pytest.raises(train_net.UnusableInput, match=r"^DATASETS.TRAIN \('boxes_and_masks',\): .*2.png has PIL mode "
-                                                      r"I;16 with values from 4000 to 4000"):
+    with pytest.raises(train_net.RunStopped, match=r"^DATASETS.TRAIN \('boxes_and_masks',\): .*2.png has PIL mode "
+                                                   r"I;16 with values from 4000 to 4000"):
         train_net.Trainer.build_train_loader(load_config(SHAPES_CONFIG, [*opts, "MODEL.MASK_ON", False]))
     assert train_net.Trainer.build_train_loader(load_config(SHAPES_CONFIG, [*opts, "MODEL.MASK_ON", False,
                                                                             "DATASETS.CHECK_IMAGES", False]))
@@ -212,8 +212,8 @@ def test_rle_masks_read_as_polygons_are_named_before_the_first_iteration(tiny_sh
     train_net = load_tool("train_net")  # the shapes datasets hold RLE masks; Detectron2's configs read polygons
     cfg = load_config(SHAPES_CONFIG, ["DATASETS.TRAIN", "('tiny_shapes_train',)", "DATASETS.TEST", "()",
                                       "INPUT.MASK_FORMAT", "polygon"])
-    with pytest.raises(train_net.UnusableInput, match=r"^DATASETS.TRAIN \('tiny_shapes_train',\): 48 of 48 images "
-                                                      r"have masks as RLE .* set INPUT.MASK_FORMAT bitmask$"):
+    with pytest.raises(train_net.RunStopped, match=r"^DATASETS.TRAIN \('tiny_shapes_train',\): 48 of 48 images "
+                                                   r"have masks as RLE .* set INPUT.MASK_FORMAT bitmask$"):
         train_net.Trainer.build_train_loader(cfg)
 
 
@@ -233,7 +233,7 @@ def test_training_records_the_loader_finds_a_key_missing_in_are_named(tiny_shape
     register_coco_instances(name, {}, str(tmp_path / "spoiled.json"), image_root)
     train_net = load_tool("train_net")
     cfg = load_config(SHAPES_CONFIG, ["DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", "()"])
-    with pytest.raises(train_net.UnusableInput) as error:
+    with pytest.raises(train_net.RunStopped) as error:
         train_net.Trainer.build_train_loader(cfg)
     assert str(error.value) == f"DATASETS.TRAIN ('{name}',) cannot be trained on: {reason}"
 
@@ -275,7 +275,7 @@ def test_unusable_training_data_in_a_run_of_several_processes_is_one_error(tiny_
     args = train_net.default_argument_parser().parse_args(["--num-gpus", "2", "--dist-url", "auto"])
     # two CPU processes over gloo: checked_config refuses them, as Detectron2's trainer fails on them at
     # DistributedDataParallel, but the training data is loaded and checked (and fails) before that
-    with pytest.raises(train_net.UnusableInput, match=message):
+    with pytest.raises(train_net.RunStopped, match=message):
         train_net.run(args, load_config(SHAPES_CONFIG, opts))
 
 
@@ -302,6 +302,31 @@ def test_a_test_image_found_damaged_after_training_is_named_and_resume_evaluates
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Evaluation results for segm" in result.stdout + result.stderr  # of the model trained before
     assert "bbox/AP" in read_output_metrics(out)[-1]
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_naming_the_one_resume_continues_from(
+        tiny_shapes_root, tmp_path, monkeypatch):
+    train_net = load_tool("train_net")
+    out = tmp_path / "out"
+    cfg = load_config(SHAPES_CONFIG, [*TINY_OVERRIDES, "DATASETS.TRAIN", "('tiny_shapes_train',)", "DATASETS.TEST",
+                                      "()", "SOLVER.MAX_ITER", 2, "SOLVER.CHECKPOINT_PERIOD", 1, "OUTPUT_DIR", str(out)])
+    real_save, saves = torch.save, []
+
+    def full_disk_at_the_second(obj, f, *args, **kwargs):
+        saves.append(f)
+        if len(saves) == 2:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3021312 vs 3021200")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk_at_the_second)
+    with pytest.raises(train_net.RunStopped) as error:
+        train_net.main(default_argument_parser().parse_args([]), cfg)
+    assert re.fullmatch(
+        f"the run stopped: cannot save the checkpoint {out}/model_0000001.pth \\(RuntimeError: .* unexpected pos "
+        r"3021312 vs 3021200; \d+ MB free on its file system\); the checkpoints saved before, and last_checkpoint, "
+        rf"are as they were. Free space there .*; {out}/last_checkpoint names model_0000000.pth: add --resume to the "
+        "command to continue from it", str(error.value)), str(error.value)
+    assert sorted(p.name for p in out.glob("model_*")) == ["model_0000000.pth"]
 
 
 def test_ctrl_c_in_training_says_which_checkpoint_resume_continues_from(tiny_shapes_root, tmp_path):

@@ -21,7 +21,7 @@ from detectron2.engine import DefaultTrainer, default_argument_parser, default_s
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from gn_detection.checkpoint import AtomicCheckpointer
+from gn_detection.checkpoint import AtomicCheckpointer, CheckpointNotSaved
 from gn_detection.datasets import (NamingDatasetMapper, UnusableRecord, check_annotations, check_images,
                                    check_same_classes)
 from gn_detection.download import DownloadError
@@ -31,14 +31,14 @@ from gn_detection.run_checks import check_class_count, checked_config
 from gn_detection.visualize import draw_predictions, plot_loss_curve
 
 
-class UnusableInput(ValueError):
-    """What a run loads once started (DATASETS.TRAIN: its records, images and classes, MODEL.WEIGHTS given as a URL or
-    gn-zoo:// name, and an image of either dataset that fails only when decoded) could not be used; the message says
-    which and why."""
+class RunStopped(ValueError):
+    """A run stopped once started, for a reason the message names with what to do: what it loads then could not be
+    used (DATASETS.TRAIN: its records, images and classes, MODEL.WEIGHTS given as a URL or gn-zoo:// name, an image
+    of either dataset that fails only when decoded), or a checkpoint could not be written."""
 
 
-# the exit status of a worker process that stopped on UnusableInput, having put its message on the launcher's queue
-UNUSABLE_INPUT_EXIT = 3
+# the exit status of a worker process that stopped on RunStopped, having put its message on the launcher's queue
+RUN_STOPPED_EXIT = 3
 
 
 class Trainer(DefaultTrainer):
@@ -53,7 +53,7 @@ class Trainer(DefaultTrainer):
             # as Detectron2's trainer builds it, with a mapper that names an image it cannot use
             loader_args = build_detection_train_loader.from_config(cfg, NamingDatasetMapper(cfg, True))
         except (ValueError, OSError, AssertionError, KeyError) as e:  # a broken file, a missing image, no images
-            raise UnusableInput(f"{named} cannot be trained on: {_load_failure(e)}") from e
+            raise RunStopped(f"{named} cannot be trained on: {_load_failure(e)}") from e
         records = loader_args["dataset"]
         try:
             check_class_count(cfg, cfg.DATASETS.TRAIN)  # loaded now, a register_coco_instances dataset has its classes
@@ -62,7 +62,7 @@ class Trainer(DefaultTrainer):
             if cfg.DATASETS.CHECK_IMAGES:  # each process its share of the images
                 check_images(records[comm.get_rank()::comm.get_world_size()], named)
         except ValueError as e:
-            raise UnusableInput(e.args[0]) from None
+            raise RunStopped(e.args[0]) from None
         return build_detection_train_loader(**loader_args)
 
     @classmethod
@@ -140,7 +140,7 @@ def main(args, cfg):
         try:
             results = Trainer.test(cfg, model)
         except UnusableRecord as e:
-            raise UnusableInput(f"{e.reason()}; replace it (or leave out its record) and evaluate again") from e
+            raise RunStopped(f"{e.reason()}; replace it (or leave out its record) and evaluate again") from e
     else:
         trainer = Trainer(cfg)
         resumes = args.resume and trainer.checkpointer.has_checkpoint()  # that checkpoint was read before launch
@@ -150,13 +150,16 @@ def main(args, cfg):
         except (ValueError, OSError, pickle.UnpicklingError, DownloadError) as e:
             if resumes:
                 raise
-            raise UnusableInput(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}: {e}") from e
+            raise RunStopped(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}: {e}") from e
         metrics_start = fresh_run_start(os.path.join(cfg.OUTPUT_DIR, "metrics.json"), trainer.start_iter)
         try:
             results = trainer.train()
         except UnusableRecord as e:  # the checkpoints saved so far stay
-            raise UnusableInput(f"the run stopped: {e.reason()}; replace it (or leave out its record); "
-                                f"{resume_note(cfg.OUTPUT_DIR)}") from e
+            raise RunStopped(f"the run stopped: {e.reason()}; replace it (or leave out its record); "
+                             f"{resume_note(cfg.OUTPUT_DIR)}") from e
+        except CheckpointNotSaved as e:
+            raise RunStopped(f"the run stopped: {e}. Free space there (or copy OUTPUT_DIR elsewhere and give that); "
+                             f"{resume_note(cfg.OUTPUT_DIR)}") from e
         model = trainer.model
     if comm.is_main_process():
         save_pictures(cfg, getattr(model, "module", model), metrics_start)  # unwrap DDP
@@ -189,24 +192,24 @@ def resume_note(output_dir: str) -> str:
 def worker(args, cfg, errors: multiprocessing.queues.SimpleQueue, test_classes: Dict[str, List[str]]) -> Optional[dict]:
     """:func:`main` in one process of the job, knowing the ``test_classes`` the launcher's checks loaded (a worker
     loads a register_coco_instances test dataset only to evaluate, and compares the training classes with it before
-    training). In a job of several processes, UnusableInput is put on ``errors`` for :func:`run` to raise in the
+    training). In a job of several processes, RunStopped is put on ``errors`` for :func:`run` to raise in the
     launching process, rather than printed as each worker's traceback."""
     for name, classes in test_classes.items():  # as loading the dataset will set them
         MetadataCatalog.get(name).thing_classes = classes
     try:
         return main(args, cfg)
-    except UnusableInput as e:
+    except RunStopped as e:
         if comm.get_world_size() == 1:  # run's own process
             raise
         errors.put(e.args[0])
-        sys.exit(UNUSABLE_INPUT_EXIT)
+        sys.exit(RUN_STOPPED_EXIT)
 
 
 def run(args, cfg) -> None:
     """Launch :func:`worker` on this machine's processes of the job (``args.num_gpus``; in this process for one).
 
     Raises:
-        UnusableInput: when the training data or the weights loaded once started cannot be used, in any process.
+        RunStopped: when the training data or the weights loaded once started cannot be used, in any process.
     """
     errors = multiprocessing.get_context("spawn").SimpleQueue()  # the context Detectron2's launch spawns with
     test_classes = {name: classes for name in cfg.DATASETS.TEST
@@ -216,8 +219,8 @@ def run(args, cfg) -> None:
         launch(worker, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                dist_url=args.dist_url, args=(args, cfg, errors, test_classes))
     except ProcessExitedException as e:  # the other workers are stopped by now
-        if e.exit_code == UNUSABLE_INPUT_EXIT and not errors.empty():
-            raise UnusableInput(errors.get()) from None
+        if e.exit_code == RUN_STOPPED_EXIT and not errors.empty():
+            raise RunStopped(errors.get()) from None
         raise
 
 
@@ -231,7 +234,7 @@ if __name__ == "__main__":
             sys.exit(f"error: {e}")
         try:
             run(args, config)
-        except UnusableInput as e:  # before the first iteration
+        except RunStopped as e:  # before the first iteration
             sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         print(interrupted_note(config and config.OUTPUT_DIR, args.eval_only), file=sys.stderr)
