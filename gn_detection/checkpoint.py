@@ -71,15 +71,17 @@ class AtomicCheckpointer(DetectionCheckpointer):
             super().save(f"{name}{PARTIAL}", **kwargs)  # tag_last_checkpoint below ignores this name
             replace_durably(partial, final)
         except BaseException as e:
+            # torch says "unexpected pos 3021312 vs 3021200" for a full disk: the space left, before the part is
+            # removed, tells
+            written_mb = os.path.getsize(partial) / 2**20 if os.path.exists(partial) else 0.0
+            free_mb = shutil.disk_usage(self.save_dir).free / 2**20
             if os.path.exists(partial):
                 os.remove(partial)
             if not isinstance(e, Exception):  # Ctrl-C, say: as it is
                 raise
-            # torch says "unexpected pos 3021312 vs 3021200" for a full disk: the free space tells
-            free_mb = shutil.disk_usage(self.save_dir).free / 2**20
             raise CheckpointNotSaved(f"cannot save the checkpoint {final} ({type(e).__name__}: {_first_line(e)}; "
-                                     f"{free_mb:.0f} MB free on its file system); the checkpoints saved before, and "
-                                     "last_checkpoint, are as they were") from e
+                                     f"{written_mb:.1f} MB written, {free_mb:.1f} MB left free on its file system); "
+                                     "the checkpoints saved before, and last_checkpoint, are as they were") from e
         self.logger.info("Checkpoint complete: %s", final)
         self.tag_last_checkpoint(f"{name}.pth")
 

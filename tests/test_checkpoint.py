@@ -55,8 +55,9 @@ def test_a_save_whose_rename_fails_leaves_no_partial_file(tmp_path, monkeypatch)
 
     monkeypatch.setattr(checkpoint, "replace_durably", full_disk)
     with pytest.raises(checkpoint.CheckpointNotSaved, match=f"^cannot save the checkpoint {tmp_path}/model_final.pth "
-                                                            r"\(OSError: \[Errno 28\] No space left on device; \d+ MB "
-                                                            "free on its file system\); the checkpoints saved before"):
+                                                            r"\(OSError: \[Errno 28\] No space left on device; [\d.]+ MB "
+                                                            r"written, [\d.]+ MB left free on its file system\); the "
+                                                            "checkpoints saved before"):
         checkpointer.save("model_final", iteration=20)
     assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_final.pth"]
     assert (tmp_path / "model_final.pth").read_bytes() == good

@@ -323,7 +323,8 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_naming_the_one_resume
         train_net.main(default_argument_parser().parse_args([]), cfg)
     assert re.fullmatch(
         f"the run stopped: cannot save the checkpoint {out}/model_0000001.pth \\(RuntimeError: .* unexpected pos "
-        r"3021312 vs 3021200; \d+ MB free on its file system\); the checkpoints saved before, and last_checkpoint, "
+        r"3021312 vs 3021200; 0.0 MB written, [\d.]+ MB left free on its file system\); the checkpoints saved before, "
+        r"and last_checkpoint, "
         rf"are as they were. Free space there .*; {out}/last_checkpoint names model_0000000.pth: add --resume to the "
         "command to continue from it", str(error.value)), str(error.value)
     assert sorted(p.name for p in out.glob("model_*")) == ["model_0000000.pth"]
