@@ -5,7 +5,7 @@ import pickletools
 import shutil
 import zipfile
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -62,9 +62,18 @@ class AtomicCheckpointer(DetectionCheckpointer):
 
     last_load_counts = None
 
+    def __init__(self, model: nn.Module, save_dir: str = "", *, settings: Optional[Dict[str, object]] = None,
+                 **kwargs):
+        """``settings``: saved with each checkpoint as ``"settings"`` (the config values it was trained with that
+        its tensors do not show, for a load to compare: :func:`gn_detection.config.gn_settings`)."""
+        super().__init__(model, save_dir, **kwargs)
+        self.settings = settings
+
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:
             return
+        if self.settings:
+            kwargs.setdefault("settings", self.settings)
         partial = os.path.join(self.save_dir, f"{name}{PARTIAL}.pth")
         final = os.path.join(self.save_dir, f"{name}.pth")
         try:

@@ -1,7 +1,7 @@
 """Config keys added by gn_detection, and loading and checking a config."""
 import os
 import traceback
-from typing import List, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 import yaml
@@ -51,6 +51,22 @@ def add_gn_config(cfg: CN) -> None:
     cfg.TEST.VIS_SCORE_THRESH = 0.5
     # --eval-only refuses weights that leave any model tensor unset (its AP would be a random model's); True allows it.
     cfg.TEST.ALLOW_PARTIAL_WEIGHTS = False
+
+
+# The keys that change what GN layers compute but none of their tensors' shapes: each checkpoint a training run saves
+# records them, so evaluating or resuming it under other values is named (no load of its tensors could notice).
+GN_SETTING_KEYS = ("MODEL.GN.NUM_GROUPS", "MODEL.GN.CHANNELS_PER_GROUP", "MODEL.GN.EPS")
+
+
+def gn_settings(cfg: CN) -> Dict[str, object]:
+    """``cfg``'s values of :data:`GN_SETTING_KEYS`, by key."""
+    values = {}
+    for key in GN_SETTING_KEYS:
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        values[key] = node
+    return values
 
 
 def _structure_problem(config_file: str) -> str:

@@ -10,7 +10,7 @@ import pickle
 import socket
 import urllib.parse
 import warnings
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import CfgNode
@@ -19,7 +19,7 @@ from detectron2.utils.file_io import PathManager
 from . import model_zoo
 from .atomic_write import not_writable
 from .checkpoint import AtomicCheckpointer, LoadCounts
-from .config import check_model_builds, load_config
+from .config import check_model_builds, gn_settings, load_config
 from .datasets import (check_dataset_files, check_evaluation_datasets, check_num_classes, check_same_classes,
                        check_training_image_ids)
 from .download import DownloadError
@@ -75,7 +75,7 @@ def checked_config(args: argparse.Namespace) -> CfgNode:
         raise ValueError("--eval-only needs MODEL.WEIGHTS (a checkpoint file, URL or gn-zoo:// name), or --resume "
                          f"with a checkpoint in OUTPUT_DIR {cfg.OUTPUT_DIR}; it would evaluate a random model")
     check_weights_read(meta_model, resumed or cfg.MODEL.WEIGHTS, args.eval_only, bool(resumed),
-                       cfg.TEST.ALLOW_PARTIAL_WEIGHTS)  # last: it reads (for --eval-only maybe downloads) them
+                       cfg.TEST.ALLOW_PARTIAL_WEIGHTS, gn_settings(cfg))  # last: it reads (for --eval-only maybe downloads) them
     return cfg
 
 
@@ -292,12 +292,14 @@ def check_untagged_checkpoints(output_dir: str) -> None:
 
 
 def check_weights_read(meta_model: torch.nn.Module, weights: str, eval_only: bool, resumed: bool,
-                       allow_partial: bool) -> None:
+                       allow_partial: bool, settings: Dict[str, object]) -> None:
     """That the weights the run starts from (``resumed``: the checkpoint ``--resume`` continues from) can be read (a
     truncated or foreign file otherwise fails after setup), and, for ``--eval-only`` (unless ``allow_partial``) and a
     training ``--resume``, that they set every tensor of the model: a model left partly at its random initialization
     would be evaluated or trained on without a word otherwise (or, resumed, fail in the optimizer); BatchNorm's
-    ``num_batches_tracked`` counters, unused at evaluation, may be absent. For training from MODEL.WEIGHTS (ImageNet
+    ``num_batches_tracked`` counters, unused at evaluation, may be absent; and, evaluated or resumed, that the
+    ``settings`` the checkpoint records (:func:`~gn_detection.config.gn_settings`) are the config's. For training
+    from MODEL.WEIGHTS (ImageNet
     weights set the backbone alone) only a local file is read here; a URL or gn-zoo:// name downloads when training
     loads it.
 
@@ -308,7 +310,7 @@ def check_weights_read(meta_model: torch.nn.Module, weights: str, eval_only: boo
     if not weights or not (fit_flag or eval_only or "://" not in weights):
         return
     try:
-        counts = load_into_meta_model(meta_model, weights)
+        counts, extras = load_into_meta_model(meta_model, weights)
     except (ValueError, OSError, DownloadError, pickle.UnpicklingError) as e:
         message = str(e.args[0]) if e.args else type(e).__name__
         if resumed:
@@ -317,11 +319,26 @@ def check_weights_read(meta_model: torch.nn.Module, weights: str, eval_only: boo
         raise ValueError(message if message.startswith(weights) else f"MODEL.WEIGHTS {weights}: {message}") from e
     if fit_flag and counts.unset_names:
         raise ValueError(f"{fit_flag}: {counts.unset_summary(weights)}, {FIT_ADVICE[fit_flag]}")
+    if (eval_only or resumed) and (problem := settings_problem(extras.get("settings"), settings)):
+        raise ValueError(f"{'--eval-only' if eval_only else '--resume'}: {weights} {problem}")
 
 
-def load_into_meta_model(meta_model: torch.nn.Module, path: str) -> LoadCounts:
+def settings_problem(recorded: Optional[Dict[str, object]], settings: Dict[str, object]) -> Optional[str]:
+    """How the settings a checkpoint ``recorded`` differ from the config's ``settings``, said with what to do; None
+    if they do not, or it recorded none (saved elsewhere)."""
+    recorded = recorded if isinstance(recorded, dict) else {}
+    differing = [key for key, value in recorded.items() if key in settings and settings[key] != value]
+    if not differing:
+        return None
+    trained_with = " ".join(f"{key} {recorded[key]}" for key in differing)
+    return (f"was trained with {trained_with}, but the config gives "
+            f"{' '.join(f'{key} {settings[key]}' for key in differing)}: its GN layers would compute other statistics "
+            f"from the same tensors (no load notices). Add {trained_with} to the command")
+
+
+def load_into_meta_model(meta_model: torch.nn.Module, path: str) -> Tuple[LoadCounts, Dict]:
     """Load the checkpoint at ``path`` as training and evaluation will, into the model built on the meta device
-    (names and shapes are compared; nothing is copied); what the load placed.
+    (names and shapes are compared; nothing is copied); what the load placed, and the checkpoint's other data.
 
     Raises:
         ValueError, pickle.UnpicklingError: for a file that cannot be read or holds Python objects.
@@ -331,8 +348,8 @@ def load_into_meta_model(meta_model: torch.nn.Module, path: str) -> LoadCounts:
     checkpointer.logger.disabled = True  # the run logs the real load
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")  # the point: no copy
-        checkpointer.load(path, checkpointables=[])
-    return checkpointer.last_load_counts
+        extras = checkpointer.load(path, checkpointables=[])
+    return checkpointer.last_load_counts, extras
 
 
 # why a checkpoint must set every tensor, and what to do instead, for the flags that need it

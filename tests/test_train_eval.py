@@ -99,6 +99,23 @@ def test_eval_only_reproduces_the_trained_models_ap(trained, tiny_shapes_root, t
     assert "Loaded " in log and "missing 0, unused 0" in log  # through AtomicCheckpointer, which counts
 
 
+def test_checkpoints_record_the_gn_settings_evaluating_or_resuming_them_needs(trained, tmp_path):
+    output_dir, _ = trained
+    assert torch.load(output_dir / "model_final.pth", weights_only=True)["settings"] == {
+        "MODEL.GN.NUM_GROUPS": 8, "MODEL.GN.CHANNELS_PER_GROUP": 0, "MODEL.GN.EPS": 1e-5}  # TINY_OVERRIDES' 8 groups
+    as_trained = [*(str(v) for v in TINY_OVERRIDES), "MODEL.WEIGHTS", str(output_dir / "model_final.pth")]
+    assert checked_config(tmp_path / "out", ["--eval-only"], as_trained)
+    with pytest.raises(ValueError, match=f"^--eval-only: {output_dir}/model_final.pth was trained with "
+                                         "MODEL.GN.NUM_GROUPS 8, but the config gives MODEL.GN.NUM_GROUPS 4: its GN "
+                                         r"layers would compute other statistics from the same tensors \(no load "
+                                         r"notices\). Add MODEL.GN.NUM_GROUPS 8 to the command$"):
+        checked_config(tmp_path / "out", ["--eval-only"], [*as_trained, "MODEL.GN.NUM_GROUPS", "4"])
+    shutil.copytree(output_dir, tmp_path / "resumed")
+    with pytest.raises(ValueError, match="^--resume: .*model_final.pth was trained with MODEL.GN.EPS 1e-05, but the "
+                                         "config gives MODEL.GN.EPS 0.001"):
+        checked_config(tmp_path / "resumed", ["--resume"], [*as_trained[:-2], "MODEL.GN.EPS", "0.001"])
+
+
 def test_eval_only_refuses_a_checkpoint_holding_python_objects(tiny_shapes_root, tmp_path):
     weights = tmp_path / "untrusted.pth"
     torch.save({"model": {}, "note": object()}, weights)

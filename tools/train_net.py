@@ -22,6 +22,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from gn_detection.checkpoint import AtomicCheckpointer, CheckpointNotSaved
+from gn_detection.config import gn_settings
 from gn_detection.datasets import (NamingDatasetMapper, UnusableRecord, check_annotations, check_images,
                                    check_same_classes)
 from gn_detection.download import DownloadError
@@ -73,7 +74,8 @@ class Trainer(DefaultTrainer):
         # Swap in the atomic checkpointer before the checkpoint hooks capture it.
         old = self.checkpointer
         self.checkpointer = AtomicCheckpointer(
-            old.model, old.save_dir, save_to_disk=old.save_to_disk, **old.checkpointables
+            old.model, old.save_dir, save_to_disk=old.save_to_disk, settings=gn_settings(self.cfg),
+            **old.checkpointables
         )
         return super().build_hooks()
 
