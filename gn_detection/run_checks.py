@@ -17,7 +17,7 @@ from detectron2.config import CfgNode
 from detectron2.utils.file_io import PathManager
 
 from . import model_zoo
-from .atomic_write import not_writable
+from .atomic_write import PARTIAL, not_writable
 from .checkpoint import AtomicCheckpointer, LoadCounts
 from .config import check_model_builds, gn_settings, load_config
 from .datasets import (check_dataset_files, check_evaluation_datasets, check_num_classes, check_same_classes,
@@ -74,8 +74,9 @@ def checked_config(args: argparse.Namespace) -> CfgNode:
     if args.eval_only and not resumed and not cfg.MODEL.WEIGHTS:
         raise ValueError("--eval-only needs MODEL.WEIGHTS (a checkpoint file, URL or gn-zoo:// name), or --resume "
                          f"with a checkpoint in OUTPUT_DIR {cfg.OUTPUT_DIR}; it would evaluate a random model")
+    # last: it reads (for --eval-only maybe downloads) them
     check_weights_read(meta_model, resumed or cfg.MODEL.WEIGHTS, args.eval_only, bool(resumed),
-                       cfg.TEST.ALLOW_PARTIAL_WEIGHTS, gn_settings(cfg))  # last: it reads (for --eval-only maybe downloads) them
+                       cfg.TEST.ALLOW_PARTIAL_WEIGHTS, gn_settings(cfg))
     return cfg
 
 
@@ -281,7 +282,8 @@ def check_untagged_checkpoints(output_dir: str) -> None:
         ValueError: naming the checkpoints, the missing tag and what to do.
     """
     try:
-        saved = sorted(name for name in os.listdir(output_dir) if name.startswith("model_") and name.endswith(".pth"))
+        saved = sorted(name for name in os.listdir(output_dir)
+                       if name.startswith("model_") and name.endswith(".pth") and PARTIAL not in name)
     except OSError:  # no such folder (yet): nothing to lose
         return
     if saved:
