@@ -55,7 +55,8 @@ def summarize(records: List[Dict]) -> List[Dict]:
     rows = []
     for (experiment, variant, ims), runs in groups.items():
         row = {"experiment": experiment, "variant": variant, "ims_per_gpu": ims,
-               "seeds": [r["seed"] for r in runs], "status": sorted({r["status"] for r in runs})}
+               "seeds": [r["seed"] for r in runs], "status": sorted({r["status"] for r in runs}),
+               "no_predictions": sum(bool(r.get("no_predictions")) for r in runs)}
         for key, _ in METRICS:
             values = [r["metrics"][key] for r in runs if key in r.get("metrics", {})]
             values = [v for v in values if not math.isnan(v)]
@@ -68,12 +69,21 @@ def summarize(records: List[Dict]) -> List[Dict]:
 def _cell_text(row: Dict, key: str) -> str:
     stats = row[key]
     if stats["mean"] is None:
-        return "/".join(s for s in row["status"] if s != "ok") or "-"
+        return _no_result(row)
     text = f"{stats['mean']:.1f}"
     if len(stats["values"]) > 1:
         text += f" ± {stats['std']:.1f}"
     failed = [s for s in row["status"] if s != "ok"]
-    return text + (f" ({'/'.join(failed)} in some seeds)" if failed else "")
+    text += f" ({'/'.join(failed)} in some seeds)" if failed else ""
+    if row["no_predictions"]:
+        some = " in some seeds" if row["no_predictions"] < len(row["seeds"]) else ""
+        text += f" (no predictions{some})"
+    return text
+
+
+def _no_result(row: Dict) -> str:
+    """Why a row has no AP: its runs' statuses (failed, diverged, not buildable), or "-" (e.g. no mask AP)."""
+    return "/".join(s for s in row["status"] if s != "ok") or "-"
 
 
 def markdown_table(rows: List[Dict]) -> str:
@@ -111,10 +121,16 @@ def _line_plot(ax, rows: List[Dict], key: str, x_of, series_of, xlabel: str) -> 
 
 
 def _bar_plot(ax, rows: List[Dict], key: str) -> None:
+    """One bar per row, labelled with its mean; a row without a result gets no bar (a 0 would read as a result)
+    but its status, written upwards from the axis where its bar would be."""
     names = [LABELS.get(r["variant"], r["variant"]) for r in rows]
-    means = [r[key]["mean"] or 0.0 for r in rows]
-    errs = [r[key]["std"] or 0.0 for r in rows]
-    ax.bar(range(len(rows)), means, yerr=errs, capsize=3)
+    for x, r in enumerate(rows):
+        if r[key]["mean"] is None:
+            ax.text(x, 0, _no_result(r), rotation=90, ha="center", va="bottom", color="0.4")
+        else:
+            ax.bar_label(ax.bar(x, r[key]["mean"], yerr=r[key]["std"], capsize=3, color="C0"), fmt="%.1f")
+    ax.set_xlim(-0.6, len(rows) - 0.4)
+    ax.set_ylim(bottom=0)
     ax.set_xticks(range(len(rows)), names, rotation=20, ha="right")
     ax.set_ylabel(f"{dict(METRICS)[key]} (%)")
     ax.grid(True, axis="y", alpha=0.3)
@@ -152,23 +168,39 @@ def _draw_panel(ax, experiment: str, rows: List[Dict], key: str) -> None:
         _bar_plot(ax, rows, key)
 
 
+def _run_name(record: Dict) -> str:
+    """A run as the report's lists name it: experiment, variant, images per GPU and seed."""
+    return (f"{record['experiment']}, {LABELS.get(record['variant'], record['variant'])}, "
+            f"{record['ims_per_gpu']} images/GPU, seed {record['seed']}")
+
+
 def unfinished_runs(records: List[Dict]) -> List[str]:
     """Markdown lines listing each run that did not finish, with why (its record's error), if any."""
-    lines = [f"- {r['experiment']}, {LABELS.get(r['variant'], r['variant'])}, {r['ims_per_gpu']} images/GPU, seed "
-             f"{r['seed']}: {r['status']}" + (f": {r['error']}" if r.get("error") else "")
+    lines = [f"- {_run_name(r)}: {r['status']}" + (f": {r['error']}" if r.get("error") else "")
              for r in records if r["status"] != "ok"]
     return ["### Runs that did not finish", "", *lines, ""] if lines else []
 
 
-def write_report(out_dir: str, title: str, header: Optional[Dict] = None) -> Dict[str, str]:
-    """Collect the runs under ``out_dir`` and write ``results.json``, ``results.md`` and the plots."""
-    records = collect(out_dir)
+def no_prediction_runs(records: List[Dict]) -> List[str]:
+    """Markdown lines listing each run that predicted nothing (scored AP 0), if any."""
+    lines = [f"- {_run_name(r)}" for r in records if r.get("no_predictions")]
+    return ["### Runs that predicted nothing", "", "The model detected no object in the test set: AP 0 by COCO's "
+            "definition, counted so in the means (Detectron2's evaluator reports NaN and skips the evaluation).",
+            "", *lines, ""] if lines else []
+
+
+def write_report(out_dir: str, title: str, header: Optional[Dict] = None, records: Optional[List[Dict]] = None,
+                 left_out: Optional[str] = None) -> Dict[str, str]:
+    """Write ``results.json``, ``results.md`` and the plots in ``out_dir`` of ``records`` (by default every run
+    under ``out_dir``, :func:`collect`); ``left_out`` says which runs there the report leaves out, and why."""
+    records = collect(out_dir) if records is None else records
     rows = summarize(records)
     header = header or {}
-    results = {**header, "summary": rows, "runs": records}
+    results = {**header, **({"left_out": left_out} if left_out else {}), "summary": rows, "runs": records}
     write_atomically(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1))
-    lines = [f"# {title}", ""] + [f"- {k}: {v}" for k, v in header.items()] + ["", markdown_table(rows)]
-    lines += unfinished_runs(records)
+    lines = [f"# {title}", ""] + [f"- {k}: {v}" for k, v in header.items()] + [""]
+    lines += [f"Note: {left_out}.", ""] if left_out else []
+    lines += [markdown_table(rows)] + unfinished_runs(records) + no_prediction_runs(records)
     write_atomically(os.path.join(out_dir, "results.md"), "\n".join(lines))
     plots = plot(rows, out_dir, title)
     return {"json": os.path.join(out_dir, "results.json"), "markdown": os.path.join(out_dir, "results.md"),

@@ -39,11 +39,8 @@ def checked_config(args: argparse.Namespace) -> CfgNode:
     if cfg.MODEL.DEVICE.startswith("cuda") and (problem := gpu_problem(cfg.MODEL.DEVICE, args.num_gpus)):
         raise RuntimeError(problem)
     world_size, reference = args.num_gpus * args.num_machines, cfg.SOLVER.REFERENCE_WORLD_SIZE
-    if world_size > 1 and not cfg.MODEL.DEVICE.startswith("cuda"):
-        raise ValueError(f"{world_size} processes (--num-gpus {args.num_gpus}, --num-machines {args.num_machines}) "
-                         f"with MODEL.DEVICE {cfg.MODEL.DEVICE}: Detectron2's trainer gives each process's model a "
-                         "GPU (DistributedDataParallel device_ids), so several processes need CUDA; on the CPU "
-                         "use --num-gpus 1")
+    if problem := device_problem(cfg, world_size, "--num-gpus 1"):
+        raise ValueError(f"{problem} (--num-gpus {args.num_gpus}, --num-machines {args.num_machines})")
     if world_size > 1 and (problem := dist_url_problem(args.dist_url, args.num_machines)):
         raise ValueError(problem)
     if not args.eval_only and reference and reference != world_size and cfg.SOLVER.IMS_PER_BATCH % reference:
@@ -52,9 +49,6 @@ def checked_config(args: argparse.Namespace) -> CfgNode:
             f"{reference}, which Detectron2 needs to rescale the batch, LR and schedule to {world_size} GPU(s); "
             f"give a multiple of {reference}, or SOLVER.REFERENCE_WORLD_SIZE 0 to use them as given"
         )
-    if cfg.MODEL.GN.IMPL == "triton" and not cfg.MODEL.DEVICE.startswith("cuda") and not _triton_interpreted():
-        raise ValueError(f"MODEL.GN.IMPL triton runs its kernels on CUDA, but MODEL.DEVICE is {cfg.MODEL.DEVICE} "
-                         "(on the CPU only under TRITON_INTERPRET=1, for tests); set MODEL.GN.IMPL auto")
     if "://" not in cfg.OUTPUT_DIR and (why := not_writable(cfg.OUTPUT_DIR)):  # a local folder: try it
         raise ValueError(f"OUTPUT_DIR {cfg.OUTPUT_DIR}: cannot write there ({why}); give a writable folder")
     meta_model = check_model_builds(cfg, args.config_file)
@@ -78,6 +72,21 @@ def checked_config(args: argparse.Namespace) -> CfgNode:
     check_weights_read(meta_model, resumed or cfg.MODEL.WEIGHTS, args.eval_only, bool(resumed),
                        cfg.TEST.ALLOW_PARTIAL_WEIGHTS, gn_settings(cfg))
     return cfg
+
+
+def device_problem(cfg: CfgNode, processes: int, one_process: str) -> Optional[str]:
+    """What keeps a run of ``processes`` processes (``one_process``: how to ask for one) from running on the config's
+    MODEL.DEVICE: several processes on the CPU, the Triton GN kernels off CUDA; None if nothing. Whether this machine
+    has the GPUs is :func:`gpu_problem`'s to say."""
+    device = cfg.MODEL.DEVICE
+    if processes > 1 and not device.startswith("cuda"):
+        return (f"{processes} processes with MODEL.DEVICE {device}: Detectron2's trainer gives each process's model a "
+                f"GPU (DistributedDataParallel device_ids), so several processes need CUDA; on the CPU give "
+                f"{one_process}")
+    if cfg.MODEL.GN.IMPL == "triton" and not device.startswith("cuda") and not _triton_interpreted():
+        return (f"MODEL.GN.IMPL triton runs its kernels on CUDA, but MODEL.DEVICE is {device} (on the CPU only under "
+                "TRITON_INTERPRET=1, for tests); set MODEL.GN.IMPL auto")
+    return None
 
 
 def run_problem(cfg: CfgNode, args: argparse.Namespace) -> Optional[str]:

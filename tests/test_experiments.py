@@ -3,6 +3,7 @@ into a table, JSON and plots."""
 import builtins
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 import yaml
 from torch import nn
 
+from gn_detection import run_checks
 from gn_detection.experiments import NORMS, Cell, Preset, build_error
 from gn_detection.report import collect, markdown_table, summarize, write_report
 
@@ -539,3 +541,91 @@ def test_a_report_that_fails_to_write_leaves_the_previous_one(tmp_path, monkeypa
         write_report(str(tmp_path), "second", {"machine": "another"})
     assert (tmp_path / failing).read_text() == before[failing]
     assert not list(tmp_path.glob("*.partial"))
+
+
+@pytest.mark.parametrize("log, status", [("WARNING: No predictions from the model!\n", "ok"),
+                                         ("evaluated\n", "failed")])
+def test_a_run_that_predicts_nothing_scores_ap_0_and_the_report_says_so(tmp_path, monkeypatch, log, status):
+    tool = load_tool("run_experiments")
+    fake_train_net(monkeypatch, tool, 0, log=log)
+    monkeypatch.setattr(tool, "final_metrics", lambda path: {"bbox/AP": float("nan")})  # Detectron2's, then
+    preset = Preset.load(write_preset(tmp_path))
+    cell = preset.cells()[0]
+    record = tool.run_cell(preset, cell, 0, str(tmp_path), {})
+    assert record["status"] == status
+    assert tool.ended_as_set(str(tmp_path), preset, cell)  # not NaN, so kept by the next sweep
+    write_report(str(tmp_path), "sweep")
+    table = (tmp_path / "results.md").read_text()
+    if status == "ok":  # COCO's AP of no detections, for box and mask AP
+        assert record["metrics"] == {"segm/AP": 0.0, "bbox/AP": 0.0} and record["no_predictions"]
+        assert "| GN | 1 | 1 | 0.0 (no predictions) | 0.0 (no predictions) |" in table
+        assert "### Runs that predicted nothing" in table and "- batch_size, GN, 1 images/GPU, seed 1" in table
+    else:  # NaN although it predicted: no result to report as one
+        assert record["metrics"] == {} and "the evaluation gave AP NaN" in record["error"]
+        assert "| GN | 1 | 1 | failed | failed |" in table and "### Runs that did not finish" in table
+
+
+def test_a_record_of_ap_nan_from_an_older_runner_runs_again(tmp_path):
+    record_path = ended_record(str(tmp_path))
+    record = json.loads(open(record_path).read())
+    record["metrics"] = {"bbox/AP": float("nan")}
+    open(record_path, "w").write(json.dumps(record))
+    preset = Preset.load(write_preset(tmp_path))
+    assert load_tool("run_experiments").ended_as_set(str(tmp_path), preset, preset.cells()[0]) is None
+
+
+def test_bars_leave_out_runs_without_a_result_and_say_why():
+    import matplotlib.pyplot as plt
+
+    from gn_detection.report import _bar_plot
+
+    def run(variant, status, ap):
+        return {"experiment": "gn_placement", "variant": variant, "ims_per_gpu": 2, "seed": 1, "order": 0,
+                "status": status, "metrics": {} if ap is None else {"segm/AP": ap}}
+
+    rows = summarize([run("backbone", "ok", 5.0), run("+box head", "not buildable", None),
+                      run("+mask head", "ok", 0.0)])
+    fig, ax = plt.subplots()
+    try:
+        _bar_plot(ax, rows, "segm/AP")
+        assert [(p.get_x() + p.get_width() / 2, p.get_height()) for p in ax.patches] == [(0, 5.0), (2, 0.0)]
+        texts = {t.get_text(): t.get_position() for t in ax.texts}  # each bar's value, and why one has no bar
+        assert sorted(texts) == ["0.0", "5.0", "not buildable"] and texts["not buildable"] == (1, 0)
+    finally:
+        plt.close(fig)
+
+
+def test_the_report_shows_the_presets_current_cells_and_says_what_it_leaves_out(tmp_path, monkeypatch, capsys):
+    tool = load_tool("run_experiments")
+    fake_train_net(monkeypatch, tool, 0)
+    monkeypatch.setattr(tool, "final_metrics", lambda path: {"segm/AP": 1.0, "bbox/AP": 2.0})
+    out = str(tmp_path / "out")
+    assert tool.main(["--preset", write_preset(tmp_path, seeds=[1, 2]), "--output", out]) == 0
+    path = write_preset(tmp_path, seeds=[1], lr_per_image=0.01)  # seed 2 removed, seed 1's LR changed
+    assert tool.main(["--preset", path, "--output", out, "--report-only"]) == 1
+    error = capsys.readouterr().err
+    assert f"error: no ended runs of {path}'s cells under {out} (2 run(s) under {out} are not shown: " in error
+    assert "1 of cells the preset no longer has; 1 of settings it no longer gives" in error
+    assert tool.main(["--preset", write_preset(tmp_path, seeds=[1]), "--output", out, "--report-only"]) == 0
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert f"Note: 1 run(s) under {out} are not shown: 1 of cells the preset no longer has." in table
+    assert "| GN | 1 | 1 | 1.0 | 2.0 |" in table  # seed 1 only
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["seed"] for r in results["runs"]] == [1] and results["left_out"].startswith("1 run(s)")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_gpus": 2}, "2 processes with MODEL.DEVICE cpu: Detectron2's trainer gives each process's model a GPU "
+                      r"\(DistributedDataParallel device_ids\), so several processes need CUDA; on the CPU give "
+                      "num_gpus: 1"),
+    ({"opts": ["MODEL.GN.IMPL", "triton"]}, "MODEL.GN.IMPL triton runs its kernels on CUDA, but MODEL.DEVICE is cpu"),
+])
+def test_a_preset_train_net_would_refuse_on_its_device_is_refused_before_any_run(tmp_path, monkeypatch, capsys,
+                                                                                   change, message):
+    tool = load_tool("run_experiments")
+    monkeypatch.setattr(run_checks, "_triton_interpreted", lambda: False)  # the tests run Triton interpreted
+    path = write_preset(tmp_path, **change)
+    assert tool.main(["--preset", path, "--output", str(tmp_path / "out"), "--dry-run"]) == 1
+    error = capsys.readouterr().err
+    assert re.match(f"error: {path}: {message}", error) and error.count("\n") == 1
+    assert not (tmp_path / "data").exists() and not (tmp_path / "out").exists()

@@ -444,7 +444,7 @@ def checked_config(out, flags, opts):
     (["--eval-only"], ["DATASETS.TEST", "()"], "--eval-only with DATASETS.TEST () has nothing to evaluate"),
     (["--eval-only"], [], "--eval-only needs MODEL.WEIGHTS"),
     (["--eval-only", "--resume"], [], "--eval-only needs MODEL.WEIGHTS"),  # nothing to resume from
-    (["--num-gpus", "2"], [], "several processes need CUDA; on the CPU use --num-gpus 1"),
+    (["--num-gpus", "2"], [], "several processes need CUDA; on the CPU give --num-gpus 1"),
 ])
 def test_a_mistake_in_the_settings_is_named_before_any_work(tiny_shapes_root, tmp_path, flags, opts, message):
     if "dicts_without_classes" not in DatasetCatalog:  # evaluated after training, but its classes are unknown

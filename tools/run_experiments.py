@@ -13,6 +13,7 @@ Results: OUTPUT/results.json, OUTPUT/results.md and OUTPUT/<experiment>.png.
 """
 import argparse
 import json
+import math
 import os
 import platform
 import shlex
@@ -31,7 +32,8 @@ from gn_detection.atomic_write import not_writable, write_atomically
 from gn_detection.config import load_config
 from gn_detection.datasets import datasets_root
 from gn_detection.experiments import EXPERIMENTS, Cell, Preset, build_error
-from gn_detection.report import RESULT_FILE, collect, final_metrics, write_report
+from gn_detection.report import METRICS, RESULT_FILE, collect, final_metrics, write_report
+from gn_detection.run_checks import device_problem
 from gn_detection.shapes import generate_split
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -142,8 +144,35 @@ def ended_as_set(out_dir: str, preset: Preset, cell: Cell) -> Optional[bool]:
         return None
     with open(path) as f:
         record = json.load(f)  # collect() read every record before the sweep, so this one is whole
-    now = cell_settings(preset, cell)
-    return all(record.get(key, value) == value for key, value in now.items())
+    if record["status"] == "ok" and any(math.isnan(value) for value in record.get("metrics", {}).values()):
+        return None  # an older runner's record of a run that predicted nothing (AP NaN): run it again
+    return has_settings(record, cell_settings(preset, cell))
+
+
+def has_settings(record: Dict, settings: Dict) -> bool:
+    """Whether a run's record is of ``settings`` (:func:`cell_settings`); records written before the config and
+    GPU count were recorded are taken to have today's."""
+    return all(record.get(key, value) == value for key, value in settings.items())
+
+
+def current_runs(preset: Preset, records: List[Dict], out_dir: str) -> Tuple[List[Dict], Optional[str]]:
+    """The records of the preset's cells at the settings it gives now, and a note saying how many other records
+    ``out_dir`` holds and why they are left out of the report (None if it holds none)."""
+    settings = {cell.name: cell_settings(preset, cell) for cell in preset.cells()}
+    kept, gone, changed = [], 0, 0
+    for record in records:
+        now = settings.get(Cell(record["experiment"], record["variant"], record["ims_per_gpu"], record["seed"]).name)
+        if now is None:
+            gone += 1
+        elif has_settings(record, now):
+            kept.append(record)
+        else:
+            changed += 1
+    why = [f"{gone} of cells the preset no longer has"] * bool(gone) + [
+        f"{changed} of settings it no longer gives (config, GPUs, LR, schedule or opts changed), which a sweep "
+        "without --report-only runs again"] * bool(changed)
+    note = f"{gone + changed} run(s) under {out_dir} are not shown: {'; '.join(why)}" if why else None
+    return kept, note
 
 
 def checked_cells(preset: Preset, path: str, only: Sequence[str]) -> List[Cell]:
@@ -168,6 +197,8 @@ def checked_cells(preset: Preset, path: str, only: Sequence[str]) -> List[Cell]:
                 built.add((cell.experiment, cell.variant))
         except (OSError, ValueError) as e:  # load_config's and the model builder's errors
             raise ValueError(f"{path}: cell {cell.name}: {e}; fix the preset's config or opts") from e
+        if problem := device_problem(cfg, preset.num_gpus, "num_gpus: 1"):  # train_net's refusal, for every run
+            raise ValueError(f"{path}: {problem}")
     return cells
 
 
@@ -196,7 +227,8 @@ def run_cell(preset: Preset, cell: Cell, order: int, out_dir: str, env: Dict[str
     settings = cell_settings(preset, cell)
     record = {"experiment": cell.experiment, "variant": cell.variant, "ims_per_gpu": cell.ims_per_gpu,
               "seed": cell.seed, "order": order, **settings}
-    error = build_error(cell_config(preset, cell))
+    cfg = cell_config(preset, cell)
+    error = build_error(cfg)
     start = time.time()
     if error:
         record.update(status="not buildable", error=error)
@@ -215,7 +247,7 @@ def run_cell(preset: Preset, cell: Cell, order: int, out_dir: str, env: Dict[str
             return {**record, "status": "interrupted", "stopped_by": stopped_by}
         record["metrics"] = final_metrics(os.path.join(run_dir, "metrics.json"))
         if returncode == 0 and record["metrics"]:
-            record["status"] = "ok"
+            record.update(_evaluated(record["metrics"], run_dir, cfg.MODEL.MASK_ON))
         else:
             record["status"], why = _failure(run_dir)
             if error := killed_by(returncode) or why:
@@ -234,6 +266,26 @@ def _train(children: Children, command: List[str], run_dir: str, env: Dict[str, 
         child = children.start(command, cwd=REPO, env={**os.environ, **env}, stdin=subprocess.DEVNULL, stdout=log,
                                stderr=subprocess.STDOUT)
         return None if child is None else children.wait(child)
+
+
+NO_PREDICTIONS = "No predictions from the model!"  # Detectron2's COCOEvaluator, which then gives AP NaN
+
+
+def _evaluated(metrics: Dict[str, float], run_dir: str, mask_on: bool) -> Dict:
+    """The status and metrics of a run that trained and was evaluated. Detectron2 gives AP NaN when the model
+    predicted nothing (it skips COCO's evaluation): by COCO's definition that is AP 0, recorded so, with
+    "no_predictions" set for the report to say. A NaN for any other reason (a test set without ground truth)
+    is a failure, not a result."""
+    if not any(math.isnan(value) for value in metrics.values()):
+        return {"status": "ok"}
+    with open(os.path.join(run_dir, "stdout.txt"), errors="replace") as f:
+        predicted_nothing = any(NO_PREDICTIONS in line for line in f)
+    if predicted_nothing:
+        keys = [key for key, _ in METRICS if mask_on or key != "segm/AP"]
+        return {"status": "ok", "metrics": dict.fromkeys(keys, 0.0), "no_predictions": True}
+    return {"status": "failed", "metrics": {key: value for key, value in metrics.items() if not math.isnan(value)},
+            "error": "the evaluation gave AP NaN although the model predicted boxes (DATASETS.TEST without "
+                     "ground truth?); see the run's stdout.txt"}
 
 
 def _failure(run_dir: str) -> Tuple[str, Optional[str]]:
@@ -281,6 +333,7 @@ def run_all(preset: Preset, cells: List[Cell], out_dir: str, jobs: int) -> None:
         finished += 1
         eta = (time.time() - start) / finished * (len(todo) - finished)
         aps = " ".join(f"{k} {v:.1f}" for k, v in record.get("metrics", {}).items())
+        aps += " (no predictions: AP 0)" if record.get("no_predictions") else ""
         print(f"[{finished}/{len(todo)}] {cell.name}: {record['status']} {aps} in {record['seconds']:.0f} s; "
               f"about {eta / 60:.0f} min left", flush=True)
 
@@ -403,10 +456,14 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if not ended:
-        print(f"error: no ended runs under {out_dir}; run the preset first (without --report-only)", file=sys.stderr)
+    runs, left_out = current_runs(preset, ended, out_dir)
+    if not runs:
+        print(f"error: no ended runs of {path}'s cells under {out_dir}" + (f" ({left_out})" if left_out else "")
+              + "; run the preset first (without --report-only)", file=sys.stderr)
         return 1
-    report = write_report(out_dir, f"GN experiments, preset {preset.name}", header)
+    if left_out:
+        print(left_out)
+    report = write_report(out_dir, f"GN experiments, preset {preset.name}", header, runs, left_out)
     print(f"wrote {report['markdown']}, {report['json']} and {len(report['plots'])} plot(s) in {out_dir}")
     return 0
 
