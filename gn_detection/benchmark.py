@@ -52,22 +52,30 @@ _CPU_HALF_PROBES = {"amp_bf16": "_is_mkldnn_bf16_supported", "amp_fp16": "_is_mk
 def cpu_has_fast(precision: str) -> bool:
     """Whether this CPU runs ``precision``'s (amp_bf16 or amp_fp16) convolutions through oneDNN. Without it they
     take a reference path: a 256-channel 3x3 convolution on 2x256x64x64 took 18 s in bf16 and 20 s in fp16
-    against 0.23 s in fp32 on an AVX2-only 2-core VM."""
+    against 0.23 s in fp32 on an AVX2-only 2-core VM. With it fp16 may still be far slower than fp32
+    (:func:`slow_precision_warning`)."""
     probe = getattr(torch.ops.mkldnn, _CPU_HALF_PROBES[precision], None)
     return bool(probe is not None and probe())
 
 
 def slow_precision_warning(device: str, precisions: Sequence[str]) -> Optional[str]:
-    """A warning, before any measurement, when an AMP precision is asked of a CPU without fast convolutions in
-    it (see :func:`cpu_has_fast`); else None."""
+    """A warning, before any measurement, when an AMP precision is asked of the CPU that will be far slower than
+    fp32 there; else None. amp_bf16 is warned about without fast convolutions in it (see :func:`cpu_has_fast`);
+    amp_fp16 always: oneDNN's fp16 probe does not predict its speed."""
     if device.split(":")[0] != "cpu":
         return None
     slow = [p for p in precisions if p in _CPU_HALF_PROBES and not cpu_has_fast(p)]
-    if not slow:
-        return None
-    return (f"--precision {' '.join(slow)} on this CPU: its convolutions have no fast path in that precision "
-            "(no AVX512-BF16/FP16 or AMX in oneDNN), so those cells take far longer than fp32 ones (one 3x3 "
-            "convolution: about 20 s against 0.23 s on an AVX2 VM); drop them or use a GPU")
+    warnings = []
+    if slow:
+        warnings.append(f"--precision {' '.join(slow)} on this CPU: its convolutions have no fast path in that "
+                        "precision (no AVX512-BF16/FP16 or AMX in oneDNN), so those cells take far longer than fp32 "
+                        "ones (one 3x3 convolution: about 20 s against 0.23 s on an AVX2 VM); drop them or use a GPU")
+    if "amp_fp16" in precisions and "amp_fp16" not in slow:
+        warnings.append("--precision amp_fp16 on the CPU is often far slower than fp32 even where oneDNN reports "
+                        "fp16 support: on a Xeon with AVX512-FP16 and AMX a 64-channel 3x3 convolution took 149 ms "
+                        "forward+backward in fp16 against 2.4 ms in fp32, and the R18 shapes model trained 0.19 "
+                        "img/s against 7.09 (amp_bf16: 8.82); prefer fp32 or amp_bf16 there, or use a GPU")
+    return "; ".join(warnings) or None
 
 
 @dataclass(frozen=True)
@@ -79,9 +87,12 @@ class Variant:
     opts: Sequence = ()
 
 
+BUILTIN_VARIANTS = ("ours", "ours_stock_gn", REFERENCE_VARIANT, "frozen_bn")  # :func:`builtin_variants`' names
+
+
 def builtin_variants(ours_config: str) -> Dict[str, Variant]:
-    """The variants every comparison needs: ours, ours with stock GN, Detectron2's GN and frozen BN (whose
-    statistics the measurements calibrate: :func:`calibrate_frozen_batchnorm`)."""
+    """The variants every comparison needs (:data:`BUILTIN_VARIANTS`): ours, ours with stock GN, Detectron2's GN and
+    frozen BN (whose statistics the measurements calibrate: :func:`calibrate_frozen_batchnorm`)."""
     return {
         "ours": Variant("ours", ours_config),
         "ours_stock_gn": Variant(
@@ -98,22 +109,51 @@ def builtin_variants(ours_config: str) -> Dict[str, Variant]:
     }
 
 
-def parse_variant(spec: str, builtins: Dict[str, Variant]) -> Variant:
-    """``NAME`` (a built-in) or ``NAME:KEY=VALUE,KEY=VALUE`` (a built-in with overrides), e.g.
-    ``ours:MODEL.GN.FUSE_RELU=False`` to measure one lever."""
-    name, _, overrides = spec.partition(":")
-    if name not in builtins:
-        raise ValueError(f"Unknown variant {name!r} in {spec!r}; built-in variants: {', '.join(builtins)}")
-    opts = []
-    for item in filter(None, overrides.split(",")):
-        key, eq, value = item.partition("=")
+def split_outside_brackets(text: str) -> List[str]:
+    """``text`` split at the commas outside brackets, parentheses and braces, so that a list value keeps its
+    commas: "A=[1,2],B=3" gives "A=[1,2]" and "B=3". Raises ValueError for unbalanced brackets."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += (char in "([{") - (char in ")]}")
+        if depth < 0:
+            break
+        if char == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    if depth:
+        raise ValueError(f"unbalanced brackets in {text!r}")
+    return items + [text[start:]]
+
+
+def variant_overrides(spec: str) -> Tuple[str, List[Tuple[str, str]]]:
+    """A variant spec's built-in name and its overrides as (KEY, VALUE) pairs, whitespace around each stripped:
+    ``NAME`` or ``NAME:KEY=VALUE,KEY=VALUE`` (commas inside a value's brackets belong to it). Raises ValueError,
+    naming the spec, for an unknown name or an override that is not KEY=VALUE."""
+    name, _, overrides = (part.strip() for part in spec.partition(":"))
+    if name not in BUILTIN_VARIANTS:
+        raise ValueError(f"Unknown variant {name!r} in {spec!r}; built-in variants: {', '.join(BUILTIN_VARIANTS)}")
+    try:
+        items = [item.strip() for item in split_outside_brackets(overrides) if item.strip()]
+    except ValueError as e:
+        raise ValueError(f"Variant {spec!r}: {e}") from None
+    pairs = []
+    for item in items:
+        key, eq, value = (part.strip() for part in item.partition("="))
         if not eq or not key:
-            raise ValueError(f"Variant {spec!r}: overrides must be KEY=VALUE separated by commas, got {item!r}")
+            raise ValueError(f"Variant {spec!r}: overrides must be KEY=VALUE separated by commas, got {item!r} "
+                             "(trailing KEY VALUE pairs after the flags apply to every variant)")
         if key == "MODEL.DEVICE":  # the timing, synchronization and peak memory are --device's
             raise ValueError(f"Variant {spec!r}: every variant runs on --device; give that instead of MODEL.DEVICE")
-        opts += [key, value]
+        pairs.append((key, value))
+    return name, pairs
+
+
+def parse_variant(spec: str, builtins: Dict[str, Variant]) -> Variant:
+    """``NAME`` (a built-in) or ``NAME:KEY=VALUE,KEY=VALUE`` (a built-in with overrides, see
+    :func:`variant_overrides`), e.g. ``ours:MODEL.GN.FUSE_RELU=False`` to measure one lever."""
+    name, pairs = variant_overrides(spec)
     base = builtins[name]
-    return Variant(spec, base.config_file, tuple(base.opts) + tuple(opts))
+    return Variant(spec, base.config_file, tuple(base.opts) + tuple(item for pair in pairs for item in pair))
 
 
 def variant_config(variant: Variant, device: str, opts: Sequence = ()) -> CfgNode:
@@ -527,14 +567,29 @@ def machine_description(device: str) -> dict:
     return info
 
 
+def _workload(spec: str) -> Tuple[Tuple[str, str], ...]:
+    """A variant spec's overrides as a workload: in any order, the last value of a key counting."""
+    return tuple(sorted(dict(variant_overrides(spec)[1]).items()))
+
+
+def reference_of(spec: str, specs: Sequence[str]) -> Optional[str]:
+    """Which of ``specs`` the ratios of ``spec``'s rows are to: the detectron2_gn with the same overrides (so that
+    ``ours:INPUT.MASK_FORMAT=bitmask`` is compared with ``detectron2_gn:INPUT.MASK_FORMAT=bitmask``, the same
+    workload), else the plain detectron2_gn (for overrides of our levers, which Detectron2's GN lacks), else
+    None."""
+    references = {_workload(s): s for s in specs if variant_overrides(s)[0] == REFERENCE_VARIANT}
+    return references.get(_workload(spec), references.get(()))
+
+
 def with_ratios(cells: List[Cell]) -> List[dict]:
-    """Rows for the table/JSON, with each speed as a ratio to the reference variant's in the same cell of the
-    same pass."""
-    reference = {(c.precision, c.images_per_iter, c.repeat): c for c in cells if c.variant == REFERENCE_VARIANT}
+    """Rows for the table/JSON, with each speed as a ratio to its reference variant's (:func:`reference_of`,
+    named in ``reference``) in the same cell of the same pass."""
+    specs = list(dict.fromkeys(c.variant for c in cells))
+    measured = {(c.variant, c.precision, c.images_per_iter, c.repeat): c for c in cells}
     rows = []
     for cell in cells:
-        row = asdict(cell)
-        ref = reference.get((cell.precision, cell.images_per_iter, cell.repeat))
+        row = {**asdict(cell), "reference": reference_of(cell.variant, specs)}
+        ref = measured.get((row["reference"], cell.precision, cell.images_per_iter, cell.repeat))
         if ref and cell.train_images_per_s and ref.train_images_per_s:
             row["train_speedup"] = cell.train_images_per_s / ref.train_images_per_s
         if ref and cell.inference_s_per_image and ref.inference_s_per_image:
@@ -547,24 +602,43 @@ def _or_dash(value, pattern: str) -> str:
     return pattern.format(value) if value is not None else "–"
 
 
+def references_note(rows: List[dict]) -> str:
+    """A line under a table saying which rows' ratios are to a detectron2_gn with overrides (see
+    :func:`reference_of`); "" when every ratio is to the plain detectron2_gn."""
+    by_reference = defaultdict(list)
+    for row in rows:
+        reference = row.get("reference")
+        if reference not in (None, REFERENCE_VARIANT, row["variant"]) and row["variant"] not in by_reference[reference]:
+            by_reference[reference].append(row["variant"])
+    if not by_reference:
+        return ""
+    uses = "; ".join(f"{', '.join(variants)} to {reference}" for reference, variants in by_reference.items())
+    return (f"\n\n× {REFERENCE_VARIANT}: to the {REFERENCE_VARIANT} with the row's overrides where the run has one, "
+            f"else to the plain {REFERENCE_VARIANT}: {uses}")
+
+
 def markdown_table(rows: List[dict]) -> str:
-    """The measurements as a Markdown table; ratios are to ``detectron2_gn`` measured in the same pass."""
+    """The measurements as a Markdown table, with a pass column when there are several passes; ratios are to
+    ``detectron2_gn`` measured in the same pass, the one with the row's overrides where there is one
+    (:func:`references_note`)."""
+    passes = any(r.get("repeat") for r in rows)
     lines = [
-        f"| model | precision | images/iter | train img/s | × {REFERENCE_VARIANT} | peak memory GB | "
-        f"peak reserved GB | inference s/img | × {REFERENCE_VARIANT} | detections/img |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| {'pass | ' if passes else ''}model | precision | images/iter | train img/s | × {REFERENCE_VARIANT} | "
+        f"peak memory GB | peak reserved GB | inference s/img | × {REFERENCE_VARIANT} | detections/img |",
+        "|---" * (10 + passes) + "|",
     ]
     for r in rows:
         note = f" ({brief(r['error'])})" if r["error"] else (f" ({r['nonfinite_losses']} non-finite losses)"
                                                       if r["nonfinite_losses"] else "")
+        which_pass = f"{r['repeat'] + 1} | " if passes else ""
         lines.append(
-            f"| {r['variant']}{note} | {r['precision']} | {r['images_per_iter']} | "
+            f"| {which_pass}{r['variant']}{note} | {r['precision']} | {r['images_per_iter']} | "
             f"{_or_dash(r['train_images_per_s'], '{:.2f}')} | {_or_dash(r.get('train_speedup'), '{:.2f}')} | "
             f"{_or_dash(r['peak_memory_gb'], '{:.2f}')} | {_or_dash(r.get('peak_reserved_gb'), '{:.2f}')} | "
             f"{_or_dash(r['inference_s_per_image'], '{:.3f}')} | "
             f"{_or_dash(r.get('inference_speedup'), '{:.2f}')} | {_or_dash(r['inference_detections'], '{:d}')} |"
         )
-    return "\n".join(lines)
+    return "\n".join(lines) + references_note(rows)
 
 
 def summarize_repeats(rows: List[dict]) -> List[dict]:
@@ -586,7 +660,7 @@ def summarize_repeats(rows: List[dict]) -> List[dict]:
         memory = [r["peak_memory_gb"] for r in group if r["peak_memory_gb"] is not None]
         summary.append({  # a failed measurement left its values None, which spread() leaves out
             "variant": variant, "precision": precision, "images_per_iter": images, "passes": len(group) - failed,
-            "failed_passes": failed,
+            "failed_passes": failed, "reference": group[0].get("reference"),
             "train_images_per_s": spread(group, "train_images_per_s")[0],
             "train_speedup": spread(group, "train_speedup"),
             "peak_memory_gb": max(memory) if memory else None,
@@ -597,7 +671,8 @@ def summarize_repeats(rows: List[dict]) -> List[dict]:
 
 
 def markdown_summary(summary: List[dict]) -> str:
-    """:func:`summarize_repeats` as a Markdown table: each ratio's median over the passes and its range."""
+    """:func:`summarize_repeats` as a Markdown table: each ratio's median over the passes and its range, the
+    largest peak memory of any pass."""
 
     def ratio(median_low_high):
         median, low, high = median_low_high
@@ -616,7 +691,7 @@ def markdown_summary(summary: List[dict]) -> str:
             f"{_or_dash(r['peak_memory_gb'], '{:.2f}')} | {_or_dash(r['inference_s_per_image'], '{:.3f}')} | "
             f"{ratio(r['inference_speedup'])} |"
         )
-    return "\n".join(lines)
+    return "\n".join(lines) + references_note(summary)
 
 
 def measure_group_norm_op(

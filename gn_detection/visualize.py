@@ -128,16 +128,17 @@ def plot_benchmark(report: Dict, out_png: str) -> str:
 
 def benchmark_figure(report: Dict):
     """A ``tools/benchmark.py`` model-task report drawn: training images/s, its ratio to Detectron2's GN (with
-    the range over passes), and peak memory against images per iteration, a line per variant and precision
-    (the style says the precision), and inference seconds per image."""
+    the same overrides where the run has it, else plain; with the range over passes), and peak memory (what it
+    is depends on the device: :func:`memory_label`) against images per iteration, a line per variant and
+    precision (the style says the precision), and inference seconds per image."""
     series = benchmark_series(report)
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
     colors = {variant: f"C{i}" for i, variant in enumerate(dict.fromkeys(v for v, _ in series))}
     images = sorted({c["images_per_iter"] for cells in series.values() for c in cells})
     panels = ((axes[0, 0], "train_images_per_s", "training images/s", "training not measured"),
-              (axes[0, 1], "train_speedup", "training speed × detectron2_gn (same pass)",
-               "no detectron2_gn in this run"),
-              (axes[1, 0], "peak_memory_gb", "peak memory (GB allocated)", "training not measured"))
+              (axes[0, 1], "train_speedup", "training speed × detectron2_gn\n(same overrides, else plain; same pass)",
+               "no detectron2_gn to compare with in this run"),
+              (axes[1, 0], "peak_memory_gb", memory_label(report), "training not measured"))
     for ax, key, label, missing in panels:
         drawn = [_draw_series(ax, key, cells, colors[variant], precision, f"{variant}, {precision}")
                  for (variant, precision), cells in series.items()]
@@ -153,11 +154,19 @@ def benchmark_figure(report: Dict):
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, bbox_to_anchor=(0.5, 0.0))
     machine, settings = report.get("machine", {}), report.get("settings", {})
-    passes = f" · medians of {settings.get('repeats', '?')} passes" if "summary" in report else ""
+    passes = f" · medians of {settings.get('repeats', '?')} passes (memory: max)" if "summary" in report else ""
     fig.suptitle(f"{machine.get('gpu') or machine.get('cpu', '?')} · torch {machine.get('torch', '?')} · "
                  f"{_inputs(settings)}{passes}")
     fig.tight_layout(rect=(0, 0.015 + 0.022 * ((len(series) + 1) // 2), 1, 1))  # room for the legend
     return fig
+
+
+def memory_label(report: Dict) -> str:
+    """The memory axis's label: the CUDA allocator's peak on a GPU, the process's peak resident set on the CPU
+    (weights, framework and allocator caches included), the largest of any pass with a summary."""
+    device = str(report.get("machine", {}).get("device") or report.get("settings", {}).get("device") or "")
+    what = {"cuda": "GB allocated", "cpu": "GB, process peak RSS"}.get(device.split(":")[0], "GB")
+    return f"peak memory ({what}{', max over passes' if 'summary' in report else ''})"
 
 
 def _draw_series(ax, key: str, cells: List[Dict], color: str, precision: str, label: str) -> bool:

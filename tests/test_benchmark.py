@@ -61,10 +61,11 @@ def test_cli_measures_every_variant_side_by_side(tmp_path):
 
 
 def test_a_failing_cell_is_recorded_and_the_run_goes_on(tmp_path):
-    # the kernels on the CPU without the interpreter fail at run time, not when the config is built
+    # two pixel means give a model that builds (a 2-channel stem) but fails at run time on 3-channel images
     out = tmp_path / "bench.json"
+    two_channels = "ours:MODEL.PIXEL_MEAN=[0.0,0.0],MODEL.PIXEL_STD=[1.0,1.0]"
     result = run_tool(
-        ["tools/benchmark.py", "--config-file", SHAPES_CONFIG, "--variants", "ours:MODEL.GN.IMPL=triton", "ours",
+        ["tools/benchmark.py", "--config-file", SHAPES_CONFIG, "--variants", two_channels, "ours",
          "--images-per-gpu", "1", "--precision", "fp32", "--input-size", "96", "128", "--boxes", "2",
          "--warmup", "0", "--iters", "1", "--output", str(out), "--profile", str(tmp_path / "profiles"),
          *map(str, SMALL_WORK)],
@@ -72,7 +73,7 @@ def test_a_failing_cell_is_recorded_and_the_run_goes_on(tmp_path):
     )
     assert result.returncode == 1, result.stderr[-3000:]
     failed, measured = json.loads(out.read_text())["rows"]
-    assert "need a CUDA tensor" in failed["error"] and failed["train_images_per_s"] is None
+    assert "must match the size of tensor" in failed["error"] and failed["train_images_per_s"] is None
     assert measured["variant"] == "ours" and measured["error"] is None and measured["train_images_per_s"] > 0
     # --profile: a table for each measurement that ran, none for the failed ones
     profiles = {p.name: p.read_text() for p in (tmp_path / "profiles").iterdir()}
@@ -128,6 +129,10 @@ def test_repeated_passes_rotate_the_variants_and_give_each_ratio_its_median_and_
         (["MODEL.DEVICE", "cuda"], "every variant runs on --device; give that instead of MODEL.DEVICE"),
         (["--config-file", "c.yaml", "--variants", "frozen_bn"], "--config-file c.yaml is the config of ours and "
                                                                   "ours_stock_gn, and --variants has neither"),
+        (["--config-file", "c.yaml", "--variants", "ourz"], "--variants: Unknown variant 'ourz' in 'ourz'"),
+        (["--variants", "ours:MODEL.PIXEL_MEAN=[1.0,2.0"], "--variants: Variant 'ours:MODEL.PIXEL_MEAN=[1.0,2.0': "
+                                                          "unbalanced brackets"),
+        (["--variants", "ours:MODEL.GN.EPS=1,2"], "got '2' (trailing KEY VALUE pairs"),
         (["--output", ""], "--output '': give a file name"),
         (["--output", "{tmp}"], "give a file name for the JSON results"),
         (["--output", "{tmp}/run.png"], "the JSON cannot be a .png; give e.g. {tmp}/run.json"),
@@ -218,7 +223,7 @@ def test_the_picture_of_repeated_passes_draws_medians_with_each_ratios_range():
     (segment,) = bars.lines[2][0].get_segments()
     assert [y for _, y in segment] == [1.5, 2.0]
     assert [t.get_text() for t in inference.texts] == ["inference not measured"]
-    assert fig._suptitle.get_text().endswith("medians of 3 passes")
+    assert fig._suptitle.get_text().endswith("medians of 3 passes (memory: max)")
     plt.close(fig)
 
 
@@ -274,7 +279,7 @@ def test_cli_rejects_bad_requests_naming_what_is_wrong(args, message, tmp_path, 
 def test_the_cli_refuses_a_bad_request_in_one_line(tmp_path):
     # refused by the parser, and once the variants are built
     for args, message in ((["--iters", "0"], "--iters and --repeats must be >= 1"),
-                          (["--variants", "resnet"], "error: Unknown variant")):
+                          (["--variants", "ours:MODEL.NOT_A_KEY=1"], "error: variant ours:MODEL.NOT_A_KEY=1 (")):
         result = run_tool(["tools/benchmark.py", *args, "--output", str(tmp_path / "b.json")], {}, timeout=120)
         assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1]
         assert "Traceback" not in result.stderr
@@ -289,12 +294,11 @@ def test_amp_on_a_cpu_without_fast_half_convolutions_is_warned_about(monkeypatch
     monkeypatch.setattr(bench, "cpu_has_fast", lambda precision: precision == "amp_bf16")
     assert bench.slow_precision_warning("cpu", ["amp_bf16"]) is None
     assert "--precision amp_fp16 on" in bench.slow_precision_warning("cpu", ["amp_bf16", "amp_fp16"])
-    # the CLI says it before anything else (here the unknown variant stops it at once)
-    result = run_tool(["tools/benchmark.py", "--device", "cpu", "--precision", "amp_fp16", "--variants", "resnet",
-                       "--output", str(tmp_path / "b.json")], {}, timeout=120)
-    assert result.returncode == 2
-    monkeypatch.undo()
-    assert ("no fast path" in result.stdout + result.stderr) == (not bench.cpu_has_fast("amp_fp16"))
+    # the CLI says it before anything else (here the unknown key stops it once the variants are built)
+    result = run_tool(["tools/benchmark.py", "--device", "cpu", "--precision", "amp_fp16", "--variants",
+                       "ours:MODEL.NOT_A_KEY=1", "--output", str(tmp_path / "b.json")], {}, timeout=120)
+    assert result.returncode == 2 and "MODEL.NOT_A_KEY" in result.stderr
+    assert "--precision amp_fp16 on" in result.stdout + result.stderr  # with fast fp16 convolutions or without
 
 
 def test_the_default_precisions_leave_cpu_autocast_out(tmp_path):
@@ -321,6 +325,16 @@ def test_each_amp_precision_asks_its_own_probe(monkeypatch):
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False, raising=False)
     assert bench.cpu_has_fast("amp_fp16") and not bench.cpu_has_fast("amp_bf16")
     assert bench.slow_precision_warning("cpu", ["amp_fp16", "amp_bf16"]).startswith("--precision amp_bf16 on")
+
+
+def test_amp_fp16_on_the_cpu_is_warned_about_even_where_onednn_has_fp16(monkeypatch):
+    # oneDNN's probe said yes on a Xeon with AVX512-FP16 and AMX, where fp16 trained 37x slower than fp32
+    monkeypatch.setattr(bench, "cpu_has_fast", lambda precision: True)
+    warning = bench.slow_precision_warning("cpu", ["fp32", "amp_fp16", "amp_bf16"])
+    assert warning.startswith("--precision amp_fp16 on the CPU is often far slower than fp32 even where oneDNN")
+    assert "149 ms" in warning and "amp_bf16 on this CPU" not in warning and "no fast path" not in warning
+    assert bench.slow_precision_warning("cpu", ["fp32", "amp_bf16"]) is None
+    assert bench.slow_precision_warning("cuda:0", ["amp_fp16"]) is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
@@ -575,6 +589,91 @@ def test_variant_overrides_reach_the_config():
     assert make_cfg(SHAPES_CONFIG).MODEL.GN.IMPL == "auto"
 
 
+def test_variant_overrides_keep_a_lists_commas_and_drop_the_spaces_around_keys_and_values():
+    builtins = bench.builtin_variants(SHAPES_CONFIG)
+    variant = bench.parse_variant(" ours : MODEL.PIXEL_MEAN=[100.0,100.0, 100.0], MODEL.GN.EPS = 0.001,", builtins)
+    assert variant.opts == ("MODEL.PIXEL_MEAN", "[100.0,100.0, 100.0]", "MODEL.GN.EPS", "0.001")
+    cfg = bench.variant_config(variant, "cpu")
+    assert (cfg.MODEL.PIXEL_MEAN, cfg.MODEL.GN.EPS) == ([100.0, 100.0, 100.0], 0.001)
+    assert bench.split_outside_brackets("A=(1,(2,3)),B={'x':1,'y':2},C=3") == ["A=(1,(2,3))", "B={'x':1,'y':2}", "C=3"]
+    for unbalanced in ("A=[1,2", "A=1],B=[2"):
+        with pytest.raises(ValueError, match="unbalanced brackets"):
+            bench.split_outside_brackets(unbalanced)
+
+
+def test_a_triton_variant_on_the_cpu_is_refused_before_any_measurement(monkeypatch, tmp_path, capsys):
+    import gn_detection.triton_group_norm as triton_group_norm
+
+    tool = load_tool("benchmark")
+    args = ["--device", "cpu", "--config-file", SHAPES_CONFIG, "--variants", "ours", "ours:MODEL.GN.IMPL=triton",
+            "--output", str(tmp_path / "b.json")]
+    monkeypatch.setattr(triton_group_norm, "INTERPRETED", False)
+    monkeypatch.setattr(tool, "run_models", lambda *a: pytest.fail("measured"))
+    assert tool.main(args) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"benchmark: error: variant ours:MODEL.GN.IMPL=triton ({SHAPES_CONFIG}): MODEL.GN.IMPL triton runs its "
+        "kernels on CUDA, but MODEL.DEVICE is cpu (on the CPU only under TRITON_INTERPRET=1, for tests); set "
+        "MODEL.GN.IMPL auto")
+    monkeypatch.setattr(triton_group_norm, "INTERPRETED", True)  # the tests' interpreter runs them
+    assert len(tool.prepare_variants(tool.parse_args(args))) == 2
+
+
+def ratio_cells(*specs, repeat=0):
+    """A training speed of 1, 2, 3... img/s for each spec, in one pass."""
+    return [bench.Cell(spec, "fp32", 2, train_images_per_s=float(i + 1), repeat=repeat) for i, spec in enumerate(specs)]
+
+
+def test_ratios_are_to_the_detectron2_gn_of_the_same_overrides_else_to_the_plain_one():
+    bitmask = "INPUT.MASK_FORMAT=bitmask"
+    cells = ratio_cells("detectron2_gn", f"detectron2_gn:{bitmask}", "ours", f"ours:{bitmask}",
+                        f"ours:{bitmask},MODEL.GN.FUSE_RELU=False", "ours:MODEL.GN.FUSE_RELU=False",
+                        f"ours:MODEL.GN.EPS=0.1, {bitmask}", f"detectron2_gn:{bitmask},MODEL.GN.EPS=0.1")
+    rows = bench.with_ratios(cells)
+    assert [(r["reference"], r["train_speedup"]) for r in rows] == [
+        ("detectron2_gn", 1.0), (f"detectron2_gn:{bitmask}", 1.0), ("detectron2_gn", 3.0),
+        (f"detectron2_gn:{bitmask}", 2.0), ("detectron2_gn", 5.0), ("detectron2_gn", 6.0),
+        (f"detectron2_gn:{bitmask},MODEL.GN.EPS=0.1", 7 / 8), (f"detectron2_gn:{bitmask},MODEL.GN.EPS=0.1", 1.0)]
+    table = bench.markdown_table(rows)
+    assert table.endswith(f"\n\n× detectron2_gn: to the detectron2_gn with the row's overrides where the run has "
+                          f"one, else to the plain detectron2_gn: ours:{bitmask} to detectron2_gn:{bitmask}; "
+                          f"ours:MODEL.GN.EPS=0.1, {bitmask} to detectron2_gn:{bitmask},MODEL.GN.EPS=0.1")
+    assert "× detectron2_gn:" not in bench.markdown_table(bench.with_ratios(ratio_cells("detectron2_gn", "ours")))
+
+
+def test_a_run_whose_detectron2_gn_has_other_overrides_says_which_rows_get_no_ratio():
+    tool = load_tool("benchmark")
+    cells = ratio_cells("detectron2_gn:INPUT.MASK_FORMAT=bitmask", "ours", "frozen_bn:INPUT.MASK_FORMAT=bitmask")
+    rows = bench.with_ratios(cells)
+    assert [r.get("train_speedup") for r in rows] == [1.0, None, 3.0] and rows[1]["reference"] is None
+    variants = [bench.Variant(c.variant, SHAPES_CONFIG) for c in cells]
+    assert tool.unreferenced_warning(variants) == (
+        "no ratio for ours: the run has no detectron2_gn with the same overrides and no plain detectron2_gn; add "
+        "one to --variants for their ratios")
+    assert tool.unreferenced_warning(variants[1:]) is None  # no detectron2_gn at all: nothing to compare with
+    assert tool.unreferenced_warning([*variants, bench.Variant("detectron2_gn", SHAPES_CONFIG)]) is None
+
+
+def test_the_table_of_several_passes_says_which_pass_each_row_is():
+    rows = bench.with_ratios(ratio_cells("ours", "detectron2_gn") + ratio_cells("detectron2_gn", "ours", repeat=1))
+    lines = bench.markdown_table(rows).splitlines()
+    assert lines[0].startswith("| pass | model | precision |") and lines[1] == "|---" * 11 + "|"
+    assert [line.split(" | ")[:2] for line in lines[2:]] == [["| 1", "ours"], ["| 1", "detectron2_gn"],
+                                                             ["| 2", "detectron2_gn"], ["| 2", "ours"]]
+    assert bench.markdown_table(rows[:2]).startswith("| model | precision |")  # one pass: no column
+
+
+@pytest.mark.parametrize("device, summary, label", [
+    ("cuda:0", False, "peak memory (GB allocated)"), ("cpu", False, "peak memory (GB, process peak RSS)"),
+    ("cpu", True, "peak memory (GB, process peak RSS, max over passes)"), (None, False, "peak memory (GB)")])
+def test_the_pictures_memory_axis_says_what_was_measured_on_the_device(device, summary, label):
+    report = {"task": "model", "rows": [model_row("ours", "fp32", 2, 2.0, 1.0, 0.5)], "machine": {"device": device}}
+    if summary:
+        report["summary"] = [{**model_row("ours", "fp32", 2, 2.0, 1.0, 0.5), "passes": 2}]
+    fig = benchmark_figure(report)
+    assert fig.axes[2].get_ylabel() == label
+    plt.close(fig)
+
+
 def test_host_task_counts_ops_and_waits_by_model_part(tmp_path):
     out = tmp_path / "host.json"
     batched = "ours:MODEL.PROPOSAL_GENERATOR.NAME=BatchedRPN"
@@ -689,6 +788,7 @@ def test_a_rerun_keeps_the_earlier_results_until_it_ends_and_ctrl_c_says_where_i
     assert json.loads(incomplete.read_text())["rows"] == ["cell 1"]
 
     def every_cell_failed(args, variants, logger, save):
+        save({"rows": []})
         return {"rows": [], "table": "(no cells)"}  # nothing to draw: the earlier picture would be all there is
 
     monkeypatch.setattr(tool, "run_models", every_cell_failed)
@@ -696,6 +796,34 @@ def test_a_rerun_keeps_the_earlier_results_until_it_ends_and_ctrl_c_says_where_i
     assert tool.main(["--device", "cpu", "--output", str(out)]) == 0
     assert json.loads(out.read_text())["rows"] == [] and not incomplete.exists()
     assert not picture.exists() and f"(removed the earlier run's {picture})" in caplog.text
+
+
+def test_an_interrupted_rerun_never_passes_an_earlier_runs_cells_off_as_its_own(tmp_path, monkeypatch, capsys):
+    tool = load_tool("benchmark")
+    out, incomplete = tmp_path / "bench.json", tmp_path / "bench.incomplete.json"
+    earlier = json.dumps({"rows": ["an earlier interrupted run's cell"]})
+    incomplete.write_text(earlier)
+    monkeypatch.setattr(tool, "prepare_variants", lambda args: {})
+    saves = []
+
+    def interrupted(args, variants, logger, save):
+        for report in saves:
+            save(report)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tool, "run_models", interrupted)
+    assert tool.main(["--device", "cpu", "--output", str(out)]) == 130  # before its first cell ended
+    assert (f"interrupted; nothing was measured ({incomplete} is an earlier run's, left as it was), and {out} is "
+            "as it was") in capsys.readouterr().err
+    assert incomplete.read_text() == earlier and not out.exists()
+    saves.append({"rows": ["cell 1"]})  # after its first cell: its own file replaces the earlier one
+    assert tool.main(["--device", "cpu", "--output", str(out)]) == 130
+    assert f"interrupted; what it measured is in {incomplete}, and" in capsys.readouterr().err
+    assert json.loads(incomplete.read_text())["rows"] == ["cell 1"]
+    incomplete.unlink()
+    saves.clear()
+    assert tool.main(["--device", "cpu", "--output", str(out)]) == 130
+    assert "interrupted; nothing was measured, and" in capsys.readouterr().err
 
 
 def test_a_dataset_is_loaded_once_for_every_variant(tiny_shapes_root, tmp_path):

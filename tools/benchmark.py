@@ -16,10 +16,10 @@ Model task: training images/s (full step with the optimizer), inference s/image 
 detections it returned: the config's SCORE_THRESH_TEST holds; MODEL.ROI_HEADS.SCORE_THRESH_TEST 0.0 returns
 TEST.DETECTIONS_PER_IMAGE) and peak memory, random weights, on synthetic COCO-sized inputs (--input-size,
 --boxes) or the first images of a registered dataset. Writes JSON (--output) with a picture of it beside it
-(.png) and prints a Markdown table whose ratios are to detectron2_gn. --config-file replaces the config of
-`ours` (and `ours_stock_gn`); trailing KEY VALUE pairs apply to every variant. Each variant reads a dataset with
-its own config's input sizes and INPUT.MASK_FORMAT (Detectron2's configs: polygons; RLE masks need
-INPUT.MASK_FORMAT bitmask).
+(.png) and prints a Markdown table whose ratios are to detectron2_gn (the one with the row's overrides where the run
+has it, else the plain one). --config-file replaces the config of `ours` (and `ours_stock_gn`); trailing KEY VALUE
+pairs apply to every variant. Each variant reads a dataset with its own config's input sizes and INPUT.MASK_FORMAT
+(Detectron2's configs: polygons; RLE masks need INPUT.MASK_FORMAT bitmask).
 
 Host task: for the same grid, the aten ops one training step dispatches and how many of them make the host
 wait for a CUDA device, by model part (backbone, proposal generator, ROI heads, the rest): the host's work in
@@ -45,6 +45,7 @@ from gn_detection import benchmark as bench
 from gn_detection.atomic_write import not_writable, write_atomically
 from gn_detection.config import check_model_builds
 from gn_detection.model_zoo import CONFIG_DIR
+from gn_detection.run_checks import device_problem
 from gn_detection.visualize import plot_benchmark
 
 DEFAULT_OURS = os.path.join(CONFIG_DIR, "mask_rcnn_R50_FPN_gn.yaml")
@@ -58,7 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="model: speed and memory; op: the GN+ReLU op alone; host: ops and host waits per step")
     parser.add_argument("--variants", nargs="+", default=["ours", "detectron2_gn", "frozen_bn"],
                         help="built-in variants (ours, ours_stock_gn, detectron2_gn, frozen_bn), each optionally "
-                             "NAME:KEY=VALUE,... with overrides")
+                             "NAME:KEY=VALUE,... with overrides (a list value keeps its commas: "
+                             "ours:MODEL.PIXEL_MEAN=[100.0,100.0,100.0])")
     parser.add_argument("--images-per-gpu", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--precision", nargs="+", choices=list(bench.PRECISIONS),
                         help="default fp32 amp_fp16 on CUDA, fp32 on the CPU (CPU autocast is far slower)")
@@ -128,14 +130,27 @@ def request_problem(args: argparse.Namespace) -> Optional[str]:
         return f"the trailing overrides {args.opts} are not KEY VALUE pairs (odd length)"
     if "MODEL.DEVICE" in args.opts[::2]:
         return "every variant runs on --device; give that instead of MODEL.DEVICE"
-    ours = {"ours", "ours_stock_gn"}
-    if args.config_file and args.task != "op" and not any(spec.partition(":")[0] in ours for spec in args.variants):
+    if problem := variants_problem(args.variants):
+        return problem
+    names = {bench.variant_overrides(spec)[0] for spec in args.variants}
+    if args.config_file and args.task != "op" and not names & {"ours", "ours_stock_gn"}:
         return (f"--config-file {args.config_file} is the config of ours and ours_stock_gn, and --variants has "
                 "neither; add one, or leave --config-file out")
     if args.profile and (why := not_writable(args.profile)):
         return f"--profile {args.profile}: cannot write there ({why}); give a writable folder"
     if not args.replot:
         return output_problem(args.output, draws_picture=args.task == "model")
+    return None
+
+
+def variants_problem(specs) -> Optional[str]:
+    """What is wrong with the first ill-formed ``--variants`` spec (an unknown name, an override that is not
+    KEY=VALUE), or None; the keys and values themselves are checked when the configs are built."""
+    for spec in specs:
+        try:
+            bench.variant_overrides(spec)
+        except ValueError as e:
+            return f"--variants: {e}"
     return None
 
 
@@ -176,6 +191,8 @@ def prepare_variants(args) -> dict:
 
 def _buildable_config(variant, args):
     cfg = bench.variant_config(variant, args.device, args.opts)
+    if problem := device_problem(cfg, 1, "--num-gpus 1"):  # as train_net refuses it (one process here)
+        raise ValueError(problem)
     check_model_builds(cfg, "its config")  # the error names the variant and its file
     return cfg
 
@@ -240,14 +257,27 @@ def cpu_time_warning(args, variant_count: int) -> Optional[str]:
             "--input-size 320 480 --warmup 1 --iters 3")
 
 
+def unreferenced_warning(variants) -> Optional[str]:
+    """A warning naming the variants whose ratios will stay empty although the run has a detectron2_gn: one with
+    other overrides than theirs, and no plain one (see :func:`gn_detection.benchmark.reference_of`); else None."""
+    specs = [variant.name for variant in variants]
+    if not any(bench.variant_overrides(spec)[0] == bench.REFERENCE_VARIANT for spec in specs):
+        return None
+    alone = [spec for spec in specs if bench.reference_of(spec, specs) is None]
+    if not alone:
+        return None
+    return (f"no ratio for {', '.join(alone)}: the run has no {bench.REFERENCE_VARIANT} with the same overrides and "
+            f"no plain {bench.REFERENCE_VARIANT}; add one to --variants for their ratios")
+
+
 def run_models(args, variants, logger, save) -> dict:
     """Measure every (variant, precision, images) cell, ``--repeats`` times; ``save(report)`` after each, so
     an interrupted run keeps what it measured. A cell that fails (out of memory, a dtype the device lacks, a
     kernel that does not compile, divergence) is recorded with its error and the run goes on."""
     logger.info("Measuring %s", workload(args, len(variants)))
-    warning = cpu_time_warning(args, len(variants))
-    if warning:
-        logger.warning(warning)
+    for warning in (cpu_time_warning(args, len(variants)), unreferenced_warning(variants)):
+        if warning:
+            logger.warning(warning)
     cells, start = [], time.time()
     total = args.repeats * len(variants) * len(args.precision) * len(args.images_per_gpu)
     for repeat, variant, (cfg, batch) in passes(variants, args.repeats):
@@ -341,6 +371,31 @@ def incomplete_path(json_path: str) -> str:
     return os.path.splitext(json_path)[0] + ".incomplete.json"
 
 
+class ResultsSoFar:
+    """What a model or host run in progress has measured, saved after every cell to :func:`incomplete_path`. A
+    file there from an earlier interrupted run is replaced by this run's first save; until then it is left as it
+    was and never passed off as this run's."""
+
+    def __init__(self, output: str, header: dict):
+        self.path, self.header, self.written = incomplete_path(output), header, False
+
+    def save(self, report: dict) -> None:
+        write_json(self.path, {**self.header, **report})
+        self.written = True
+
+    def interrupted_note(self) -> str:
+        """Where what this run measured is, after Ctrl-C."""
+        if self.written:
+            return f"what it measured is in {self.path}"
+        earlier = f" ({self.path} is an earlier run's, left as it was)" if os.path.isfile(self.path) else ""
+        return f"nothing was measured{earlier}"
+
+    def remove(self) -> None:
+        """Remove this run's file once its results are in ``--output`` (an earlier run's stays)."""
+        if self.written and os.path.isfile(self.path):
+            os.remove(self.path)
+
+
 def picture_path(json_path: str) -> str:
     """Where a results file's picture goes: beside it, as .png."""
     return os.path.splitext(json_path)[0] + ".png"
@@ -383,7 +438,7 @@ def main(argv=None) -> int:
     use_device(args.device)
     header = {"task": args.task, "machine": bench.machine_description(args.device), "command": shlex.join(sys.argv),
               "settings": vars(args)}
-    incomplete = incomplete_path(args.output)  # where the model and host tasks save as they measure
+    so_far = ResultsSoFar(args.output, header)  # where the model and host tasks save as they measure
     if args.task == "op":
         result = run_op(args, logger)
     else:
@@ -397,14 +452,13 @@ def main(argv=None) -> int:
             return 2
         run = run_host if args.task == "host" else run_models
         try:
-            result = run(args, variants, logger, lambda report: write_json(incomplete, {**header, **report}))
+            result = run(args, variants, logger, so_far.save)
         except KeyboardInterrupt:
-            kept = f"what it measured is in {incomplete}" if os.path.isfile(incomplete) else "nothing was measured"
-            print(f"benchmark: interrupted; {kept}, and {args.output} is as it was", file=sys.stderr)
+            print(f"benchmark: interrupted; {so_far.interrupted_note()}, and {args.output} is as it was",
+                  file=sys.stderr)
             return 130  # the shells' status for a command stopped by Ctrl-C
     write_json(args.output, {**header, **result})
-    if args.task != "op" and os.path.isfile(incomplete):
-        os.remove(incomplete)  # the results are in --output now
+    so_far.remove()  # the results are in --output now
     print(result["table"])
     if "summary_table" in result:
         print(f"\nOver {args.repeats} passes:\n{result['summary_table']}")
