@@ -1,7 +1,7 @@
 """Config keys added by gn_detection, and loading and checking a config."""
 import os
 import traceback
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import yaml
@@ -60,13 +60,51 @@ GN_SETTING_KEYS = ("MODEL.GN.NUM_GROUPS", "MODEL.GN.CHANNELS_PER_GROUP", "MODEL.
 
 def gn_settings(cfg: CN) -> Dict[str, object]:
     """``cfg``'s values of :data:`GN_SETTING_KEYS`, by key."""
-    values = {}
-    for key in GN_SETTING_KEYS:
-        node = cfg
-        for part in key.split("."):
-            node = node[part]
-        values[key] = node
-    return values
+    return {key: _value(cfg, key) for key in GN_SETTING_KEYS}
+
+
+def _value(cfg: CN, key: str) -> object:
+    """The value of a dotted ``key`` (``MODEL.GN.EPS``) in ``cfg``."""
+    for part in key.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+# What Detectron2's own components build for NORM "GN": torch's GroupNorm of 32 groups and eps 1e-5
+DETECTRON2_GN = {"MODEL.GN.NUM_GROUPS": 32, "MODEL.GN.CHANNELS_PER_GROUP": 0, "MODEL.GN.EPS": 1e-5}
+FPN_BACKBONE = "build_gn_resnet_fpn_backbone"
+OUR_BACKBONES = (FPN_BACKBONE, "build_gn_resnet_backbone")
+# The layers a NORM key makes GN, the key naming the component that builds them, whether that component is
+# Detectron2's own (which builds DETECTRON2_GN, reading no MODEL.GN key), and gn_detection's instead
+GN_BUILDERS = (
+    ("the ResNet", "MODEL.RESNETS.NORM", "MODEL.BACKBONE.NAME", lambda name: name not in OUR_BACKBONES,
+     f"MODEL.BACKBONE.NAME {FPN_BACKBONE}"),
+    ("res5", "MODEL.RESNETS.NORM", "MODEL.ROI_HEADS.NAME", lambda name: name == "Res5ROIHeads",
+     "an FPN model (configs/mask_rcnn_R50_FPN_gn.yaml)"),
+    ("the FPN", "MODEL.FPN.NORM", "MODEL.BACKBONE.NAME", lambda name: "fpn" in name and name != FPN_BACKBONE,
+     f"MODEL.BACKBONE.NAME {FPN_BACKBONE}"),
+    ("the box head", "MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_BOX_HEAD.NAME", lambda name: name != "GNConvFCHead",
+     "MODEL.ROI_BOX_HEAD.NAME GNConvFCHead"),
+    ("the mask head", "MODEL.ROI_MASK_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NAME",
+     lambda name: name != "GNMaskRCNNConvUpsampleHead", "MODEL.ROI_MASK_HEAD.NAME GNMaskRCNNConvUpsampleHead"),
+)
+
+
+def ignored_gn_settings_problem(cfg: CN) -> Optional[str]:
+    """That MODEL.GN's group count or eps, set to other than Detectron2's, would not reach GN layers a Detectron2
+    component builds (with its own GN of 32 groups): the model would have other GN layers than asked for, silently;
+    None if it reaches every GN layer."""
+    changed = {key: value for key, value in gn_settings(cfg).items() if value != DETECTRON2_GN[key]}
+    if not changed:
+        return None
+    for layers, norm_key, builder_key, is_detectron2s, ours in GN_BUILDERS:
+        name = _value(cfg, builder_key)
+        if _value(cfg, norm_key) == "GN" and is_detectron2s(name) and (layers != "the mask head" or cfg.MODEL.MASK_ON):
+            settings = ", ".join(f"{key} {value}" for key, value in changed.items())
+            return (f"{settings} set the GN layers gn_detection builds, but {builder_key} {name!r} builds {layers} "
+                    f"({norm_key} GN) with Detectron2's own GN of 32 groups and eps 1e-5, which reads no MODEL.GN "
+                    f"key; use {ours}, or leave MODEL.GN.NUM_GROUPS 32, CHANNELS_PER_GROUP 0 and EPS 1e-05")
+    return None
 
 
 def _structure_problem(config_file: str) -> str:
@@ -160,19 +198,14 @@ def load_config(config_file: str, opts: Sequence = ()) -> CN:
     if cfg.TEST.VIS_NUM_IMAGES < 0:
         raise ValueError(f"{config_file}: TEST.VIS_NUM_IMAGES must be >= 0 (0 draws none), "
                          f"got {cfg.TEST.VIS_NUM_IMAGES}")
-    if (cfg.MODEL.ROI_HEADS.NAME == "Res5ROIHeads" and cfg.MODEL.RESNETS.NORM == "GN"
-            and (cfg.MODEL.GN.NUM_GROUPS != 32 or cfg.MODEL.GN.CHANNELS_PER_GROUP)):
-        raise ValueError(f"{config_file}: Detectron2's Res5ROIHeads builds res5 with its own GN of 32 groups, not "
-                         "with MODEL.GN; set MODEL.GN.NUM_GROUPS 32 and MODEL.GN.CHANNELS_PER_GROUP 0, or use an "
-                         "FPN model (configs/mask_rcnn_R50_FPN_gn.yaml)")
-    graphed_backbone = "build_gn_resnet_fpn_backbone"
-    our_backbones = (graphed_backbone, "build_gn_resnet_backbone")
-    if cfg.MODEL.CUDA_GRAPHS.BACKBONE and cfg.MODEL.BACKBONE.NAME != graphed_backbone:
-        raise ValueError(f"{config_file}: MODEL.CUDA_GRAPHS.BACKBONE needs MODEL.BACKBONE.NAME {graphed_backbone!r}, "
+    if problem := ignored_gn_settings_problem(cfg):
+        raise ValueError(f"{config_file}: {problem}")
+    if cfg.MODEL.CUDA_GRAPHS.BACKBONE and cfg.MODEL.BACKBONE.NAME != FPN_BACKBONE:
+        raise ValueError(f"{config_file}: MODEL.CUDA_GRAPHS.BACKBONE needs MODEL.BACKBONE.NAME {FPN_BACKBONE!r}, "
                          f"got {cfg.MODEL.BACKBONE.NAME!r}; set MODEL.CUDA_GRAPHS.BACKBONE False")
-    if cfg.MODEL.BACKBONE.CHANNELS_LAST and cfg.MODEL.BACKBONE.NAME not in our_backbones:
+    if cfg.MODEL.BACKBONE.CHANNELS_LAST and cfg.MODEL.BACKBONE.NAME not in OUR_BACKBONES:
         raise ValueError(f"{config_file}: MODEL.BACKBONE.CHANNELS_LAST needs MODEL.BACKBONE.NAME to be one of "
-                         f"{our_backbones}, got {cfg.MODEL.BACKBONE.NAME!r}; set MODEL.BACKBONE.CHANNELS_LAST False")
+                         f"{OUR_BACKBONES}, got {cfg.MODEL.BACKBONE.NAME!r}; set MODEL.BACKBONE.CHANNELS_LAST False")
     return cfg
 
 

@@ -280,13 +280,23 @@ def test_channels_last_is_refused_for_a_backbone_that_would_ignore_it():
                  "MODEL.BACKBONE.NAME", "build_resnet_fpn_backbone")
 
 
-def test_a_group_setting_that_res5_roi_heads_would_ignore_is_refused():
-    c4 = model_zoo.get_config_file("COCO-InstanceSegmentation/mask_rcnn_R_50_C4_3x.yaml")
-    gn_c4 = ["MODEL.BACKBONE.NAME", "build_gn_resnet_backbone", "MODEL.RESNETS.NORM", "GN"]
-    assert load_config(c4, gn_c4).MODEL.GN.NUM_GROUPS == 32  # Detectron2's own GN in res5: the same groups
-    for groups in (["MODEL.GN.NUM_GROUPS", 16], ["MODEL.GN.CHANNELS_PER_GROUP", 16]):
-        with pytest.raises(ValueError, match="Res5ROIHeads builds res5 with its own GN of 32 groups"):
-            load_config(c4, [*gn_c4, *groups])
+@pytest.mark.parametrize("config, opts, message", [
+    ("COCO-InstanceSegmentation/mask_rcnn_R_50_C4_3x.yaml",
+     ["MODEL.BACKBONE.NAME", "build_gn_resnet_backbone", "MODEL.RESNETS.NORM", "GN"],
+     "MODEL.ROI_HEADS.NAME 'Res5ROIHeads' builds res5 (MODEL.RESNETS.NORM GN) with Detectron2's own GN"),
+    ("Misc/mask_rcnn_R_50_FPN_3x_gn.yaml", [],  # Detectron2's GN model: its components read no MODEL.GN key
+     "MODEL.BACKBONE.NAME 'build_resnet_fpn_backbone' builds the ResNet (MODEL.RESNETS.NORM GN) with Detectron2's"),
+    ("configs/mask_rcnn_R50_FPN_gn.yaml", ["MODEL.ROI_BOX_HEAD.NAME", "FastRCNNConvFCHead"],
+     "MODEL.ROI_BOX_HEAD.NAME 'FastRCNNConvFCHead' builds the box head (MODEL.ROI_BOX_HEAD.NORM GN)"),
+])
+def test_group_settings_a_detectron2_component_would_ignore_are_refused(config, opts, message):
+    path = config if config.startswith("configs/") else model_zoo.get_config_file(config)
+    assert load_config(path, opts).MODEL.GN.NUM_GROUPS == 32  # Detectron2's own GN: the same groups
+    for groups in (["MODEL.GN.NUM_GROUPS", 16], ["MODEL.GN.CHANNELS_PER_GROUP", 16], ["MODEL.GN.EPS", 0.001]):
+        with pytest.raises(ValueError) as error:
+            load_config(path, [*opts, *groups])
+        assert f"{groups[0]} {groups[1]} set the GN layers gn_detection builds, but {message}" in str(error.value)
+    assert load_config("configs/mask_rcnn_R50_FPN_gn.yaml", ["MODEL.GN.NUM_GROUPS", 16])  # ours, all of them
 
 
 @pytest.mark.parametrize("key, name", [("MODEL.BACKBONE.NAME", "build_gn_resnet_fpn_backbone"),
