@@ -319,9 +319,16 @@ def test_make_resnet_from_python_defaults_its_widths_to_the_depth_and_names_bad_
     for kwargs, message in (({"res2_out_channels": 0}, r"res2_out_channels \(MODEL.RESNETS.RES2_OUT_CHANNELS\) must "
                                                       r"be an integer >= 1, got 0"),
                             ({"in_channels": -3}, r"in_channels \(the input's channels\) must be an integer >= 1"),
-                            ({"res2_out_channels": 256}, r"ResNet-18 uses BasicBlocks: set res2_out_channels")):
+                            ({"res2_out_channels": 256}, r"ResNet-18 uses BasicBlocks: set res2_out_channels"),
+                            ({"res5_dilation": 2.0}, r"res5_dilation \(MODEL.RESNETS.RES5_DILATION\) must be 1 or 2"),
+                            ({"res5_dilation": True}, r"res5_dilation .* must be 1 or 2, got True"),
+                            ({"freeze_at": "2"}, r"freeze_at \(MODEL.BACKBONE.FREEZE_AT\) must be an integer from 0 "),
+                            ({"freeze_at": 6}, r"freeze_at .* to 5 \(all stages\), got 6")):
         with pytest.raises(ValueError, match=message):
             make_resnet(18, **kwargs)
+    for flag in ("stride_in_1x1", "channels_last"):  # "no" would count as True
+        with pytest.raises(TypeError, match=f"{flag} \\(MODEL.* must be True or False, got 'no'"):
+            make_resnet(50, **{flag: "no"})
     with pytest.raises(ValueError, match=r"depth \(MODEL.RESNETS.DEPTH\) must be one of .*, got '50'"):
         make_resnet("50")
     with pytest.raises(TypeError, match=r"out_features must be a list of stage names, e.g. \['res5'\]"):
