@@ -6,15 +6,12 @@ import statistics
 from collections import defaultdict
 from typing import Dict, List, Optional
 
-import matplotlib
+from matplotlib.figure import Figure  # drawn to files without pyplot: a user's backend stays as it was
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
-
-from .atomic_write import write_atomically  # noqa: E402
-from .experiments import LABELS  # noqa: E402
-from .metrics_log import read_metrics  # noqa: E402
-from .visualize import save_figure  # noqa: E402
+from .atomic_write import write_atomically
+from .experiments import LABELS
+from .metrics_log import read_metrics
+from .visualize import save_figure
 
 RESULT_FILE = "cell.json"  # written by the runner into each run's directory once the run has ended
 METRICS = (("segm/AP", "mask AP"), ("bbox/AP", "box AP"))
@@ -147,7 +144,8 @@ def plot(rows: List[Dict], out_dir: str, title: str) -> List[str]:
             panels = [p for p in (by_g, by_c) if p]
         else:
             panels = [part]
-        fig, axes = plt.subplots(len(panels), 2, figsize=(10, 4 * len(panels)), squeeze=False)
+        fig = Figure(figsize=(10, 4 * len(panels)))
+        axes = fig.subplots(len(panels), 2, squeeze=False)
         for panel, ax_row in zip(panels, axes):
             for ax, (key, _) in zip(ax_row, METRICS):
                 _draw_panel(ax, experiment, panel, key)

@@ -4,19 +4,17 @@ import os
 from collections import defaultdict
 from typing import Dict, List, Tuple
 
-import matplotlib
+import matplotlib.image
+import numpy as np
+import torch
+from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
+from detectron2.data import detection_utils
+from detectron2.utils.visualizer import Visualizer
+from matplotlib.figure import Figure  # drawn to files without pyplot: a user's backend stays as it was
 
-matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog  # noqa: E402
-from detectron2.data import detection_utils  # noqa: E402
-from detectron2.utils.visualizer import Visualizer  # noqa: E402
-
-from .atomic_write import replaced_atomically  # noqa: E402
-from .group_norm import is_integer  # noqa: E402
-from .metrics_log import read_metrics  # noqa: E402
+from .atomic_write import replaced_atomically
+from .group_norm import is_integer
+from .metrics_log import read_metrics
 
 MIN_PICTURE_SIDE = 480  # pixels; smaller images are drawn enlarged
 
@@ -53,7 +51,7 @@ def draw_predictions(
             if path in paths:  # a.png of another folder
                 path = os.path.join(out_dir, f"{stem}_{record.get('image_id', len(paths))}.png")
             with replaced_atomically(path) as partial:
-                plt.imsave(partial, np.concatenate([truth, predicted], axis=1), format="png")
+                matplotlib.image.imsave(partial, np.concatenate([truth, predicted], axis=1), format="png")
             paths.append(path)
     finally:
         model.train(was_training)
@@ -66,7 +64,8 @@ def plot_loss_curve(metrics_file: str, out_png: str, start: int = 0) -> str:
     rows = [r for r in read_metrics(metrics_file, start) if "total_loss" in r]
     if not rows:
         raise ValueError(f"{metrics_file} holds no training losses to plot")
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
     for key in sorted({k for r in rows for k in r if "loss" in k}):
         points = [(r["iteration"], r[key]) for r in rows if key in r]
         ax.plot(*zip(*points), label=key, linewidth=2.5 if key == "total_loss" else 1)
@@ -81,12 +80,9 @@ def plot_loss_curve(metrics_file: str, out_png: str, start: int = 0) -> str:
 
 
 def save_figure(fig, out_png: str) -> str:
-    """Save ``fig`` as a PNG whole or not at all (an older picture stays if saving fails), and close it."""
-    try:
-        with replaced_atomically(out_png) as partial:
-            fig.savefig(partial, dpi=100, format="png")
-    finally:
-        plt.close(fig)
+    """Save ``fig`` as a PNG whole or not at all (an older picture stays if saving fails)."""
+    with replaced_atomically(out_png) as partial:
+        fig.savefig(partial, dpi=100, format="png")
     return out_png
 
 
@@ -132,7 +128,8 @@ def benchmark_figure(report: Dict):
     is depends on the device: :func:`memory_label`) against images per iteration, a line per variant and
     precision (the style says the precision), and inference seconds per image."""
     series = benchmark_series(report)
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    fig = Figure(figsize=(12, 8.5))
+    axes = fig.subplots(2, 2)
     colors = {variant: f"C{i}" for i, variant in enumerate(dict.fromkeys(v for v, _ in series))}
     images = sorted({c["images_per_iter"] for cells in series.values() for c in cells})
     panels = ((axes[0, 0], "train_images_per_s", "training images/s", "training not measured"),

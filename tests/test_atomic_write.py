@@ -28,14 +28,14 @@ def test_a_rename_that_fails_leaves_no_partial_file(tmp_path):
 
 
 def test_a_picture_that_fails_to_save_leaves_the_previous_one(tmp_path, monkeypatch):
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from gn_detection.visualize import save_figure
 
     path = str(tmp_path / "plot.png")
-    save_figure(plt.figure(), path)
+    save_figure(Figure(), path)
     before = open(path, "rb").read()
-    fig = plt.figure()
+    fig = Figure()
 
     def fail_halfway(target, **kwargs):
         open(target, "wb").write(b"\x89PNG half")
@@ -45,7 +45,6 @@ def test_a_picture_that_fails_to_save_leaves_the_previous_one(tmp_path, monkeypa
     with pytest.raises(OSError, match="disk full"):
         save_figure(fig, path)
     assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["plot.png"]
-    assert not plt.fignum_exists(fig.number)  # closed all the same
 
 
 def test_the_new_file_reaches_the_disk_before_it_replaces_the_old_one(tmp_path, monkeypatch):
@@ -74,7 +73,7 @@ def test_a_folder_that_cannot_be_synced_still_gets_the_file(tmp_path, monkeypatc
 
 
 def test_a_prediction_picture_that_fails_to_save_leaves_the_previous_one(tiny_shapes_root, tmp_path, monkeypatch):
-    import matplotlib.pyplot as plt
+    import matplotlib.image
     from detectron2.modeling import build_model
 
     from gn_detection import visualize
@@ -83,7 +82,7 @@ def test_a_prediction_picture_that_fails_to_save_leaves_the_previous_one(tiny_sh
     model = build_model(cfg)
     [path] = visualize.draw_predictions(model, cfg, "tiny_shapes_val", str(tmp_path), 1, 0.0)
     before = open(path, "rb").read()
-    real_imsave = plt.imsave
+    real_imsave = matplotlib.image.imsave
 
     def fail_halfway(target, image, **kwargs):
         real_imsave(target, image, **kwargs)
@@ -91,7 +90,19 @@ def test_a_prediction_picture_that_fails_to_save_leaves_the_previous_one(tiny_sh
             f.truncate(100)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(visualize.plt, "imsave", fail_halfway)
+    monkeypatch.setattr(matplotlib.image, "imsave", fail_halfway)
     with pytest.raises(OSError, match="No space left"):
         visualize.draw_predictions(model, cfg, "tiny_shapes_val", str(tmp_path), 1, 0.0)
     assert open(path, "rb").read() == before and os.listdir(tmp_path) == [os.path.basename(path)]
+
+
+def test_drawing_pictures_leaves_the_users_matplotlib_backend_as_it_was(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys, matplotlib; matplotlib.use('svg'); import gn_detection.visualize, gn_detection.report; "
+            "from matplotlib.figure import Figure; gn_detection.visualize.save_figure(Figure(), sys.argv[1]); "
+            "print(matplotlib.get_backend())")
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a.png")], capture_output=True, text=True)
+    assert run.stdout == "svg\n", run.stderr
+    assert (tmp_path / "a.png").read_bytes().startswith(b"\x89PNG")

@@ -5,7 +5,7 @@ import logging
 import math
 import re
 
-import matplotlib.pyplot as plt
+import matplotlib.image
 import numpy as np
 import pytest
 import torch
@@ -56,7 +56,7 @@ def test_cli_measures_every_variant_side_by_side(tmp_path):
     assert report["machine"]["cpu_count"] >= 1 and report["machine"]["torch"] == torch.__version__
     for variant in variants:
         assert f"| {variant} | fp32 | 2 |" in result.stdout
-    picture = plt.imread(tmp_path / "bench.png")  # drawn beside the JSON
+    picture = matplotlib.image.imread(tmp_path / "bench.png")  # drawn beside the JSON
     assert picture.shape[0] > 400 and picture.shape[1] > 600
 
 
@@ -209,7 +209,6 @@ def test_the_picture_draws_each_variant_and_precision_with_what_each_cell_measur
     assert speed.lines[0].get_color() == speed.lines[2].get_color() != speed.lines[1].get_color()  # a variant
     assert speed.lines[0].get_linestyle() == "-" and speed.lines[2].get_linestyle() == "--"  # fp32, AMP
     assert fig._suptitle.get_text() == "GPU-X · torch 9.9 · synthetic 800×1216, 7 boxes"
-    plt.close(fig)
 
 
 def test_the_picture_of_repeated_passes_draws_medians_with_each_ratios_range():
@@ -224,7 +223,6 @@ def test_the_picture_of_repeated_passes_draws_medians_with_each_ratios_range():
     assert [y for _, y in segment] == [1.5, 2.0]
     assert [t.get_text() for t in inference.texts] == ["inference not measured"]
     assert fig._suptitle.get_text().endswith("medians of 3 passes (memory: max)")
-    plt.close(fig)
 
 
 @pytest.mark.parametrize("report, message", [
@@ -246,7 +244,7 @@ def test_replot_redraws_a_run_or_names_the_file_it_cannot_draw(report, message, 
     assert not (tmp_path / "run.png").exists()
     path.write_text(json.dumps({"task": "model", "rows": [model_row("ours", "fp32", 2, 2.0, 1.0, 0.5)]}))
     assert load_tool("benchmark").main(["--replot", str(path)]) == 0
-    assert plt.imread(tmp_path / "run.png").shape[1] > 600
+    assert matplotlib.image.imread(tmp_path / "run.png").shape[1] > 600
 
 
 @pytest.mark.parametrize(
@@ -671,7 +669,6 @@ def test_the_pictures_memory_axis_says_what_was_measured_on_the_device(device, s
         report["summary"] = [{**model_row("ours", "fp32", 2, 2.0, 1.0, 0.5), "passes": 2}]
     fig = benchmark_figure(report)
     assert fig.axes[2].get_ylabel() == label
-    plt.close(fig)
 
 
 def test_host_task_counts_ops_and_waits_by_model_part(tmp_path):

@@ -575,7 +575,7 @@ def test_a_record_of_ap_nan_from_an_older_runner_runs_again(tmp_path):
 
 
 def test_bars_leave_out_runs_without_a_result_and_say_why():
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from gn_detection.report import _bar_plot
 
@@ -585,14 +585,11 @@ def test_bars_leave_out_runs_without_a_result_and_say_why():
 
     rows = summarize([run("backbone", "ok", 5.0), run("+box head", "not buildable", None),
                       run("+mask head", "ok", 0.0)])
-    fig, ax = plt.subplots()
-    try:
-        _bar_plot(ax, rows, "segm/AP")
-        assert [(p.get_x() + p.get_width() / 2, p.get_height()) for p in ax.patches] == [(0, 5.0), (2, 0.0)]
-        texts = {t.get_text(): t.get_position() for t in ax.texts}  # each bar's value, and why one has no bar
-        assert sorted(texts) == ["0.0", "5.0", "not buildable"] and texts["not buildable"] == (1, 0)
-    finally:
-        plt.close(fig)
+    ax = Figure().subplots()
+    _bar_plot(ax, rows, "segm/AP")
+    assert [(p.get_x() + p.get_width() / 2, p.get_height()) for p in ax.patches] == [(0, 5.0), (2, 0.0)]
+    texts = {t.get_text(): t.get_position() for t in ax.texts}  # each bar's value, and why one has no bar
+    assert sorted(texts) == ["0.0", "5.0", "not buildable"] and texts["not buildable"] == (1, 0)
 
 
 def test_the_report_shows_the_presets_current_cells_and_says_what_it_leaves_out(tmp_path, monkeypatch, capsys):
