@@ -15,6 +15,7 @@ trust; catalog files are checked against the MD5 prefix in their names or a reco
 import difflib
 import os
 import re
+import urllib.parse
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -58,7 +59,8 @@ class ZooModel:
     def checksums(self) -> Checksums:
         """Digests the file must match: Detectron2 model-zoo names end in the first hex digits of the MD5."""
         # exactly 6: a run's own names (model_0089999.pkl, model_final_20240101.pkl) hold longer digit runs
-        match = re.search(r"_([0-9a-f]{6})\.pkl$", self.url) if self.file_format == DETECTRON2_FORMAT else None
+        path = urllib.parse.urlparse(self.url).path  # a ?query or #fragment after the name leaves it as it is
+        match = re.search(r"_([0-9a-f]{6})\.pkl$", path) if self.file_format == DETECTRON2_FORMAT else None
         return Checksums(md5_prefix=match[1] if match else "", sha256=self.sha256)
 
 
@@ -95,25 +97,40 @@ def register(model: ZooModel) -> None:
         raise ValueError(f"model zoo: the name {model.name!r} is already in the catalog")
     if not os.path.isfile(os.path.join(CONFIG_DIR, model.config)):
         raise FileNotFoundError(f"model zoo entry {model.name!r}: config {model.config!r} not found in {CONFIG_DIR}")
+    try:  # as get_config will: the opts name keys of the config, with values of their types
+        load_config(os.path.join(CONFIG_DIR, model.config), model.opts)
+    except ValueError as e:
+        raise ValueError(f"model zoo entry {model.name!r}: opts {model.opts!r} do not apply to its config: {e}") from e
     CATALOG[model.name] = model
 
 
 def _entry_problem(model: ZooModel) -> Optional[str]:
     """What makes a catalog entry unusable, or None."""
-    if not isinstance(model.name, str) or not model.name or model.name.startswith(SCHEME):
-        return f"name must be a non-empty string without {SCHEME!r} (that prefix is how MODEL.WEIGHTS names it)"
+    if not isinstance(model.name, str) or not model.name.strip() or model.name.startswith(SCHEME):
+        return f"name must be a non-blank string without {SCHEME!r} (that prefix is how MODEL.WEIGHTS names it)"
+    if not isinstance(model.config, str) or not model.config:
+        return (f"config must be a config file's name under configs/, e.g. 'mask_rcnn_R50_FPN_gn.yaml', got "
+                f"{model.config!r}")
     if model.file_format not in (DETECTRON2_FORMAT, DETECTRON_FORMAT):
         return f"file_format must be model_zoo.DETECTRON2_FORMAT or DETECTRON_FORMAT, got {model.file_format!r}"
-    if model.url and not model.url.startswith(("https://", "http://")):
-        return f"url must be an http(s) URL (or empty for results published without a file), got {model.url!r}"
+    if not isinstance(model.url, str) or model.url and not _is_file_url(model.url):
+        return (f"url must be an http(s) URL of a file (or empty for results published without a file), got "
+                f"{model.url!r}")
     if model.url and ".." in cache_segments(model.url):
         return f"url must not hold '..' path segments (its file would be cached outside the cache), got {model.url!r}"
     if not isinstance(model.sha256, str) or (model.sha256 and not re.fullmatch(r"[0-9a-fA-F]{64}", model.sha256)):
         return ("sha256 must be the file's SHA-256 as 64 hex digits (or empty when not recorded), "
                 f"got {model.sha256!r}")
-    if not isinstance(model.opts, (tuple, list)) or len(model.opts) % 2:
+    if (not isinstance(model.opts, (tuple, list)) or len(model.opts) % 2
+            or not all(isinstance(key, str) for key in model.opts[::2])):
         return f"opts must be a tuple of KEY, VALUE items, e.g. ('MODEL.GN.NUM_GROUPS', 16), got {model.opts!r}"
     return None
+
+
+def _is_file_url(url: str) -> bool:
+    """Whether ``url`` is an http(s) URL (the scheme in any case, as URLs allow) with a host and a file path."""
+    parsed = urllib.parse.urlparse(url)
+    return parsed.scheme.lower() in ("http", "https") and bool(parsed.netloc) and parsed.path.strip("/") != ""
 
 
 for _model in (

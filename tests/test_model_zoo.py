@@ -605,7 +605,7 @@ def test_only_detectron2_names_with_six_hex_digits_are_read_as_an_md5_prefix():
         url = f"{model_zoo.DETECTRON2}/Misc/run/1/{file_name}"
         return model_zoo.ZooModel("x", "c.yaml", model_zoo.DETECTRON2_FORMAT, url).checksums.md5_prefix
 
-    assert prefix("model_final_dc5d9e.pkl") == "dc5d9e"
+    assert prefix("model_final_dc5d9e.pkl") == prefix("model_final_dc5d9e.pkl?dl=1") == "dc5d9e"
     assert prefix("model_final_20240101.pkl") == prefix("model_0089999.pkl") == ""  # a run's own names
 
 
@@ -617,8 +617,15 @@ def test_two_hosts_files_of_the_same_path_are_cached_apart(monkeypatch, tmp_path
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"name": ""}, "name must be a non-empty string without 'gn-zoo://'"),
-    ({"name": "gn-zoo://Mine/model"}, "name must be a non-empty string"),
+    ({"name": ""}, "name must be a non-blank string without 'gn-zoo://'"),
+    ({"name": " "}, "name must be a non-blank string"),
+    ({"name": "gn-zoo://Mine/model"}, "name must be a non-blank string"),
+    ({"config": None}, "config must be a config file's name under configs/"),
+    ({"url": 5}, "url must be an http(s) URL of a file"),
+    ({"url": "https://"}, "url must be an http(s) URL of a file"),  # its cached file would be the cache's folder
+    ({"url": "https://host/"}, "url must be an http(s) URL of a file"),
+    ({"opts": (1, 2)}, "opts must be a tuple of KEY, VALUE items"),
+    ({"opts": ("MODEL.NOPE", 1)}, "opts ('MODEL.NOPE', 1) do not apply to its config: overrides: Non-existent key"),
     ({"file_format": "pth"}, "file_format must be model_zoo.DETECTRON2_FORMAT or DETECTRON_FORMAT, got 'pth'"),
     ({"url": "host/model.pkl"}, "url must be an http(s) URL"),
     ({"url": "https://host/a/../../../model_final_1a2b3c.pkl"}, "url must not hold '..' path segments"),
