@@ -229,6 +229,9 @@ def resolve_norm(norm: NormSetting, spec: GroupNormSpec) -> NormSetting:
     Raises:
         ValueError: for a name :func:`detectron2.layers.get_norm` does not know (it raises a bare KeyError).
     """
+    if norm == "GN" and not isinstance(spec, GroupNormSpec):
+        raise TypeError(f"gn must be a GroupNormSpec (e.g. GroupNormSpec(num_groups=32)) where norm is 'GN', got "
+                        f"{spec!r}")
     if isinstance(norm, str) and norm not in ("", "GN"):
         try:
             get_norm(norm, 32)
@@ -241,7 +244,7 @@ def resolve_norm(norm: NormSetting, spec: GroupNormSpec) -> NormSetting:
 def check_layer_widths(dims: Sequence[int], name: str, key: str) -> None:
     """Raise a ValueError naming ``name`` (the argument) and ``key`` (the config key that sets it) unless ``dims``
     is a list of integers >= 1 (a zero or negative width fails only when the layer runs, inside torch)."""
-    if isinstance(dims, str) or not all(is_integer(d) and d >= 1 for d in dims):
+    if not isinstance(dims, (list, tuple)) or not all(is_integer(d) and d >= 1 for d in dims):
         raise ValueError(f"{name} ({key}) must be a list of integers >= 1, got {dims!r}")
 
 

@@ -370,9 +370,16 @@ def test_heads_and_norms_from_python_name_bad_arguments():
                                                                       r"CONV_DIM\) must be a list of integers >= 1"),
                             ({"conv_dims": [], "fc_dims": [-5]}, r"fc_dims .* must be a list of integers >= 1"),
                             ({"conv_dims": [], "fc_dims": []}, "conv_dims and fc_dims are both empty"),
-                            ({"conv_dims": [64], "fc_dims": [16], "conv_norm": "gn"}, "norm 'gn' is not one")):
+                            ({"conv_dims": [64], "fc_dims": [16], "conv_norm": "gn"}, "norm 'gn' is not one"),
+                            ({"conv_dims": 256, "fc_dims": [16]}, r"conv_dims .* must be a list of integers >= 1, got "
+                                                                  "256"),
+                            ({"conv_dims": [64], "fc_dims": None}, r"fc_dims .* got None")):
         with pytest.raises(ValueError, match=message):
             GNConvFCHead(rois, **kwargs)
+    for gn in (None, 16):
+        with pytest.raises(TypeError, match=rf"gn must be a GroupNormSpec \(e.g. GroupNormSpec\(num_groups=32\)\) "
+                                            rf"where norm is 'GN', got {gn}"):
+            GNConvFCHead(rois, conv_dims=[64], fc_dims=[16], gn=gn)
     with pytest.raises(ValueError, match=r"num_classes \(MODEL.ROI_HEADS.NUM_CLASSES\) be an integer >= 1; got "
                                          r"\[64, 64\] and 0"):
         GNMaskRCNNConvUpsampleHead(ShapeSpec(channels=64, height=14, width=14), num_classes=0, conv_dims=[64, 64])
