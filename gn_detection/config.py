@@ -14,7 +14,10 @@ from .group_norm import GroupNormSpec
 
 
 def add_gn_config(cfg: CN) -> None:
-    """Add gn_detection's keys, with their defaults, to a Detectron2 config (in place)."""
+    """Add gn_detection's keys, with their defaults, to a Detectron2 config (in place); a config that has them
+    already keeps its values."""
+    if "GN" in cfg.MODEL:  # a second call would reset what was set since to the defaults
+        return
     cfg.MODEL.GN = CN()
     # Groups per GN layer, the paper's G (32 in all its main results); 1 gives LayerNorm-like GN.
     cfg.MODEL.GN.NUM_GROUPS = 32

@@ -63,6 +63,14 @@ def flat_config(cfg, prefix=""):
     return leaves
 
 
+def test_adding_our_keys_again_keeps_the_values_set_since():
+    cfg = get_cfg()
+    gn_detection.add_gn_config(cfg)
+    cfg.merge_from_list(["MODEL.GN.NUM_GROUPS", 8, "MODEL.BACKBONE.CHANNELS_LAST", True])
+    gn_detection.add_gn_config(cfg)  # e.g. a second project's setup calling it too
+    assert cfg.MODEL.GN.NUM_GROUPS == 8 and cfg.MODEL.BACKBONE.CHANNELS_LAST
+
+
 def test_readme_config_table_gives_every_added_key_and_its_default():
     cfg = get_cfg()
     gn_detection.add_gn_config(cfg)
