@@ -20,6 +20,7 @@ from pycocotools import mask as mask_util
 from tqdm import tqdm
 
 from .atomic_write import write_atomically
+from .group_norm import is_integer
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "star")
 SPLIT_SEEDS = {"train": 0, "val": 1}  # mixed into each image's seed, so splits never share an image
@@ -44,7 +45,7 @@ class ShapesSplitSpec:
             raise ValueError(f"shapes split must be one of {sorted(SPLIT_SEEDS)}, got '{self.split}'")
         for name, least in MIN_SETTINGS.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or value < least:
+            if not is_integer(value) or value < least:  # numpy's integers too, not True
                 raise ValueError(f"shapes {self.split} split: {name} must be an integer >= {least}, got {value!r}")
 
 
@@ -97,6 +98,9 @@ def _object_colour(rng: np.random.Generator, background_mean: np.ndarray) -> np.
 def draw_image(spec: ShapesSplitSpec, index: int) -> Tuple[np.ndarray, List[Dict]]:
     """Draw image ``index`` of a split: an HxWx3 uint8 array and its objects, each a dict with
     ``category_id`` (1-based) and a boolean ``mask`` of its visible pixels."""
+    if not is_integer(index) or not 0 <= index < spec.num_images:
+        raise ValueError(f"image index must be an integer from 0 to {spec.num_images - 1} (the {spec.split} split's "
+                         f"num_images - 1), got {index!r}")
     rng = np.random.default_rng([spec.seed, SPLIT_SEEDS[spec.split], index])
     size = spec.image_size
     image = _background(rng, size)

@@ -469,12 +469,21 @@ def test_a_split_missing_an_image_is_not_complete(tmp_path):
 
 
 @pytest.mark.parametrize("setting", [{"num_images": 0}, {"image_size": 8}, {"max_objects": 0}, {"seed": -1},
-                                     {"num_images": 2.5}])
+                                     {"num_images": 2.5}, {"num_images": True}])
 def test_settings_no_split_could_have_are_refused_by_name(setting):
     spec = {"split": "train", "num_images": 3, **setting}
     name, value = next(iter(setting.items()))
     with pytest.raises(ValueError, match=rf"shapes train split: {name} must be an integer >= \d+, got {value}"):
         ShapesSplitSpec(**spec)
+
+
+def test_numpy_integers_make_a_split_and_images_outside_it_are_named():
+    spec = ShapesSplitSpec("train", np.int64(5), image_size=np.int64(32))
+    assert draw_image(spec, np.int64(4))[0].shape == (32, 32, 3)
+    for index in (-1, 5, 1.0):
+        with pytest.raises(ValueError, match=rf"image index must be an integer from 0 to 4 \(the train split's "
+                                             rf"num_images - 1\), got {index}"):
+            draw_image(spec, index)
 
 
 @pytest.mark.parametrize("flag, value, least", [("--num-train", "0", 1), ("--num-val", "0", 1),
