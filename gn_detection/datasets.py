@@ -47,6 +47,9 @@ def read_coco_json(json_file: str, keys: Sequence[str] = ("images", "annotations
 def load_checked_coco_json(json_file: str, image_root: str, dataset_name: str) -> List[Dict]:
     """Detectron2's ``load_coco_json``, after checking that the JSON parses and every image it names
     exists under ``image_root`` (a missing image otherwise surfaces mid-training)."""
+    if not os.path.isfile(json_file):
+        raise FileNotFoundError(f"Dataset '{dataset_name}': its annotation file {json_file} does not exist"
+                                f"{_relative_note(json_file)}. {SHAPES_HINT}")
     data = read_coco_json(json_file)
     missing = [
         im["file_name"] for im in data["images"] if not os.path.isfile(os.path.join(image_root, im["file_name"]))
@@ -100,10 +103,16 @@ def check_dataset_files(names: Iterable[str], named_by: str = "DATASETS.TRAIN / 
         files = (("annotation file", metadata.get("json_file")), ("image directory", metadata.get("image_root")))
         for what, path in files:
             if path and not os.path.exists(path):
-                where = "" if os.path.isabs(path) else (f" under the working directory {os.getcwd()} (a relative "
-                                                         "path: run from the folder it is relative to, or set "
-                                                         "DETECTRON2_DATASETS to the datasets folder)")
-                raise FileNotFoundError(f"Dataset '{name}': its {what} {path} does not exist{where}. {hint}")
+                raise FileNotFoundError(f"Dataset '{name}': its {what} {path} does not exist"
+                                        f"{_relative_note(path)}. {hint}")
+
+
+def _relative_note(path: str) -> str:
+    """Where a missing relative ``path`` was looked for, and how to point elsewhere; "" for an absolute one."""
+    if os.path.isabs(path):
+        return ""
+    return (f" under the working directory {os.getcwd()} (a relative path: run from the folder it is relative to, "
+            "or set DETECTRON2_DATASETS to the datasets folder)")
 
 
 def check_annotations(dicts: List[Dict], datasets: str, masks: bool,

@@ -430,6 +430,12 @@ def test_a_relative_dataset_path_that_is_missing_names_the_working_directory(tmp
         f"Dataset 'relative_shapes_train': its annotation file datasets/shapes/annotations/instances_train.json does "
         f"not exist under the working directory {tmp_path} (a relative path: run from the folder it is relative to, "
         "or set DETECTRON2_DATASETS to the datasets folder)")
+    with pytest.raises(FileNotFoundError) as error:  # loaded without the check, as DatasetCatalog.get does
+        DatasetCatalog.get("relative_shapes_val")
+    assert str(error.value).startswith(f"Dataset 'relative_shapes_val': its annotation file datasets/shapes/"
+                                       f"annotations/instances_val.json does not exist under the working directory "
+                                       f"{tmp_path} ")
+    assert "prepare_shapes.py" in str(error.value)
 
 
 def test_a_regeneration_that_fails_while_drawing_leaves_the_split_that_was_there(tmp_path, monkeypatch):
