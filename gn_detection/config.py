@@ -201,6 +201,9 @@ def load_config(config_file: str, opts: Sequence = ()) -> CN:
     if cfg.TEST.VIS_NUM_IMAGES < 0:
         raise ValueError(f"{config_file}: TEST.VIS_NUM_IMAGES must be >= 0 (0 draws none), "
                          f"got {cfg.TEST.VIS_NUM_IMAGES}")
+    if not 0 <= cfg.TEST.VIS_SCORE_THRESH <= 1:
+        raise ValueError(f"{config_file}: TEST.VIS_SCORE_THRESH must be a score from 0 to 1, "
+                         f"got {cfg.TEST.VIS_SCORE_THRESH}")
     if problem := ignored_gn_settings_problem(cfg):
         raise ValueError(f"{config_file}: {problem}")
     if cfg.MODEL.CUDA_GRAPHS.BACKBONE and cfg.MODEL.BACKBONE.NAME != FPN_BACKBONE:

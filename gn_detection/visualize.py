@@ -27,10 +27,13 @@ def draw_predictions(
     image's file (and its image_id where two images' files share a name). Returns the written paths.
 
     Raises:
-        ValueError: for a ``num_images`` that is not an integer >= 0 (TEST.VIS_NUM_IMAGES).
+        ValueError: for a ``num_images`` that is not an integer >= 0 (TEST.VIS_NUM_IMAGES), a ``score_thresh``
+            that is not from 0 to 1 (TEST.VIS_SCORE_THRESH).
     """
     if not is_integer(num_images) or num_images < 0:
         raise ValueError(f"num_images (TEST.VIS_NUM_IMAGES) must be an integer >= 0, got {num_images!r}")
+    if isinstance(score_thresh, bool) or not isinstance(score_thresh, (int, float)) or not 0 <= score_thresh <= 1:
+        raise ValueError(f"score_thresh (TEST.VIS_SCORE_THRESH) must be a score from 0 to 1, got {score_thresh!r}")
     metadata = MetadataCatalog.get(dataset_name)
     mapper = DatasetMapper(cfg, is_train=False)  # the test-time resize and format that evaluation uses
     os.makedirs(out_dir, exist_ok=True)

@@ -2,6 +2,8 @@
 import json
 import logging
 
+import pytest
+
 from gn_detection.metrics_log import fresh_run_start, read_metrics
 from gn_detection.report import final_metrics
 from gn_detection.visualize import plot_loss_curve
@@ -74,3 +76,11 @@ def test_a_fresh_run_after_a_shorter_one_is_read_from_where_it_began(tmp_path):
     assert [r["iteration"] for r in read_metrics(path)] == [1, 19, 39]  # the file alone cannot tell
     assert [r["iteration"] for r in read_metrics(path, start)] == [19, 39]
     assert fresh_run_start(str(tmp_path / "none.json"), start_iter=0) == 0
+
+
+def test_a_start_that_is_no_byte_offset_is_named(tmp_path):
+    path = tmp_path / "metrics.json"
+    path.write_text('{"iteration": 0, "total_loss": 1.0}\n')
+    for start in (-5, 1.5):
+        with pytest.raises(ValueError, match=f"start must be a byte offset >= 0 into {path}, got {start}"):
+            read_metrics(str(path), start)

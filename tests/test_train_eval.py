@@ -401,6 +401,7 @@ def checked_config(out, flags, opts):
                                                        "which take it for a key; give the flags"),
     ([], ["MODEL.GN.IMPL", "fast"], "MODEL.GN.IMPL must be one of ('auto', 'triton', 'torch'), got 'fast'"),
     ([], ["TEST.VIS_NUM_IMAGES", "-1"], "TEST.VIS_NUM_IMAGES must be >= 0"),
+    ([], ["TEST.VIS_SCORE_THRESH", "1.5"], "TEST.VIS_SCORE_THRESH must be a score from 0 to 1, got 1.5"),
     ([], ["DATASETS.TEST", "('tiny_shapes_vla',)"], "Dataset 'tiny_shapes_vla' (DATASETS.TRAIN / DATASETS.TEST) is "
                                                     "not registered; did you mean tiny_shapes_val"),
     ([], ["MODEL.WEIGHTS", "missing.pth"], "MODEL.WEIGHTS missing.pth does not exist"),
@@ -787,3 +788,6 @@ def test_prediction_pictures_of_files_sharing_a_name_are_kept_apart(tiny_shapes_
                                                                                    str(out / "img_2.png")]
     with pytest.raises(ValueError, match=r"num_images \(TEST.VIS_NUM_IMAGES\) must be an integer >= 0, got -1"):
         draw_predictions(model, cfg, "same_file_names", str(out), -1, 0.5)
+    for thresh in (50, "0.5"):  # a percentage, a string
+        with pytest.raises(ValueError, match=r"score_thresh \(TEST.VIS_SCORE_THRESH\) must be a score from 0 to 1"):
+            draw_predictions(model, cfg, "same_file_names", str(out), 1, thresh)
