@@ -14,10 +14,25 @@ from .group_norm import GroupNormSpec
 
 
 def add_gn_config(cfg: CN) -> None:
-    """Add gn_detection's keys, with their defaults, to a Detectron2 config (in place); a config that has them
-    already keeps its values."""
-    if "GN" in cfg.MODEL:  # a second call would reset what was set since to the defaults
-        return
+    """Add gn_detection's keys, with their defaults, to a Detectron2 config (in place); a key it has already keeps
+    its value (a second call would otherwise reset what was set since)."""
+    _add_missing(cfg, _gn_keys())
+
+
+def _add_missing(cfg: CN, keys: CN) -> None:
+    """Set each of ``keys`` that ``cfg`` lacks, section by section."""
+    for key, value in keys.items():
+        if key not in cfg:
+            cfg[key] = value
+        elif isinstance(value, CN):
+            _add_missing(cfg[key], value)
+
+
+def _gn_keys() -> CN:
+    """gn_detection's keys with their defaults, in the sections of Detectron2's config they go in."""
+    cfg = CN()
+    cfg.MODEL, cfg.DATASETS, cfg.TEST = CN(), CN(), CN()
+    cfg.MODEL.BACKBONE = CN()
     cfg.MODEL.GN = CN()
     # Groups per GN layer, the paper's G (32 in all its main results); 1 gives LayerNorm-like GN.
     cfg.MODEL.GN.NUM_GROUPS = 32
@@ -54,6 +69,7 @@ def add_gn_config(cfg: CN) -> None:
     cfg.TEST.VIS_SCORE_THRESH = 0.5
     # --eval-only refuses weights that leave any model tensor unset (its AP would be a random model's); True allows it.
     cfg.TEST.ALLOW_PARTIAL_WEIGHTS = False
+    return cfg
 
 
 # The keys that change what GN layers compute but none of their tensors' shapes: each checkpoint a training run saves
@@ -77,37 +93,60 @@ def _value(cfg: CN, key: str) -> object:
 DETECTRON2_GN = {"MODEL.GN.NUM_GROUPS": 32, "MODEL.GN.CHANNELS_PER_GROUP": 0, "MODEL.GN.EPS": 1e-5}
 FPN_BACKBONE = "build_gn_resnet_fpn_backbone"
 OUR_BACKBONES = (FPN_BACKBONE, "build_gn_resnet_backbone")
-# The layers a NORM key makes GN, the key naming the component that builds them, whether that component is
-# Detectron2's own (which builds DETECTRON2_GN, reading no MODEL.GN key), and gn_detection's instead
-GN_BUILDERS = (
-    ("the ResNet", "MODEL.RESNETS.NORM", "MODEL.BACKBONE.NAME", lambda name: name not in OUR_BACKBONES,
-     f"MODEL.BACKBONE.NAME {FPN_BACKBONE}"),
-    ("res5", "MODEL.RESNETS.NORM", "MODEL.ROI_HEADS.NAME", lambda name: name == "Res5ROIHeads",
+RCNN = ("GeneralizedRCNN", "PanopticFPN")
+DETECTRON2_FPN_BACKBONES = ("build_resnet_fpn_backbone", "build_retinanet_resnet_fpn_backbone")
+DETECTRON2_BACKBONES = ("build_resnet_backbone", *DETECTRON2_FPN_BACKBONES)
+KEEP_DETECTRON2_GN = "leave MODEL.GN at Detectron2's GN (32 groups, eps 1e-5)"
+# Detectron2's own components that build GN layers where a NORM key is "GN" (with DETECTRON2_GN, reading no MODEL.GN
+# key): the layers, that key, the key naming the component, whether the config builds such layers with it, their
+# width where they share one (None: several), and what to use instead
+DETECTRON2_GN_BUILDERS = (
+    ("the ResNet", "MODEL.RESNETS.NORM", "MODEL.BACKBONE.NAME",
+     lambda c: c.MODEL.BACKBONE.NAME in DETECTRON2_BACKBONES, lambda c: None, f"MODEL.BACKBONE.NAME {FPN_BACKBONE}"),
+    ("res5", "MODEL.RESNETS.NORM", "MODEL.ROI_HEADS.NAME",
+     lambda c: c.MODEL.META_ARCHITECTURE in RCNN and c.MODEL.ROI_HEADS.NAME == "Res5ROIHeads", lambda c: None,
      "an FPN model (configs/mask_rcnn_R50_FPN_gn.yaml)"),
-    ("the FPN", "MODEL.FPN.NORM", "MODEL.BACKBONE.NAME", lambda name: "fpn" in name and name != FPN_BACKBONE,
-     f"MODEL.BACKBONE.NAME {FPN_BACKBONE}"),
-    ("the box head", "MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_BOX_HEAD.NAME", lambda name: name != "GNConvFCHead",
-     "MODEL.ROI_BOX_HEAD.NAME GNConvFCHead"),
+    ("the FPN", "MODEL.FPN.NORM", "MODEL.BACKBONE.NAME", lambda c: c.MODEL.BACKBONE.NAME in DETECTRON2_FPN_BACKBONES,
+     lambda c: c.MODEL.FPN.OUT_CHANNELS, f"MODEL.BACKBONE.NAME {FPN_BACKBONE}"),
+    ("the box head", "MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_BOX_HEAD.NAME",
+     lambda c: (c.MODEL.META_ARCHITECTURE in RCNN and c.MODEL.ROI_HEADS.NAME != "Res5ROIHeads"
+                and c.MODEL.ROI_BOX_HEAD.NAME == "FastRCNNConvFCHead" and c.MODEL.ROI_BOX_HEAD.NUM_CONV > 0),
+     lambda c: c.MODEL.ROI_BOX_HEAD.CONV_DIM, "MODEL.ROI_BOX_HEAD.NAME GNConvFCHead"),
     ("the mask head", "MODEL.ROI_MASK_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NAME",
-     lambda name: name != "GNMaskRCNNConvUpsampleHead", "MODEL.ROI_MASK_HEAD.NAME GNMaskRCNNConvUpsampleHead"),
+     lambda c: (c.MODEL.MASK_ON and c.MODEL.META_ARCHITECTURE in RCNN
+                and c.MODEL.ROI_MASK_HEAD.NAME == "MaskRCNNConvUpsampleHead" and c.MODEL.ROI_MASK_HEAD.NUM_CONV > 0),
+     lambda c: c.MODEL.ROI_MASK_HEAD.CONV_DIM, "MODEL.ROI_MASK_HEAD.NAME GNMaskRCNNConvUpsampleHead"),
+    ("the semantic segmentation head", "MODEL.SEM_SEG_HEAD.NORM", "MODEL.SEM_SEG_HEAD.NAME",
+     lambda c: (c.MODEL.META_ARCHITECTURE in ("PanopticFPN", "SemanticSegmentor")
+                and c.MODEL.SEM_SEG_HEAD.NAME == "SemSegFPNHead"),
+     lambda c: c.MODEL.SEM_SEG_HEAD.CONVS_DIM, KEEP_DETECTRON2_GN),
+    ("the RetinaNet head", "MODEL.RETINANET.NORM", "MODEL.META_ARCHITECTURE",
+     lambda c: c.MODEL.META_ARCHITECTURE == "RetinaNet", lambda c: c.MODEL.FPN.OUT_CHANNELS, KEEP_DETECTRON2_GN),
 )
 
 
 def ignored_gn_settings_problem(cfg: CN) -> Optional[str]:
-    """That MODEL.GN's group count or eps, set to other than Detectron2's, would not reach GN layers a Detectron2
-    component builds (with its own GN of 32 groups): the model would have other GN layers than asked for, silently;
-    None if it reaches every GN layer."""
-    changed = {key: value for key, value in gn_settings(cfg).items() if value != DETECTRON2_GN[key]}
-    if not changed:
+    """That MODEL.GN's group setting or eps would not reach GN layers one of Detectron2's own components builds
+    (:data:`DETECTRON2_GN_BUILDERS`) where they would differ from its GN (32 groups, eps 1e-5): the model would have
+    other GN layers than asked for, silently; None if they reach every GN layer, or make the same ones."""
+    settings = gn_settings(cfg)
+    if settings == DETECTRON2_GN:
         return None
-    for layers, norm_key, builder_key, is_detectron2s, ours in GN_BUILDERS:
-        name = _value(cfg, builder_key)
-        if _value(cfg, norm_key) == "GN" and is_detectron2s(name) and (layers != "the mask head" or cfg.MODEL.MASK_ON):
-            settings = ", ".join(f"{key} {value}" for key, value in changed.items())
-            return (f"{settings} set the GN layers gn_detection builds, but {builder_key} {name!r} builds {layers} "
-                    f"({norm_key} GN) with Detectron2's own GN of 32 groups and eps 1e-5, which reads no MODEL.GN "
-                    f"key; use {ours}, or leave MODEL.GN.NUM_GROUPS 32, CHANNELS_PER_GROUP 0 and EPS 1e-05")
+    for layers, norm_key, builder_key, builds, width_of, instead in DETECTRON2_GN_BUILDERS:
+        if _value(cfg, norm_key) != "GN" or not builds(cfg) or _same_as_detectron2s(settings, width_of(cfg)):
+            continue
+        changed = ", ".join(f"{key} {value}" for key, value in settings.items() if value != DETECTRON2_GN[key])
+        return (f"{changed} set the GN layers gn_detection builds, but {builder_key} {_value(cfg, builder_key)!r} "
+                f"builds {layers} ({norm_key} GN) with Detectron2's own GN of 32 groups and eps 1e-5, which reads no "
+                f"MODEL.GN key; use {instead}, or leave MODEL.GN.NUM_GROUPS 32, CHANNELS_PER_GROUP 0 and EPS 1e-05")
     return None
+
+
+def _same_as_detectron2s(settings: Dict[str, object], width: Optional[int]) -> bool:
+    """Whether ``settings`` make the GN layers of ``width`` channels (None: of several widths) Detectron2 makes."""
+    channels_per_group = settings["MODEL.GN.CHANNELS_PER_GROUP"]
+    groups = (width // channels_per_group if width else None) if channels_per_group else settings["MODEL.GN.NUM_GROUPS"]
+    return groups == 32 and settings["MODEL.GN.EPS"] == 1e-5
 
 
 def _structure_problem(config_file: str) -> str:

@@ -6,6 +6,7 @@ import os
 import re
 
 import pytest
+import numpy as np
 import torch
 from detectron2 import model_zoo
 from detectron2.config import CfgNode, get_cfg
@@ -69,6 +70,10 @@ def test_adding_our_keys_again_keeps_the_values_set_since():
     cfg.merge_from_list(["MODEL.GN.NUM_GROUPS", 8, "MODEL.BACKBONE.CHANNELS_LAST", True])
     gn_detection.add_gn_config(cfg)  # e.g. a second project's setup calling it too
     assert cfg.MODEL.GN.NUM_GROUPS == 8 and cfg.MODEL.BACKBONE.CHANNELS_LAST
+    partial = get_cfg()
+    partial.MODEL.GN = CfgNode({"NUM_GROUPS": 16})  # e.g. another plugin's MODEL.GN
+    gn_detection.add_gn_config(partial)
+    assert partial.MODEL.GN.NUM_GROUPS == 16 and partial.MODEL.GN.EPS == 1e-5 and "CUDA_GRAPHS" in partial.MODEL
 
 
 def test_readme_config_table_gives_every_added_key_and_its_default():
@@ -296,6 +301,8 @@ def test_channels_last_is_refused_for_a_backbone_that_would_ignore_it():
      "MODEL.BACKBONE.NAME 'build_resnet_fpn_backbone' builds the ResNet (MODEL.RESNETS.NORM GN) with Detectron2's"),
     ("configs/mask_rcnn_R50_FPN_gn.yaml", ["MODEL.ROI_BOX_HEAD.NAME", "FastRCNNConvFCHead"],
      "MODEL.ROI_BOX_HEAD.NAME 'FastRCNNConvFCHead' builds the box head (MODEL.ROI_BOX_HEAD.NORM GN)"),
+    ("COCO-PanopticSegmentation/panoptic_fpn_R_50_3x.yaml", [],  # its semantic head's NORM is GN by default
+     "MODEL.SEM_SEG_HEAD.NAME 'SemSegFPNHead' builds the semantic segmentation head (MODEL.SEM_SEG_HEAD.NORM GN)"),
 ])
 def test_group_settings_a_detectron2_component_would_ignore_are_refused(config, opts, message):
     path = config if config.startswith("configs/") else model_zoo.get_config_file(config)
@@ -305,6 +312,19 @@ def test_group_settings_a_detectron2_component_would_ignore_are_refused(config, 
             load_config(path, [*opts, *groups])
         assert f"{groups[0]} {groups[1]} set the GN layers gn_detection builds, but {message}" in str(error.value)
     assert load_config("configs/mask_rcnn_R50_FPN_gn.yaml", ["MODEL.GN.NUM_GROUPS", 16])  # ours, all of them
+
+
+@pytest.mark.parametrize("opts", [
+    ["MODEL.BACKBONE.NAME", "build_my_gn_backbone"],  # a user's, which may read MODEL.GN (e.g. via make_resnet)
+    ["MODEL.META_ARCHITECTURE", "RetinaNet", "MODEL.ROI_BOX_HEAD.NAME", "FastRCNNConvFCHead"],  # no box head there
+    ["MODEL.ROI_BOX_HEAD.NAME", "FastRCNNConvFCHead", "MODEL.ROI_BOX_HEAD.NUM_CONV", 0],  # no GN layer in it
+    ["MODEL.MASK_ON", False, "MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead"],  # no mask head
+])
+def test_group_settings_no_detectron2_gn_layer_would_ignore_pass(opts):
+    assert load_config("configs/mask_rcnn_R50_FPN_gn.yaml", [*opts, "MODEL.GN.NUM_GROUPS", 16])
+    # Detectron2's 256-channel box head convs get 32 groups of 8 channels: the layers asked for
+    assert load_config("configs/mask_rcnn_R50_FPN_gn.yaml", ["MODEL.ROI_BOX_HEAD.NAME", "FastRCNNConvFCHead",
+                                                             "MODEL.GN.CHANNELS_PER_GROUP", 8])
 
 
 @pytest.mark.parametrize("key, name", [("MODEL.BACKBONE.NAME", "build_gn_resnet_fpn_backbone"),
@@ -330,13 +350,14 @@ def test_make_resnet_from_python_defaults_its_widths_to_the_depth_and_names_bad_
                             ({"res2_out_channels": 256}, r"ResNet-18 uses BasicBlocks: set res2_out_channels"),
                             ({"res5_dilation": 2.0}, r"res5_dilation \(MODEL.RESNETS.RES5_DILATION\) must be 1 or 2"),
                             ({"res5_dilation": True}, r"res5_dilation .* must be 1 or 2, got True"),
-                            ({"freeze_at": "2"}, r"freeze_at \(MODEL.BACKBONE.FREEZE_AT\) must be an integer from 0 "),
-                            ({"freeze_at": 6}, r"freeze_at .* to 5 \(all stages\), got 6")):
+                            ({"freeze_at": "2"}, r"freeze_at \(MODEL.BACKBONE.FREEZE_AT\) must be an integer, the "
+                                                 r"stages to freeze .* got '2'")):
         with pytest.raises(ValueError, match=message):
             make_resnet(18, **kwargs)
     for flag in ("stride_in_1x1", "channels_last"):  # "no" would count as True
         with pytest.raises(TypeError, match=f"{flag} \\(MODEL.* must be True or False, got 'no'"):
             make_resnet(50, **{flag: "no"})
+    assert make_resnet(18, freeze_at=np.int64(6), stride_in_1x1=np.bool_(True))  # numpy's, as arrays give them
     with pytest.raises(ValueError, match=r"depth \(MODEL.RESNETS.DEPTH\) must be one of .*, got '50'"):
         make_resnet("50")
     with pytest.raises(TypeError, match=r"out_features must be a list of stage names, e.g. \['res5'\]"):
@@ -392,3 +413,4 @@ def test_heads_and_norms_from_python_name_bad_arguments():
                                          r"\[64, 64\] and 0"):
         GNMaskRCNNConvUpsampleHead(ShapeSpec(channels=64, height=14, width=14), num_classes=0, conv_dims=[64, 64])
     assert GNConvFCHead(rois, conv_dims=[64], fc_dims=[16], conv_norm="FrozenBN").output_shape.channels == 16
+    assert GNConvFCHead(rois, conv_dims=range(32, 96, 32), fc_dims=(16,)).output_shape.channels == 16  # a sequence
