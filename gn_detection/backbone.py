@@ -10,6 +10,7 @@ MODEL.BACKBONE.CHANNELS_LAST the ResNet is a subclass that runs in channels-last
 """
 from typing import Dict, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
@@ -113,12 +114,12 @@ def make_resnet(
         raise ValueError(f"depth (MODEL.RESNETS.DEPTH) must be one of {sorted(BLOCKS_PER_STAGE)}, got {depth!r}")
     if not is_integer(res5_dilation) or res5_dilation not in (1, 2):
         raise ValueError(f"res5_dilation (MODEL.RESNETS.RES5_DILATION) must be 1 or 2, got {res5_dilation!r}")
-    if not is_integer(freeze_at) or not 0 <= freeze_at <= 5:
-        raise ValueError(f"freeze_at (MODEL.BACKBONE.FREEZE_AT) must be an integer from 0 (none) to 5 (all stages), "
-                         f"got {freeze_at!r}")
+    if not is_integer(freeze_at):
+        raise ValueError(f"freeze_at (MODEL.BACKBONE.FREEZE_AT) must be an integer, the stages to freeze (0: none, "
+                         f"1: the stem, 2: and res2, ...), got {freeze_at!r}")
     for name, flag, key in (("stride_in_1x1", stride_in_1x1, "MODEL.RESNETS.STRIDE_IN_1X1"),
                             ("channels_last", channels_last, "MODEL.BACKBONE.CHANNELS_LAST")):
-        if not isinstance(flag, bool):  # a string such as "no" would count as True
+        if not isinstance(flag, (bool, np.bool_)):  # a string such as "no" would count as True
             raise TypeError(f"{name} ({key}) must be True or False, got {flag!r}")
     basic = depth < 50
     res2_out_channels = (64 if basic else 256) if res2_out_channels is None else res2_out_channels

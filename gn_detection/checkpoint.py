@@ -80,17 +80,14 @@ class AtomicCheckpointer(DetectionCheckpointer):
             super().save(f"{name}{PARTIAL}", **kwargs)  # tag_last_checkpoint below ignores this name
             replace_durably(partial, final)
         except BaseException as e:
-            # torch says "unexpected pos 3021312 vs 3021200" for a full disk: the space left, before the part is
-            # removed, tells
-            written_mb = os.path.getsize(partial) / 2**20 if os.path.exists(partial) else 0.0
-            free_mb = shutil.disk_usage(self.save_dir).free / 2**20
+            space = _space_note(partial, self.save_dir)  # before the part is removed
             if os.path.exists(partial):
                 os.remove(partial)
             if not isinstance(e, Exception):  # Ctrl-C, say: as it is
                 raise
-            raise CheckpointNotSaved(f"cannot save the checkpoint {final} ({type(e).__name__}: {_first_line(e)}; "
-                                     f"{written_mb:.1f} MB written, {free_mb:.1f} MB left free on its file system); "
-                                     "the checkpoints saved before, and last_checkpoint, are as they were") from e
+            raise CheckpointNotSaved(f"cannot save the checkpoint {final} ({type(e).__name__}: {_first_line(e)}"
+                                     f"{space}); the checkpoints saved before, and last_checkpoint, are as they "
+                                     "were") from e
         self.logger.info("Checkpoint complete: %s", final)
         self.tag_last_checkpoint(f"{name}.pth")
 
@@ -148,6 +145,17 @@ def _unreadable(path: str, error: BaseException) -> ValueError:
                   "fetches it anew, or delete the file and run again" if cached else "download or save it again")
     return ValueError(f"{path}: not a readable checkpoint ({reason}); the file is truncated or of another kind: "
                       f"{what_to_do}")
+
+
+def _space_note(partial: str, save_dir: str) -> str:
+    """How much of a failed save reached ``partial`` and how much space is left where it was written (torch says
+    "unexpected pos 3021312 vs 3021200" for a full disk: these tell); "" where that cannot be read (a remote
+    folder, one removed since)."""
+    try:
+        written, free = os.path.getsize(partial) if os.path.exists(partial) else 0, shutil.disk_usage(save_dir).free
+    except OSError:
+        return ""
+    return f"; {written / 2**20:.1f} MB written, {free / 2**20:.1f} MB left free on its file system"
 
 
 def _first_line(error: BaseException) -> str:

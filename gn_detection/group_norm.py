@@ -7,6 +7,7 @@ from a :class:`GroupNormSpec`, which covers the paper's two ablation axes: a fix
 parameters; they can also apply the ReLU that follows them, and run as fused Triton kernels on CUDA
 (:mod:`gn_detection.triton_group_norm`).
 """
+import collections.abc
 import functools
 import math
 import numbers
@@ -244,7 +245,8 @@ def resolve_norm(norm: NormSetting, spec: GroupNormSpec) -> NormSetting:
 def check_layer_widths(dims: Sequence[int], name: str, key: str) -> None:
     """Raise a ValueError naming ``name`` (the argument) and ``key`` (the config key that sets it) unless ``dims``
     is a list of integers >= 1 (a zero or negative width fails only when the layer runs, inside torch)."""
-    if not isinstance(dims, (list, tuple)) or not all(is_integer(d) and d >= 1 for d in dims):
+    if not isinstance(dims, collections.abc.Sequence) or isinstance(dims, str) or not all(
+            is_integer(d) and d >= 1 for d in dims):
         raise ValueError(f"{name} ({key}) must be a list of integers >= 1, got {dims!r}")
 
 

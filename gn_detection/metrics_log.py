@@ -2,6 +2,7 @@
 appends to (Detectron2 never truncates it)."""
 import json
 import logging
+import numbers
 import os
 from typing import Dict, List
 
@@ -19,7 +20,7 @@ def read_metrics(metrics_json: str, start: int = 0) -> List[Dict]:
     the losses of 259; they share no metric.) A line that is not JSON (cut short when a run was killed; the
     next run's first record is then glued to it) is skipped with a warning naming the file and line.
     """
-    if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+    if not isinstance(start, numbers.Integral) or isinstance(start, bool) or start < 0:
         raise ValueError(f"start must be a byte offset >= 0 into {metrics_json}, got {start!r}")
     records: List[Dict] = []
     last_logged: Dict[str, int] = {}  # metric -> the latest iteration it was logged at, in the kept records

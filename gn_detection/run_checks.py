@@ -7,6 +7,7 @@ import errno
 import logging
 import os
 import pickle
+import re
 import socket
 import urllib.parse
 import warnings
@@ -17,7 +18,7 @@ from detectron2.config import CfgNode
 from detectron2.utils.file_io import PathManager
 
 from . import model_zoo
-from .atomic_write import PARTIAL, not_writable
+from .atomic_write import not_writable
 from .checkpoint import AtomicCheckpointer, LoadCounts
 from .config import check_model_builds, gn_settings, load_config
 from .datasets import (check_dataset_files, check_evaluation_datasets, check_num_classes, check_same_classes,
@@ -61,6 +62,8 @@ def checked_config(args: argparse.Namespace) -> CfgNode:
         check_same_classes(cfg.DATASETS.TRAIN, cfg.DATASETS.TEST)
         check_training_image_ids(cfg.DATASETS.TRAIN)  # the rest of the training data is checked once loaded
     resumed = resumed_checkpoint(meta_model, cfg.OUTPUT_DIR, args.resume)
+    if args.resume and not resumed and not args.eval_only:
+        check_untagged_checkpoints(cfg.OUTPUT_DIR)
     if not resumed:
         check_weights(cfg.MODEL.WEIGHTS)
     if args.eval_only and not resumed:
@@ -228,12 +231,13 @@ def _without_query(weights: str) -> str:
 
 
 def _path_handled(path: str) -> bool:
-    """Whether a ``scheme://`` ``path`` is a file to Detectron2's PathManager: the native handler, which takes the
-    schemes no handler registered, finds no such file; a URL's handler cannot tell without fetching it."""
+    """Whether a ``scheme://`` ``path`` may be a file to Detectron2's PathManager: not where the native handler,
+    which takes the schemes no handler registered, finds no such file; a URL's handler cannot tell without fetching
+    it, and a handler that fails to tell is left for the load to."""
     try:
         return PathManager.isfile(path)
-    except NotImplementedError:
-        return True
+    except Exception:  # noqa: BLE001 (a URL's handler: NotImplementedError; a remote store's own errors)
+        return True  # loading it will tell
 
 
 def check_zoo_inference_settings(cfg: CfgNode) -> None:
@@ -264,10 +268,7 @@ def resumed_checkpoint(meta_model: torch.nn.Module, output_dir: str, resume: boo
         ValueError: if last_checkpoint names a file that is not there.
     """
     checkpointer = AtomicCheckpointer(meta_model, save_dir=output_dir)
-    if not resume:
-        return None
-    if not checkpointer.has_checkpoint():
-        check_untagged_checkpoints(output_dir)
+    if not (resume and checkpointer.has_checkpoint()):
         return None
     try:
         path = checkpointer.get_checkpoint_file()  # "" for a tag it cannot open (a folder)
@@ -284,15 +285,15 @@ def resumed_checkpoint(meta_model: torch.nn.Module, output_dir: str, resume: boo
 
 
 def check_untagged_checkpoints(output_dir: str) -> None:
-    """For ``--resume`` in an ``output_dir`` without ``last_checkpoint``: that it holds no checkpoint of a run
-    (``model_*.pth``), which Detectron2 would leave for MODEL.WEIGHTS and then overwrite.
+    """For a training ``--resume`` in an ``output_dir`` without ``last_checkpoint``: that it holds no checkpoint of
+    a run (``model_final.pth``, ``model_0001999.pth``), which Detectron2 would leave for MODEL.WEIGHTS and then
+    overwrite.
 
     Raises:
         ValueError: naming the checkpoints, the missing tag and what to do.
     """
-    try:
-        saved = sorted(name for name in os.listdir(output_dir)
-                       if name.startswith("model_") and name.endswith(".pth") and PARTIAL not in name)
+    try:  # the names Detectron2's checkpointers save under
+        saved = sorted(name for name in os.listdir(output_dir) if re.fullmatch(r"model_(final|\d{7})\.pth", name))
     except OSError:  # no such folder (yet): nothing to lose
         return
     if saved:
@@ -337,7 +338,8 @@ def check_weights_read(meta_model: torch.nn.Module, weights: str, eval_only: boo
 def settings_problem(recorded: Optional[Dict[str, object]], settings: Dict[str, object]) -> Optional[str]:
     """How the settings a checkpoint ``recorded`` differ from the config's ``settings``, said with what to do; None
     if they do not, or it recorded none (saved elsewhere)."""
-    recorded = recorded if isinstance(recorded, dict) else {}
+    recorded = _in_effect(recorded) if isinstance(recorded, dict) else {}
+    settings = _in_effect(settings)
     differing = [key for key, value in recorded.items() if key in settings and settings[key] != value]
     if not differing:
         return None
@@ -345,6 +347,13 @@ def settings_problem(recorded: Optional[Dict[str, object]], settings: Dict[str, 
     return (f"was trained with {trained_with}, but the config gives "
             f"{' '.join(f'{key} {settings[key]}' for key in differing)}: its GN layers would compute other statistics "
             f"from the same tensors (no load notices). Add {trained_with} to the command")
+
+
+def _in_effect(settings: Dict[str, object]) -> Dict[str, object]:
+    """The GN settings that decide the layers: MODEL.GN.NUM_GROUPS only where CHANNELS_PER_GROUP is 0."""
+    if settings.get("MODEL.GN.CHANNELS_PER_GROUP"):
+        return {key: value for key, value in settings.items() if key != "MODEL.GN.NUM_GROUPS"}
+    return settings
 
 
 def load_into_meta_model(meta_model: torch.nn.Module, path: str) -> Tuple[LoadCounts, Dict]:

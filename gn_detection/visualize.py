@@ -1,5 +1,6 @@
 """Pictures: predictions beside ground truth on dataset images, the training loss curve, and the benchmark's
 speed and memory."""
+import numbers
 import os
 from collections import defaultdict
 from typing import Dict, List, Tuple
@@ -32,7 +33,7 @@ def draw_predictions(
     """
     if not is_integer(num_images) or num_images < 0:
         raise ValueError(f"num_images (TEST.VIS_NUM_IMAGES) must be an integer >= 0, got {num_images!r}")
-    if isinstance(score_thresh, bool) or not isinstance(score_thresh, (int, float)) or not 0 <= score_thresh <= 1:
+    if isinstance(score_thresh, bool) or not isinstance(score_thresh, numbers.Real) or not 0 <= score_thresh <= 1:
         raise ValueError(f"score_thresh (TEST.VIS_SCORE_THRESH) must be a score from 0 to 1, got {score_thresh!r}")
     metadata = MetadataCatalog.get(dataset_name)
     mapper = DatasetMapper(cfg, is_train=False)  # the test-time resize and format that evaluation uses

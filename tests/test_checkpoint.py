@@ -1,4 +1,6 @@
 import os
+import re
+import shutil
 
 import pytest
 import torch
@@ -54,11 +56,11 @@ def test_a_save_whose_rename_fails_leaves_no_partial_file(tmp_path, monkeypatch)
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(checkpoint, "replace_durably", full_disk)
-    with pytest.raises(checkpoint.CheckpointNotSaved, match=f"^cannot save the checkpoint {tmp_path}/model_final.pth "
-                                                            r"\(OSError: \[Errno 28\] No space left on device; [\d.]+ MB "
-                                                            r"written, [\d.]+ MB left free on its file system\); the "
-                                                            "checkpoints saved before"):
+    with pytest.raises(checkpoint.CheckpointNotSaved) as error:
         checkpointer.save("model_final", iteration=20)
+    assert re.match(f"cannot save the checkpoint {tmp_path}/model_final.pth \\(OSError: \\[Errno 28\\] No space "
+                    r"left on device; [\d.]+ MB written, [\d.]+ MB left free on its file system\); the checkpoints "
+                    "saved before", str(error.value))
     assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_final.pth"]
     assert (tmp_path / "model_final.pth").read_bytes() == good
 
@@ -74,5 +76,17 @@ def test_a_save_torch_fails_on_names_the_checkpoint_and_the_space_left(tmp_path,
     with pytest.raises(OSError) as error:
         checkpointer.save("model_0000009", iteration=9)
     assert str(error.value).startswith(f"cannot save the checkpoint {tmp_path}/model_0000009.pth (RuntimeError: "
-                                       "[enforce fail at inline_container.cc:672] . unexpected pos 3021312 vs 3021200; ")
+                                       "[enforce fail at inline_container.cc:672] . unexpected pos 3021312 vs "
+                                       "3021200; ")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_save_into_a_folder_removed_since_is_named_without_the_space_left(tmp_path):
+    checkpointer = AtomicCheckpointer(torch.nn.Linear(4, 3), str(tmp_path / "out"))
+    os.makedirs(tmp_path / "out")
+    checkpointer.save("model_0000009", iteration=9)
+    shutil.rmtree(tmp_path / "out")  # e.g. cleaned up by another job
+    with pytest.raises(checkpoint.CheckpointNotSaved) as error:
+        checkpointer.save("model_final", iteration=10)
+    assert re.match(f"cannot save the checkpoint {tmp_path}/out/model_final.pth \\(FileNotFoundError: .*\\); the "
+                    "checkpoints saved before", str(error.value)), str(error.value)

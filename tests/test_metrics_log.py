@@ -2,6 +2,7 @@
 import json
 import logging
 
+import numpy as np
 import pytest
 
 from gn_detection.metrics_log import fresh_run_start, read_metrics
@@ -84,3 +85,4 @@ def test_a_start_that_is_no_byte_offset_is_named(tmp_path):
     for start in (-5, 1.5):
         with pytest.raises(ValueError, match=f"start must be a byte offset >= 0 into {path}, got {start}"):
             read_metrics(str(path), start)
+    assert read_metrics(str(path), np.int64(0)) == [{"iteration": 0, "total_loss": 1.0}]  # numpy's, as os gives it

@@ -326,7 +326,8 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_naming_the_one_resume
     train_net = load_tool("train_net")
     out = tmp_path / "out"
     cfg = load_config(SHAPES_CONFIG, [*TINY_OVERRIDES, "DATASETS.TRAIN", "('tiny_shapes_train',)", "DATASETS.TEST",
-                                      "()", "SOLVER.MAX_ITER", 2, "SOLVER.CHECKPOINT_PERIOD", 1, "OUTPUT_DIR", str(out)])
+                                      "()", "SOLVER.MAX_ITER", 2, "SOLVER.CHECKPOINT_PERIOD", 1,
+                                      "OUTPUT_DIR", str(out)])
     real_save, saves = torch.save, []
 
     def full_disk_at_the_second(obj, f, *args, **kwargs):
@@ -577,6 +578,27 @@ def test_resume_refuses_checkpoints_without_a_last_checkpoint_rather_than_overwr
         checked_config(out, ["--resume"], [])
     (out / "last_checkpoint").write_text("model_final.pth")
     assert checked_config(out, ["--resume"], [])
+    (out / "last_checkpoint").unlink()
+    weights = ["MODEL.WEIGHTS", str(out / "model_final.pth")]
+    assert checked_config(out, ["--eval-only", "--resume"], weights)  # evaluation overwrites no checkpoint
+    (out / "model_final.pth").rename(out / "model_from_a_colleague.pth")  # a name Detectron2 never saves under
+    assert checked_config(out, ["--resume"], [])
+
+
+def test_gn_settings_are_compared_as_they_decide_the_layers():
+    trained = {"MODEL.GN.NUM_GROUPS": 32, "MODEL.GN.CHANNELS_PER_GROUP": 16, "MODEL.GN.EPS": 1e-5}
+    assert run_checks.settings_problem(trained, {**trained, "MODEL.GN.NUM_GROUPS": 8}) is None  # groups of 16 all
+    assert run_checks.settings_problem(trained, {**trained, "MODEL.GN.CHANNELS_PER_GROUP": 0}).startswith(
+        "was trained with MODEL.GN.CHANNELS_PER_GROUP 16, but the config gives MODEL.GN.CHANNELS_PER_GROUP 0")
+    assert run_checks.settings_problem(None, trained) is None  # a checkpoint saved elsewhere records none
+
+
+def test_weights_a_path_handler_cannot_tell_about_are_left_for_the_load(monkeypatch):
+    def unreachable(path, **kwargs):
+        raise ConnectionError("the store is down")
+
+    monkeypatch.setattr(run_checks.PathManager, "isfile", unreachable)
+    run_checks.check_weights("s3://bucket/model_final.pth")  # loading it will say
 
 
 @pytest.mark.parametrize("tag", ["", b"\xff\xfe\x00", "folder"])
@@ -788,6 +810,7 @@ def test_prediction_pictures_of_files_sharing_a_name_are_kept_apart(tiny_shapes_
                                                                                    str(out / "img_2.png")]
     with pytest.raises(ValueError, match=r"num_images \(TEST.VIS_NUM_IMAGES\) must be an integer >= 0, got -1"):
         draw_predictions(model, cfg, "same_file_names", str(out), -1, 0.5)
+    assert len(draw_predictions(model, cfg, "same_file_names", str(out), 1, np.float32(0.5))) == 1  # numpy's too
     for thresh in (50, "0.5"):  # a percentage, a string
         with pytest.raises(ValueError, match=r"score_thresh \(TEST.VIS_SCORE_THRESH\) must be a score from 0 to 1"):
             draw_predictions(model, cfg, "same_file_names", str(out), 1, thresh)
