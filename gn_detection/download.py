@@ -148,6 +148,10 @@ def download(url: str, checksums: Checksums = Checksums(), retry: Optional[Retry
     is there; with ``again``, downloading it anyway (a cached copy damaged since, say), which replaces the cached
     copy only once the new one has arrived whole and passed its checks: a failed try leaves it as it was.
     Raises :class:`DownloadError` (or :class:`IntegrityError`) with the URL and the cause."""
+    segments = cache_segments(url)
+    if ".." in segments or not segments[-1]:
+        raise DownloadError(f"cannot cache {url}: it names no file, or its path holds '..' segments that would place "
+                            f"the file outside the cache {cache_dir()}; give the URL of a file, without '..'")
     dest = cache_path(url)
     if os.path.isfile(dest) and not again:  # only verified files get this name: no network, no lock,
         return dest  # so read-only caches work

@@ -609,6 +609,14 @@ def test_only_detectron2_names_with_six_hex_digits_are_read_as_an_md5_prefix():
     assert prefix("model_final_20240101.pkl") == prefix("model_0089999.pkl") == ""  # a run's own names
 
 
+@pytest.mark.parametrize("path", ["/exp/../../outside.pkl", "/", "/exp/"])
+def test_a_url_that_names_no_file_in_the_cache_is_refused_before_asking(server, path):
+    url = server.url.rstrip("/") + path
+    with pytest.raises(DownloadError, match=re.escape(f"cannot cache {url}: it names no file, or its path holds '..'")):
+        download(url, progress=False)
+    assert server.requests == []
+
+
 def test_two_hosts_files_of_the_same_path_are_cached_apart(monkeypatch, tmp_path):
     monkeypatch.setenv("GN_DETECTION_CACHE", str(tmp_path))
     first, second = cache_path("http://127.0.0.1:18765/exp/a.pkl"), cache_path("http://localhost:18766/exp/a.pkl")
