@@ -567,7 +567,7 @@ def machine_description(device: str) -> dict:
     return info
 
 
-def _workload(spec: str) -> Tuple[Tuple[str, str], ...]:
+def variant_workload(spec: str) -> Tuple[Tuple[str, str], ...]:
     """A variant spec's overrides as a workload: in any order, the last value of a key counting."""
     return tuple(sorted(dict(variant_overrides(spec)[1]).items()))
 
@@ -577,8 +577,8 @@ def reference_of(spec: str, specs: Sequence[str]) -> Optional[str]:
     ``ours:INPUT.MASK_FORMAT=bitmask`` is compared with ``detectron2_gn:INPUT.MASK_FORMAT=bitmask``, the same
     workload), else the plain detectron2_gn (for overrides of our levers, which Detectron2's GN lacks), else
     None."""
-    references = {_workload(s): s for s in specs if variant_overrides(s)[0] == REFERENCE_VARIANT}
-    return references.get(_workload(spec), references.get(()))
+    references = {variant_workload(s): s for s in specs if variant_overrides(s)[0] == REFERENCE_VARIANT}
+    return references.get(variant_workload(spec), references.get(()))
 
 
 def with_ratios(cells: List[Cell]) -> List[dict]:

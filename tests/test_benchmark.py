@@ -123,6 +123,10 @@ def test_repeated_passes_rotate_the_variants_and_give_each_ratio_its_median_and_
         (["--skip", "train", "inference"], "leaves nothing to measure"),
         (["--task", "host", "--repeats", "2"], "--repeats 2: only the model task repeats its grid"),
         (["--variants", "ours", "frozen_bn", "ours"], "--variants names ours more than once"),
+        (["--variants", "ours:MODEL.GN.EPS=0.001,MODEL.GN.NUM_GROUPS=16",
+          "ours:MODEL.GN.NUM_GROUPS=16, MODEL.GN.EPS=0.001"],
+         "--variants ours:MODEL.GN.EPS=0.001,MODEL.GN.NUM_GROUPS=16 and ours:MODEL.GN.NUM_GROUPS=16, "
+         "MODEL.GN.EPS=0.001 are one variant (the same overrides in another order); give one"),
         (["--images-per-gpu", "1", "2", "1"], "--images-per-gpu names 1 more than once"),
         (["--precision", "fp32", "fp32"], "--precision names fp32 more than once"),
         (["MODEL.GN.NUM_GROUPS"], "the trailing overrides ['MODEL.GN.NUM_GROUPS'] are not KEY VALUE pairs"),

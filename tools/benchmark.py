@@ -132,6 +132,11 @@ def request_problem(args: argparse.Namespace) -> Optional[str]:
         return "every variant runs on --device; give that instead of MODEL.DEVICE"
     if problem := variants_problem(args.variants):
         return problem
+    same = {}
+    for spec in args.variants:
+        twin = same.setdefault((bench.variant_overrides(spec)[0], bench.variant_workload(spec)), spec)
+        if twin != spec:
+            return f"--variants {twin} and {spec} are one variant (the same overrides in another order); give one"
     names = {bench.variant_overrides(spec)[0] for spec in args.variants}
     if args.config_file and args.task != "op" and not names & {"ours", "ours_stock_gn"}:
         return (f"--config-file {args.config_file} is the config of ours and ours_stock_gn, and --variants has "
