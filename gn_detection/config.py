@@ -96,10 +96,9 @@ OUR_BACKBONES = (FPN_BACKBONE, "build_gn_resnet_backbone")
 RCNN = ("GeneralizedRCNN", "PanopticFPN")
 DETECTRON2_FPN_BACKBONES = ("build_resnet_fpn_backbone", "build_retinanet_resnet_fpn_backbone")
 DETECTRON2_BACKBONES = ("build_resnet_backbone", *DETECTRON2_FPN_BACKBONES)
-KEEP_DETECTRON2_GN = "leave MODEL.GN at Detectron2's GN (32 groups, eps 1e-5)"
 # Detectron2's own components that build GN layers where a NORM key is "GN" (with DETECTRON2_GN, reading no MODEL.GN
 # key): the layers, that key, the key naming the component, whether the config builds such layers with it, their
-# width where they share one (None: several), and what to use instead
+# width where they share one (None: several), and gn_detection's component to use instead (None: none)
 DETECTRON2_GN_BUILDERS = (
     ("the ResNet", "MODEL.RESNETS.NORM", "MODEL.BACKBONE.NAME",
      lambda c: c.MODEL.BACKBONE.NAME in DETECTRON2_BACKBONES, lambda c: None, f"MODEL.BACKBONE.NAME {FPN_BACKBONE}"),
@@ -119,9 +118,9 @@ DETECTRON2_GN_BUILDERS = (
     ("the semantic segmentation head", "MODEL.SEM_SEG_HEAD.NORM", "MODEL.SEM_SEG_HEAD.NAME",
      lambda c: (c.MODEL.META_ARCHITECTURE in ("PanopticFPN", "SemanticSegmentor")
                 and c.MODEL.SEM_SEG_HEAD.NAME == "SemSegFPNHead"),
-     lambda c: c.MODEL.SEM_SEG_HEAD.CONVS_DIM, KEEP_DETECTRON2_GN),
+     lambda c: c.MODEL.SEM_SEG_HEAD.CONVS_DIM, None),
     ("the RetinaNet head", "MODEL.RETINANET.NORM", "MODEL.META_ARCHITECTURE",
-     lambda c: c.MODEL.META_ARCHITECTURE == "RetinaNet", lambda c: c.MODEL.FPN.OUT_CHANNELS, KEEP_DETECTRON2_GN),
+     lambda c: c.MODEL.META_ARCHITECTURE == "RetinaNet", lambda c: c.MODEL.FPN.OUT_CHANNELS, None),
 )
 
 
@@ -136,9 +135,10 @@ def ignored_gn_settings_problem(cfg: CN) -> Optional[str]:
         if _value(cfg, norm_key) != "GN" or not builds(cfg) or _same_as_detectron2s(settings, width_of(cfg)):
             continue
         changed = ", ".join(f"{key} {value}" for key, value in settings.items() if value != DETECTRON2_GN[key])
+        use = f"use {instead}, or " if instead else ""
         return (f"{changed} set the GN layers gn_detection builds, but {builder_key} {_value(cfg, builder_key)!r} "
                 f"builds {layers} ({norm_key} GN) with Detectron2's own GN of 32 groups and eps 1e-5, which reads no "
-                f"MODEL.GN key; use {instead}, or leave MODEL.GN.NUM_GROUPS 32, CHANNELS_PER_GROUP 0 and EPS 1e-05")
+                f"MODEL.GN key; {use}leave MODEL.GN.NUM_GROUPS 32, CHANNELS_PER_GROUP 0 and EPS 1e-05")
     return None
 
 

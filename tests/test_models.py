@@ -311,6 +311,8 @@ def test_group_settings_a_detectron2_component_would_ignore_are_refused(config, 
         with pytest.raises(ValueError) as error:
             load_config(path, [*opts, *groups])
         assert f"{groups[0]} {groups[1]} set the GN layers gn_detection builds, but {message}" in str(error.value)
+        assert str(error.value).endswith("or leave MODEL.GN.NUM_GROUPS 32, CHANNELS_PER_GROUP 0 and EPS 1e-05") == (
+            "Panoptic" not in config)  # no GN semantic head of ours to use instead
     assert load_config("configs/mask_rcnn_R50_FPN_gn.yaml", ["MODEL.GN.NUM_GROUPS", 16])  # ours, all of them
 
 
